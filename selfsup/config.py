@@ -82,6 +82,16 @@ class TrainCfg:
     lr_schedule: str = "constant"
     lr_steps: list[int] = field(default_factory=list)
     warmup_epochs: int = 0
+    # colour / blur augmentations after the crop (selfsup/transforms.py), off by default.
+    # jitter: ColorJitter [brightness, contrast, saturation, hue], applied with jitter_p
+    # (InstDisc: [0.4]*4, p 1; MoCo v2 and SimCLR CIFAR (s=0.5): [0.4, 0.4, 0.4, 0.1], p 0.8);
+    # grayscale_p: RandomGrayscale (0.2 in all three); blur_p: Gaussian blur, sigma in
+    # [0.1, 2], kernel ~10% of the image (MoCo v2 0.5; SimCLR 0.5 on ImageNet, none on CIFAR).
+    # Saturation, hue and grayscale leave 1-channel images unchanged.
+    jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
 
     def check(self, p: str) -> None:
         positive(p, self, "epochs", "batch_size", "lr")
@@ -93,6 +103,12 @@ class TrainCfg:
         one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
             raise ConfigError(f"{p}.lr_steps: need increasing positive epochs, got {self.lr_steps}")
+        if len(self.jitter) != 4 or any(v < 0 for v in self.jitter) or self.jitter[3] > 0.5:
+            raise ConfigError(f"{p}.jitter: need [brightness, contrast, saturation, hue] >= 0, hue <= 0.5, "
+                              f"got {self.jitter}")
+        for n in ("jitter_p", "grayscale_p", "blur_p"):
+            if not 0.0 <= getattr(self, n) <= 1.0:
+                raise ConfigError(f"{p}.{n}: a probability in [0, 1], got {getattr(self, n)}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"{p}.warmup_epochs: {self.warmup_epochs} must be below epochs ({self.epochs})")
 

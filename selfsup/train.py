@@ -31,7 +31,7 @@ from selfsup.data import Data, ImageDataset
 from selfsup.io import InputError, derive_seed, load_torch, resolve_device, save_torch, sha256_file
 from selfsup.methods import REGISTRY, Method, TrainContext
 from selfsup.models import build_backbone
-from selfsup.transforms import train_transform
+from selfsup.transforms import method_train_transform
 
 log = logging.getLogger("selfsup.train")
 PKG = Path(__file__).resolve().parent
@@ -139,7 +139,7 @@ def pretrain(
         elif ck:
             log.warning("%s: %s was written by another config or code version; starting fresh", name, ckpt_path)
 
-    dataset = ImageDataset(data.train, train_transform(data.meta, mcfg.augment, mcfg.crop_scale), views=method.views)
+    dataset = ImageDataset(data.train, method_train_transform(data.meta, mcfg), views=method.views)
     up = cfg.upstream(name)
     ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
                        train_set=dataset, workers=cfg.workers, upstream=Path(up) if up else None)
