@@ -13,9 +13,13 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
-import torchvision
 from torch import nn
+
+from selfsup.io import InputError, load_torch, save_torch
 
 # smallest input side each backbone accepts (AlexNet's stride-4 stem and three
 # 3x3/2 max-pools need >= 63 px)
@@ -110,6 +114,10 @@ class Backbone(nn.Module):
 
 
 def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
+    # imported here: torchvision's import costs ~1.5 s per stage start, and the
+    # smallcnn / alexnet_bn stages never need it
+    import torchvision
+
     net = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -139,3 +147,24 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
     else:
         trunk, dim = _resnet(name.replace("_cifar", ""), c, cifar_stem=name.endswith("_cifar"))
     return Backbone(trunk, dim, front, relu_head)
+
+
+def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
+    """A method's backbone weights + what rebuilds its architecture (no method code needed to load)."""
+    save_torch(path, {
+        "backbone": {k: v.cpu() for k, v in method.backbone.state_dict().items()},
+        "arch": {"name": cfg.model.backbone, "sobel": cfg.model.sobel, "in_channels": meta["channels"]},
+        "method": method.name,
+    })
+
+
+def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """A backbone file (``save_backbone``) -> the network in eval mode on ``device``."""
+    ck = load_torch(path)
+    try:
+        a = ck["arch"]
+        net = build_backbone(a["name"], a["in_channels"], a["sobel"])
+        net.load_state_dict(ck["backbone"])
+    except (KeyError, RuntimeError) as e:
+        raise InputError(f"{path}: not a backbone file of this version ({e})") from e
+    return net.to(device).eval()

@@ -30,7 +30,7 @@ from selfsup.config import Config, ConfigError, config_hash
 from selfsup.data import Data, ImageDataset
 from selfsup.io import InputError, derive_seed, load_torch, resolve_device, save_torch, sha256_file
 from selfsup.methods import REGISTRY, Method, TrainContext
-from selfsup.models import build_backbone
+from selfsup.models import build_backbone, load_backbone, save_backbone  # noqa: F401 (re-exported)
 from selfsup.transforms import method_train_transform
 
 log = logging.getLogger("selfsup.train")
@@ -195,22 +195,3 @@ def pretrain(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return method, history
-
-
-def save_backbone(path: str | Path, method: Method, cfg: Config, meta: dict[str, Any]) -> None:
-    save_torch(path, {
-        "backbone": {k: v.cpu() for k, v in method.backbone.state_dict().items()},
-        "arch": {"name": cfg.model.backbone, "sobel": cfg.model.sobel, "in_channels": meta["channels"]},
-        "method": method.name,
-    })
-
-
-def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
-    ck = load_torch(path)
-    try:
-        a = ck["arch"]
-        net = build_backbone(a["name"], a["in_channels"], a["sobel"])
-        net.load_state_dict(ck["backbone"])
-    except (KeyError, RuntimeError) as e:
-        raise InputError(f"{path}: not a backbone file of this version ({e})") from e
-    return net.to(device).eval()

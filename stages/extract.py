@@ -9,10 +9,10 @@ from selfsup.data import load_prepared  # noqa: E402
 from selfsup.features import extract_features  # noqa: E402
 from selfsup.io import resolve_device, write_features, write_json  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.train import load_backbone  # noqa: E402
+from selfsup.models import load_backbone  # noqa: E402
 
 name = sys.argv[1]
-cfg = setup()
+cfg = setup(parse_methods=False)
 P = Paths()
 data = load_prepared(P.dataset)
 device = resolve_device(cfg.device)

@@ -30,3 +30,61 @@ def test_dvc_stages_match_scripts_and_params():
             assert top == "${key}" or hasattr(cfg, top), p
     for m in cfg.methods:
         assert m in REGISTRY and (ROOT / "selfsup" / "methods" / f"{m}.py").is_file()
+
+
+def _selfsup_imports(path):
+    """selfsup modules a file imports (any import statement, also inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("selfsup"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("selfsup"))
+    files = set()
+    for mod in out:
+        rel = mod.replace(".", "/")
+        for cand in (ROOT / f"{rel}.py", ROOT / rel / "__init__.py"):
+            if cand.is_file():
+                files.add(cand.relative_to(ROOT).as_posix())
+    return files
+
+
+def _closure(start, method):
+    """Package files a stage script reaches. The method registry is followed only into
+    ``methods/base.py`` and the stage's own method file (``selfsup/methods/${key}.py``):
+    a method's stages must not depend on the other methods' code. config.py's late
+    import of the registry is not followed (it only parses params blocks)."""
+    seen, todo = set(), [start]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for g in _selfsup_imports(ROOT / f):
+            if f == "selfsup/config.py" and g.startswith("selfsup/methods"):
+                continue
+            if g.startswith("selfsup/methods/") and g not in (
+                "selfsup/methods/__init__.py", "selfsup/methods/base.py", f"selfsup/methods/{method}.py"
+            ):
+                continue
+            todo.append(g)
+    return seen
+
+
+def test_stage_deps_list_the_package_code_they_run():
+    """Each stage's deps name every package file its script imports (transitively), so
+    editing code re-runs exactly the stages that use it."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    cfg = load_config(ROOT / "params.yaml")
+    for name, stage in dvc.items():
+        body = stage.get("do", stage)
+        for m in (cfg.methods if "foreach" in stage else [None]):
+            deps = {d.replace("${key}", m) if m else d for d in body["deps"]}
+            reached = _closure(f"stages/{name}.py", m)
+            if m and "selfsup/methods/__init__.py" in reached:
+                reached |= {f"selfsup/methods/{m}.py"}
+            missing = sorted(f for f in reached if f.startswith("selfsup/") and f not in deps)
+            assert not missing, f"dvc.yaml {name}{'@' + m if m else ''}: deps lack {missing}"
