@@ -65,16 +65,22 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         chunks = torch.tensor_split(x, min(self.num_splits, len(x)))  # unequal sizes allowed (last batch)
+        track = self.running_mean is not None
+        # momentum None (cumulative average) as nn.BatchNorm2d: 1 / batches seen
+        momentum = self.momentum if self.momentum is not None or not track else \
+            1.0 / float(self.num_batches_tracked + 1)
         outs, means, vars_ = [], [], []
         for c in chunks:
-            rm, rv = self.running_mean.clone(), self.running_var.clone()
-            outs.append(F.batch_norm(c, rm, rv, self.weight, self.bias, True, self.momentum, self.eps))
+            rm = self.running_mean.clone() if track else None
+            rv = self.running_var.clone() if track else None
+            outs.append(F.batch_norm(c, rm, rv, self.weight, self.bias, True, momentum or 0.0, self.eps))
             means.append(rm)
             vars_.append(rv)
-        with torch.no_grad():  # as the demo: the running statistics are the mean over splits
-            self.running_mean.copy_(torch.stack(means).mean(0))
-            self.running_var.copy_(torch.stack(vars_).mean(0))
-            self.num_batches_tracked.add_(1)
+        if track:
+            with torch.no_grad():  # as the demo: the running statistics are the mean over splits
+                self.running_mean.copy_(torch.stack(means).mean(0))
+                self.running_var.copy_(torch.stack(vars_).mean(0))
+                self.num_batches_tracked.add_(1)
         return torch.cat(outs)
 
 
@@ -85,8 +91,11 @@ def split_batch_norm(module: nn.Module, num_splits: int) -> nn.Module:
         if type(child) is nn.BatchNorm2d:
             sbn = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
                                  affine=child.affine, track_running_stats=child.track_running_stats)
-            sbn.load_state_dict(child.state_dict())
-            setattr(module, name, sbn.to(child.weight.device if child.affine else "cpu"))
+            state = child.state_dict()
+            sbn.load_state_dict(state)
+            if state:
+                sbn = sbn.to(next(iter(state.values())).device)
+            setattr(module, name, sbn)
         else:
             split_batch_norm(child, num_splits)
     return module

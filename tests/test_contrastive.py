@@ -286,3 +286,18 @@ def test_moco_resume_is_exact(digits, tmp_path):
     for (k, v), w in zip(ref.state_dict().items(), res.state_dict().values()):
         assert torch.equal(v, w), k  # backbone, key encoder, queue and pointer
     assert np.isfinite([h["loss"] for h in hist]).all()
+
+
+@pytest.mark.parametrize("name,over,key", [
+    ("moco", {"m": 1.0}, "moco.m"),
+    ("moco", {"bn_splits": 512, "batch_size": 64}, "moco.bn_splits"),
+    ("moco", {"queue_size": 0}, "moco.queue_size"),
+    ("invaspread", {"loss_form": "nce"}, "invaspread.loss_form"),
+    ("simclr", {"head": "deep"}, "simclr.head"),
+    ("simclr", {"temperature": 0.0}, "simclr.temperature"),
+])
+def test_bad_values_name_the_key(name, over, key):
+    from selfsup.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        digits_cfg(name, **over)
