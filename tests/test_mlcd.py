@@ -234,3 +234,17 @@ def test_mlcd_epochs_on_digits_beat_random_init(digits, tmp_path):
     assert hist[0]["nmi_labels"] > 0.3 and "nmi_labels" not in hist[1]  # clustered once (paper)
     r, s = knn_top1(rand.backbone, digits), knn_top1(m.backbone, digits)
     assert s > r + 3.0, (s, r)
+
+
+def test_positive_label_purity_equals_a_loop():
+    from selfsup.methods.mlcd import positive_label_purity
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 15, size=(200, 3))
+    y = rng.integers(0, 4, size=200)
+    maj = np.full(15, -1)
+    for c in range(15):
+        lab = y[ids[:, 0] == c]
+        if len(lab):
+            maj[c] = np.bincount(lab).argmax()  # ties: the smaller label, as the sparse version
+    assert positive_label_purity(ids, y, 15) == pytest.approx(float((maj[ids] == y[:, None]).mean()))
