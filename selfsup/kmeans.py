@@ -68,3 +68,23 @@ def assign_to_centroids(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     _, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return idx[:, 0].astype(np.int64)
+
+
+def topk_centroids(x: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar centroids of each row of x, by cosine similarity (MLCD sec. 3.1:
+    each image's top-l nearest cluster centres are its positive labels).
+
+    Rows of x and the centroids are L2-normalised, then an exact faiss inner-product search
+    (on unit vectors, the nearest centres by L2 and by cosine are the same).
+    (N, d), (K, d) -> ids (N, k) int64 and similarities (N, k) float32, most similar first.
+    """
+    if not 1 <= k <= len(centroids):
+        raise ValueError(f"k: need 1 <= k <= {len(centroids)} centroids, got {k}")
+    x = np.ascontiguousarray(x, dtype=np.float32)  # (N, d)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)  # (K, d)
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    c = c / (np.linalg.norm(c, axis=1, keepdims=True) + 1e-12)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    sims, ids = index.search(x, k)  # (N, k) each, descending similarity
+    return ids.astype(np.int64), sims.astype(np.float32)

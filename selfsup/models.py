@@ -165,6 +165,6 @@ def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
         a = ck["arch"]
         net = build_backbone(a["name"], a["in_channels"], a["sobel"])
         net.load_state_dict(ck["backbone"])
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, TypeError, IndexError) as e:  # TypeError / IndexError: not a dict at all
         raise InputError(f"{path}: not a backbone file of this version ({e})") from e
     return net.to(device).eval()

@@ -142,7 +142,8 @@ def pretrain(
     dataset = ImageDataset(data.train, method_train_transform(data.meta, mcfg), views=method.views)
     up = cfg.upstream(name)
     ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
-                       train_set=dataset, workers=cfg.workers, upstream=Path(up) if up else None)
+                       train_set=dataset, workers=cfg.workers, upstream=Path(up) if up else None,
+                       work_dir=ckpt_path.parent)
     for epoch in range(start, mcfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(derive_seed(cfg.seed, name, "epoch", epoch))

@@ -18,7 +18,8 @@ import yaml
 
 from conftest import ROOT
 
-METHODS = ["deepcluster", "random", "supervised"]
+METHODS = ["deepcluster", "random", "supervised", "mlcd"]
+UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
 BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear"]
 
 
@@ -45,11 +46,12 @@ def repo(tmp_path_factory):
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst / f)
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["methods"] = {m: "data/dataset" for m in METHODS}
+    params["methods"] = {m: UPSTREAM.get(m, "data/dataset") for m in METHODS}
     params["device"] = "cpu"
     params["dataset"].update(max_train=300, max_test=100)
     params["deepcluster"].update(epochs=2, k=10, pca_dim=16)
     params["supervised"].update(epochs=1)
+    params["mlcd"].update(epochs=1, centres=20)
     params["linear"].update(epochs=5)
     params["whiten"]["pca_dim"] = 8
     params["cluster"]["nredo"] = 1
@@ -103,7 +105,8 @@ def test_second_repro_runs_nothing(repo):
 
 def test_exp_run_reruns_only_the_deepcluster_branch(repo):
     out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
-    assert stages_run(out) == {f"{s}@deepcluster" for s in BRANCH} | {"report"}, out
+    # and the MLCD branch: it clusters DeepCluster's encoder, a dependency of pretrain@mlcd
+    assert stages_run(out) == {f"{s}@{m}" for s in BRANCH for m in ("deepcluster", "mlcd")} | {"report"}, out
     shown = json.loads(run([*repo["dvc"], "exp", "show", "--json"], repo["dir"], repo["env"]))
     text = json.dumps(shown)
     assert '"k12"' in text
@@ -121,7 +124,7 @@ def test_mlflow_has_one_run_per_method(repo):
     exp = c.get_experiment_by_name("selfsup")
     runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     first = [r for r in runs if "dvc_experiment" not in r.data.tags]
-    assert sorted(r.data.tags["method"] for r in first[:3]) == sorted(METHODS)
+    assert sorted(r.data.tags["method"] for r in first[:len(METHODS)]) == sorted(METHODS)
     dc = next(r for r in first if r.data.tags["method"] == "deepcluster")
     assert dc.data.params["method.k"] == "10" and dc.data.params["dataset.name"] == "digits"
     assert {"knn200_top1", "linear_top1", "nmi", "pretrain_seconds"} <= set(dc.data.metrics)

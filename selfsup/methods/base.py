@@ -33,6 +33,7 @@ class TrainContext:
     train_set: Any = None  # the training split with the train augmentations (ImageDataset)
     workers: int = 0
     upstream: Path | None = None  # the upstream encoder file (methods.<m> in params.yaml), if any
+    work_dir: Path | None = None  # the method's persistent folder (data/pretrain/<m>/, beside the checkpoint)
 
 
 @dataclass

@@ -1,0 +1,275 @@
+"""MLCD: multi-label cluster discrimination (An, Yang, Dai, Feng, Deng; ECCV 2024), faithful to
+the paper (its pre-training code is not public; the loss is in ``selfsup/mlcd_loss.py``).
+
+Clustering step (sec. 3.1), once before training:
+1. features of the training set from an *upstream* encoder (paper: off-the-shelf CLIP
+   features of LAION-400M); here ``methods.mlcd`` in params.yaml: another method's final
+   encoder ``data/models/<m>.pt`` (a DVC dependency), a local backbone file, or
+   ``data/dataset`` for none = the freshly initialised backbone (the ``random`` encoder);
+2. optional PCA-whitening to ``pca_dim`` + L2 (DeepCluster's preprocessing; the paper clusters
+   the normalised embeddings directly: ``pca_dim: 0``);
+3. faiss k-means into ``centres`` clusters (paper: one million, heavy over-clustering);
+4. each image's top-``positives`` (l) nearest centres by cosine similarity are its positive
+   labels; written with their similarities to ``data/pretrain/mlcd/assignment.parquet``.
+
+Discrimination step (sec. 3.2): learnable class centres (``centre_init``: ``random`` as
+PartialFC's N(0, 0.01), or the k-means centroids), cosine logits, the paper's multi-label loss
+with scale and margin, and PartialFC negative sampling (``negative_ratio``). The backbone
+trains from its seeded initialisation (paper: from scratch), not from the upstream encoder.
+
+``recluster_every`` > 0 re-clusters the *current* model's features every that many epochs
+(paper: never) and re-initialises the class centres (their SGD momentum carries over: the
+method cannot reach the loop's optimiser; a documented simplification of an option the paper
+does not have).
+
+Resume: the assignment is reloaded from the parquet file and checked against the digest the
+checkpoint recorded; a missing or different file stops the run with the path named.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.data import Data
+from selfsup.features import extract_features
+from selfsup.io import InputError, atomic_path, derive_seed
+from selfsup.kmeans import kmeans, topk_centroids
+from selfsup.methods import register
+from selfsup.methods.base import EpochPlan, Method, TrainContext
+from selfsup.metrics import nmi
+from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
+                               soft_label_loss, soft_targets)
+from selfsup.pca import pca_whiten
+
+ASSIGNMENT = "assignment.parquet"
+
+
+@dataclass
+class MLCDCfg(TrainCfg):
+    # defaults are the paper's ImageNet-scale values; params.yaml has the digits ones
+    centres: int = 1_000_000  # paper: 1M centres for LAION-400M (sec. 3.1)
+    positives: int = 8  # l, top-l centres per image (paper's ablation: best at l = 8)
+    pca_dim: int = 0  # 0: cluster the L2-normalised features (paper); else PCA-whiten to this first
+    kmeans_iters: int = 20
+    kmeans_init: str = "random"  # faiss' seeding | kmeans++
+    centre_init: str = "random"  # random: N(0, 0.01) (PartialFC) | kmeans: the k-means centroids
+    loss: str = "mlcd"  # mlcd: the paper's loss | soft: soft-label cross-entropy
+    scale: float = 64.0  # s (PartialFC / UNICOM default)
+    margin: float = 0.3  # m on the positives (UNICOM's ArcFace margin)
+    margin_type: str = "arc"  # arc: cos(theta + m) (UNICOM's CombinedMarginLoss m2) | cosine: cos - m
+    negative_ratio: float = 0.1  # r, fraction of negative centres sampled per step (paper: 0.1)
+    soft_temperature: float = 0.1  # loss soft: target weights softmax(sim / T) over the top-l
+    recluster_every: int = 0  # 0: cluster once (paper); n: re-cluster the current model every n epochs
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "centres", "positives", "kmeans_iters", "scale", "negative_ratio", "soft_temperature")
+        non_negative(p, self, "pca_dim", "margin", "recluster_every")
+        one_of(p, "kmeans_init", self.kmeans_init, ("random", "kmeans++"))
+        one_of(p, "centre_init", self.centre_init, ("random", "kmeans"))
+        one_of(p, "loss", self.loss, ("mlcd", "soft"))
+        one_of(p, "margin_type", self.margin_type, MARGINS)
+        if self.negative_ratio > 1.0:
+            raise ConfigError(f"{p}.negative_ratio: a fraction in (0, 1], got {self.negative_ratio}")
+        if self.positives > self.centres:
+            raise ConfigError(f"{p}.positives: {self.positives} positives but only {self.centres} centres")
+
+
+def write_assignment(path: Path, ids: np.ndarray, sims: np.ndarray, epoch: int, digest: str) -> None:
+    """Parquet: ``index`` int64, ``centres`` list<int64>[l], ``similarities`` list<float32>[l]."""
+    n, l = ids.shape
+    table = pa.table({
+        "index": np.arange(n, dtype=np.int64),
+        "centres": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1).astype(np.int64)), l),
+        "similarities": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1).astype(np.float32)), l),
+    }).replace_schema_metadata({"epoch": str(epoch), "digest": digest})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_assignment(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Inverse of ``write_assignment``: ids (N, l) int64, sims (N, l) float32, digest."""
+    if not path.is_file():
+        raise InputError(f"{path}: missing")
+    try:
+        t = pq.read_table(path)
+        ids_col, sims_col = t.column("centres").combine_chunks(), t.column("similarities").combine_chunks()
+        l = ids_col.type.list_size
+        ids = ids_col.flatten().to_numpy().reshape(-1, l).astype(np.int64)
+        sims = sims_col.flatten().to_numpy().reshape(-1, l).astype(np.float32)
+        digest = t.schema.metadata[b"digest"].decode()
+    except (pa.ArrowInvalid, KeyError, OSError, TypeError) as e:
+        raise InputError(f"{path}: corrupt assignment file ({e})") from e
+    return ids, sims, digest
+
+
+def positive_label_purity(ids: np.ndarray, y: np.ndarray, n_centres: int) -> float:
+    """Fraction of the positives (N, l) whose centre's majority label (over the images whose
+    top-1 centre it is) is the image's own label y (N,): how clean the multi-labels are.
+    Sparse (no centres x classes table), so it stays cheap at a million centres."""
+    k = int(y.max()) + 1
+    codes, cnt = np.unique(ids[:, 0] * k + y, return_counts=True)  # (centre, label) pairs
+    cen, lab = codes // k, codes % k
+    order = np.lexsort((-cnt, cen))  # by centre, most frequent label first
+    cen_u, first = np.unique(cen[order], return_index=True)
+    maj = np.full(n_centres, -1)
+    maj[cen_u] = lab[order][first]
+    return float((maj[ids] == y[:, None]).mean())
+
+
+def assignment_digest(ids: np.ndarray, sims: np.ndarray) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(sims, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+@register
+class MLCD(Method):
+    name = "mlcd"
+    Config = MLCDCfg
+    uses_upstream = True
+
+    def __init__(self, backbone: Any, cfg: MLCDCfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        # (centres, D) learnable class centres; PartialFC's init N(0, 0.01), drawn right after the
+        # seeded backbone init (so reproducible)
+        self.centres = nn.Parameter(torch.randn(cfg.centres, backbone.out_dim) * 0.01)
+        self.pos = torch.zeros(0, 0, dtype=torch.long)  # (N, l) positive centre ids per image
+        self.sims = torch.zeros(0, 0)  # (N, l) their cosine similarities (k-means space)
+        self.digest = ""  # of the assignment in use; checked against the parquet on resume
+        self.clustered_at = -1  # epoch of the last clustering
+
+    @classmethod
+    def validate(cls, cfg: MLCDCfg, data: Data, feat_dim: int) -> None:
+        n = data.meta["n_train"]
+        if cfg.centres > n:
+            raise ConfigError(f"mlcd.centres: {cfg.centres} centres but only {n} training images")
+        if cfg.pca_dim >= n:
+            raise ConfigError(f"mlcd.pca_dim: {cfg.pca_dim} must be below the {n} training images")
+        if cfg.centre_init == "kmeans" and cfg.pca_dim not in (0, feat_dim):
+            raise ConfigError(f"mlcd.centre_init: kmeans needs the centroids in the {feat_dim}-d embedding space; "
+                              f"set pca_dim 0 or {feat_dim}, got {cfg.pca_dim}")
+
+    # ------------------------------------------------------------------ clustering
+    def _encoder(self, epoch: int, ctx: TrainContext) -> nn.Module:
+        if epoch > 0 or ctx.upstream is None:
+            return self.backbone  # re-clustering, or no upstream: the model being trained
+        from selfsup.train import load_backbone  # late import: train imports the method registry
+
+        return load_backbone(ctx.upstream, ctx.device)
+
+    def _cluster(self, epoch: int, ctx: TrainContext) -> dict[str, float]:
+        cfg, data = self.cfg, ctx.data
+        t0 = time.perf_counter()
+        enc = self._encoder(epoch, ctx)
+        try:
+            feats = extract_features(enc, data.train, data.meta, ctx.device, ctx.extract_batch_size,
+                                     desc=f"mlcd features ep{epoch}")  # (N, D')
+        except RuntimeError as e:  # e.g. an upstream encoder built for other channels / sizes
+            raise InputError(f"{ctx.upstream}: upstream encoder of mlcd does not take this dataset's images ({e})") \
+                from e
+        if cfg.pca_dim:
+            try:
+                x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
+            except ValueError as e:
+                raise ConfigError(f"mlcd.pca_dim: {e}") from e
+        else:
+            x = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)  # (N, D')
+        t1 = time.perf_counter()
+        km = kmeans(x, cfg.centres, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "mlcd-kmeans", epoch),
+                    init=cfg.kmeans_init)
+        ids, sims = topk_centroids(x, km.centroids, cfg.positives)  # (N, l) each
+        t2 = time.perf_counter()
+        self.digest = assignment_digest(ids, sims)
+        self.clustered_at = epoch
+        if ctx.work_dir is not None:
+            write_assignment(Path(ctx.work_dir) / ASSIGNMENT, ids, sims, epoch, self.digest)
+        self._set_assignment(ids, sims, ctx.device)
+
+        with torch.no_grad():
+            if cfg.centre_init == "kmeans":
+                c = torch.from_numpy(km.centroids)  # (centres, d)
+                if c.shape != self.centres.shape:
+                    raise ConfigError(f"mlcd.centre_init: kmeans centroids are {c.shape[1]}-d but the embedding is "
+                                      f"{self.centres.shape[1]}-d (the upstream encoder differs); use random")
+                self.centres.copy_(nn.functional.normalize(c, dim=1))
+            elif epoch > 0:  # re-clustering: the old centres stand for other clusters
+                g = torch.Generator().manual_seed(derive_seed(ctx.seed, "mlcd-centres", epoch))
+                self.centres.copy_(torch.randn(self.centres.shape, generator=g) * 0.01)
+        top1 = ids[:, 0]
+        metrics = {
+            "kmeans_objective": km.objective,
+            "clusters_nonempty": float(len(np.unique(top1))),
+            "positive_sim_mean": float(sims.mean()),
+            "features_seconds": t1 - t0,
+            "kmeans_seconds": t2 - t1,
+        }
+        y = data.train.y
+        if (y >= 0).any():
+            metrics["nmi_labels"] = nmi(y[y >= 0], top1[y >= 0])
+            # label purity of the positives: fraction of an image's l centres whose top-1 majority
+            # label is its own label (how clean the multi-labels are)
+            metrics["positive_label_purity"] = positive_label_purity(ids[y >= 0], y[y >= 0], cfg.centres)
+        return metrics
+
+    def _set_assignment(self, ids: np.ndarray, sims: np.ndarray, device: torch.device) -> None:
+        self.pos = torch.from_numpy(ids).to(device)
+        self.sims = torch.from_numpy(sims).to(device)
+
+    def _reload(self, ctx: TrainContext) -> None:
+        """Resume: the assignment the checkpoint trained on, from the parquet file."""
+        path = Path(ctx.work_dir or ".") / ASSIGNMENT
+        ids, sims, digest = read_assignment(path)
+        if digest != self.digest or assignment_digest(ids, sims) != self.digest:
+            raise InputError(f"{path}: not the assignment this checkpoint trained on (digest {digest}, "
+                             f"expected {self.digest}); delete {path.parent} to start fresh")
+        self._set_assignment(ids, sims, ctx.device)
+
+    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+        cfg = self.cfg
+        recluster = epoch == 0 or (cfg.recluster_every > 0 and epoch % cfg.recluster_every == 0)
+        if recluster:
+            return EpochPlan(metrics=self._cluster(epoch, ctx))
+        if self.pos.numel() == 0:  # resumed after a checkpoint
+            self._reload(ctx)
+        self.pos, self.sims = self.pos.to(ctx.device), self.sims.to(ctx.device)
+        return EpochPlan()
+
+    # ------------------------------------------------------------------ loss
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)  # (B, D)
+        return torch.relu(f) if self.backbone.relu_head else f  # alexnet_bn's final ReLU lives in the head
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        emb = self.embed(x)  # (B, D)
+        pos = self.pos[idx]  # (B, l)
+        index = sample_centres(pos, cfg.centres, cfg.negative_ratio)  # (M,) sorted
+        cos = cosine_logits(emb, self.centres, index)  # (B, M)
+        pcol = positive_columns(index, pos)  # (B, l)
+        if cfg.loss == "mlcd":
+            per = multilabel_loss(cos, pcol, cfg.scale, cfg.margin, cfg.margin_type)  # (B,)
+        else:
+            per = soft_label_loss(cos, pcol, soft_targets(self.sims[idx], cfg.soft_temperature), cfg.scale)
+        with torch.no_grad():  # fraction of the positives among the model's top-l of all centres
+            top = cosine_logits(emb, self.centres).topk(cfg.positives, dim=1).indices  # (B, l)
+            hit = (top[:, :, None] == pos[:, None, :]).any(2).float().mean().item()
+        return per.mean(), {"pos_in_topl": hit, "centres_sampled": float(index.numel())}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"module": self.state_dict(), "digest": self.digest, "clustered_at": self.clustered_at}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        self.digest, self.clustered_at = state["digest"], state["clustered_at"]
+        self.pos = torch.zeros(0, 0, dtype=torch.long)  # reloaded at the next epoch start
