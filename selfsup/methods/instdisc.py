@@ -38,16 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.heads import l2n, projection_head
 from selfsup.io import derive_seed
 from selfsup.memory import MEMORY_INITS, MemoryBank, estimate_z, full_softmax_loss, nce_loss
 from selfsup.methods import register
 from selfsup.methods.base import EpochPlan, Method, TrainContext
-
-SOFTMAX = ("nonparametric", "parametric")
-
 
 @dataclass
 class InstDiscCfg(TrainCfg):
@@ -76,7 +73,7 @@ class InstDiscCfg(TrainCfg):
         super().check(p)
         positive(p, self, "dim", "temperature")
         non_negative(p, self, "nce_m", "prox_lambda")
-        one_of(p, "softmax", self.softmax, SOFTMAX)
+        one_of(p, "softmax", self.softmax, INSTDISC_SOFTMAX)
         one_of(p, "memory_init", self.memory_init, MEMORY_INITS)
         if not 0.0 <= self.memory_momentum < 1.0:
             raise ConfigError(f"{p}.memory_momentum: must be in [0, 1), got {self.memory_momentum}")
@@ -119,7 +116,7 @@ class InstDisc(Method):
     def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         # noise draws from an explicit generator seeded per epoch: a resumed run draws the same
         self._noise = torch.Generator().manual_seed(derive_seed(ctx.seed, "instdisc-noise", epoch))
-        return EpochPlan(metrics={"z": float(self.z)} if self.cfg.nce_m else {})
+        return EpochPlan()  # (Z is logged per step by loss(): at the first epoch start it is not set yet)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return l2n(self.head(self.backbone(x)))  # (B, dim), unit rows
