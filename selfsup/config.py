@@ -187,6 +187,41 @@ class MlflowCfg:
             raise ConfigError(f"{p}.experiment: must not be empty")
 
 
+# InstDisc's Table 1 (Wu et al. 2018) as a sweep: each row is the `instdisc` block with
+# these overrides (selfsup/table1.py); dvc.yaml runs one `table1@<row>` stage per row.
+INSTDISC_SOFTMAX = ("nonparametric", "parametric")
+
+
+@dataclass
+class Table1Row:
+    softmax: str = "nonparametric"  # nonparametric | parametric (the paper's baseline)
+    nce_m: int = 0  # NCE noise samples; 0: exact softmax (capped below the training-set size)
+
+    def check(self, p: str) -> None:
+        one_of(p, "softmax", self.softmax, INSTDISC_SOFTMAX)
+        non_negative(p, self, "nce_m")
+        if self.softmax == "parametric" and self.nce_m:
+            raise ConfigError(f"{p}.nce_m: the parametric softmax is exact; use 0, got {self.nce_m}")
+
+
+def _table1_rows() -> dict[str, Table1Row]:
+    return {"parametric": Table1Row("parametric", 0), "nonparametric": Table1Row("nonparametric", 0),
+            **{f"nce{m}": Table1Row("nonparametric", m) for m in (1, 10, 512, 4096)}}
+
+
+@dataclass
+class InstDiscTable1Cfg:
+    epochs: int = 0  # 0: instdisc.epochs (and its lr schedule) unchanged
+    knn_k: int = 200  # the paper's weighted kNN, temperature = the row's training temperature
+    rows: dict[str, Table1Row] = field(default_factory=_table1_rows)
+
+    def check(self, p: str) -> None:
+        non_negative(p, self, "epochs")
+        positive(p, self, "knn_k")
+        if not self.rows:
+            raise ConfigError(f"{p}.rows: list at least one row")
+
+
 NO_UPSTREAM = "data/dataset"  # the value of ``methods.<m>`` for a method that reads no upstream encoder
 
 
@@ -208,6 +243,7 @@ class Config:
     knn: KnnCfg = field(default_factory=KnnCfg)
     linear: LinearCfg = field(default_factory=LinearCfg)
     mlflow: MlflowCfg = field(default_factory=MlflowCfg)
+    instdisc_table1: InstDiscTable1Cfg = field(default_factory=InstDiscTable1Cfg)
     # method name -> that method's config object (class registered by the method)
     method_cfgs: dict[str, Any] = field(default_factory=dict)
 

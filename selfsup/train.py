@@ -97,7 +97,7 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cls.validate(mcfg, data, backbone.out_dim)
-    return cls(backbone, mcfg, data.num_classes)
+    return cls.from_data(backbone, mcfg, data)
 
 
 def pretrain(

@@ -17,6 +17,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 # imported for their @register side effect
 from selfsup.methods import deepcluster, mlcd, random, sela, supervised  # noqa: E402,F401
-from selfsup.methods import invaspread, moco, simclr  # noqa: E402,F401
+from selfsup.methods import instdisc, invaspread, moco, simclr  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "register", "Method", "EpochPlan", "TrainContext"]

@@ -59,6 +59,12 @@ class Method(nn.Module):
         self.skipped = ""  # set by the loop when the method cannot run on this data (reason)
 
     @classmethod
+    def from_data(cls, backbone: Backbone, cfg: Any, data: Data) -> "Method":
+        """Construct for ``data`` (a method whose size depends on the training set, such as
+        InstDisc's memory bank of N entries, overrides this)."""
+        return cls(backbone, cfg, data.num_classes)
+
+    @classmethod
     def validate(cls, cfg: Any, data: Data, feat_dim: int) -> None:
         """Checks that need the data or the model (raise ConfigError naming the key)."""
 

@@ -1,0 +1,180 @@
+"""InstDisc: NCE and the exact non-parametric softmax against slow references written from
+the paper's formulas, the memory bank, Z fixed after the first batch, the config checks,
+a few epochs on digits, and the Table 1 report."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_cfg
+from selfsup.config import ConfigError, Table1Row
+from selfsup.features import extract_features
+from selfsup.knn import knn_eval
+from selfsup.memory import MemoryBank, estimate_z, full_softmax_loss, nce_loss
+from selfsup.table1 import PAPER, row_config, table1, to_markdown
+from selfsup.train import build_method, pretrain
+
+CPU = torch.device("cpu")
+
+
+def nce_reference(logits, z, n):
+    """Eq. 3-6 of the paper, one sample and one noise draw at a time:
+    P = exp(v^T f / tau) / Z, h = P / (P + m / n), J = -log h(pos) - sum_j log(1 - h(noise_j))."""
+    m = logits.shape[1] - 1
+    total = 0.0
+    for row in logits.tolist():
+        p = [math.exp(s) / z for s in row]
+        h = [q / (q + m / n) for q in p]
+        total += -math.log(h[0]) - sum(math.log(1.0 - hj) for hj in h[1:])
+    return total / len(logits)
+
+
+def softmax_reference(v, memory, idx, t):
+    total = 0.0
+    for f, i in zip(v.tolist(), idx.tolist()):
+        s = [sum(a * b for a, b in zip(f, w)) / t for w in memory.tolist()]
+        mx = max(s)
+        total += -(s[i] - mx - math.log(sum(math.exp(x - mx) for x in s)))
+    return total / len(idx)
+
+
+def test_nce_loss_matches_the_paper_formula():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1 + 7, generator=g, dtype=torch.float64) * 3  # (B, 1 + m)
+    n = 50
+    z = estimate_z(logits, n)
+    assert z == pytest.approx(float(logits.exp().mean()) * n)
+    got = nce_loss(logits, math.log(z), n).item()
+    assert got == pytest.approx(nce_reference(logits, z, n), rel=1e-9)
+    # a fixed Z other than the estimate
+    assert nce_loss(logits, math.log(3.0), n).item() == pytest.approx(nce_reference(logits, 3.0, n), rel=1e-9)
+
+
+def test_nce_loss_identical_embeddings_exact_value():
+    # all entries equal: Z from this batch gives P = 1/n, h = 1/(1+m):
+    # J = log(1+m) + m log((1+m)/m)
+    for m in (1, 10, 512):
+        logits = torch.full((4, 1 + m), 1.0 / 0.07, dtype=torch.float64)
+        n = 1000
+        z = estimate_z(logits, n)
+        want = math.log(1 + m) + m * math.log((1 + m) / m)
+        assert nce_loss(logits, math.log(z), n).item() == pytest.approx(want, rel=1e-9)
+
+
+def test_full_softmax_matches_reference_and_log_n_for_identical_embeddings():
+    g = torch.Generator().manual_seed(1)
+    mem = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1)  # (N, D)
+    v = F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1)  # (B, D)
+    idx = torch.tensor([0, 4, 8])
+    assert full_softmax_loss(v, mem, idx, 0.1).item() == pytest.approx(softmax_reference(v, mem, idx, 0.1), rel=1e-9)
+    same = F.normalize(torch.ones(9, 4, dtype=torch.float64), dim=1)
+    assert full_softmax_loss(same[:3], same, idx, 0.07).item() == pytest.approx(math.log(9), rel=1e-12)
+
+
+def test_memory_bank_init_update_and_renormalisation():
+    a, b = MemoryBank(20, 16, seed=3), MemoryBank(20, 16, seed=3)
+    assert torch.equal(a.memory, b.memory)  # seeded
+    stdv = 1 / math.sqrt(16 / 3)
+    assert a.memory.abs().max() <= stdv and a.memory.shape == (20, 16)
+    assert torch.allclose(MemoryBank(20, 16, 3, init="unit").memory.norm(dim=1), torch.ones(20))
+    old = a.memory.clone()
+    idx = torch.tensor([2, 7])
+    v = F.normalize(torch.randn(2, 16), dim=1)
+    a.update(idx, v, momentum=0.5)
+    want = F.normalize(0.5 * old[idx] + 0.5 * v, dim=1)
+    assert torch.allclose(a.memory[idx], want, atol=1e-6)
+    assert torch.allclose(a.memory[idx].norm(dim=1), torch.ones(2))
+    rest = torch.ones(20, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(a.memory[rest], old[rest])
+    a.update(idx, 3 * v, momentum=0.0)  # the paper's plain copy (normalised)
+    assert torch.allclose(a.memory[idx], v, atol=1e-6)
+    assert "memory" in dict(a.named_buffers())  # in state_dict, hence the checkpoint
+    neg = a.sample_negatives(4, 30, torch.Generator().manual_seed(0))
+    assert neg.shape == (4, 30) and neg.min() >= 0 and neg.max() < 20
+
+
+def instdisc_cfg(**over):
+    base = {"epochs": 12, "batch_size": 32, "lr": 0.03, "crop_scale": [0.5, 1.0], "lr_steps": [], "nce_m": 256,
+            "temperature": 0.5}
+    base.update(over)
+    return make_cfg(methods=["instdisc", "random"], instdisc=base)
+
+
+def test_z_is_estimated_once_and_carried_by_the_checkpoint(digits):
+    cfg = instdisc_cfg(nce_m=20)
+    torch.manual_seed(0)
+    m = build_method(cfg, "instdisc", digits)
+    x = torch.randn(8, 1, 8, 8)
+    idx = torch.arange(8)
+    assert float(m.z) == 0.0
+    mem0 = m.bank.memory.clone()
+    with torch.no_grad():
+        f = m.embed(x)
+    loss, logs = m.loss(x, idx, idx)
+    z1 = float(m.z)
+    assert z1 > 0 and logs["z"] == z1
+    # Z = N * mean(exp(logits)) over the first batch's positives and noise draws
+    assert mem0.shape[0] == digits.meta["n_train"]
+    assert not torch.equal(m.bank.memory[idx], mem0[idx])  # the batch's entries were updated
+    m.loss(x + 1, idx + 8, idx + 8)
+    assert float(m.z) == z1  # fixed after the first batch
+    fresh = build_method(cfg, "instdisc", digits)
+    fresh.load_checkpoint_state(m.checkpoint_state())
+    assert float(fresh.z) == z1 and torch.equal(fresh.bank.memory, m.bank.memory)
+    # the first batch's logits bound the estimate: Z / N lies within their exp range
+    lo, hi = math.exp(-1 / 0.5), math.exp(1 / 0.5)
+    assert lo <= z1 / mem0.shape[0] <= hi
+    assert f.shape == (8, 128) and torch.allclose(f.norm(dim=1), torch.ones(8), atol=1e-5)
+
+
+def test_config_checks(digits):
+    with pytest.raises(ConfigError, match="instdisc.nce_m"):
+        build_method(instdisc_cfg(nce_m=digits.meta["n_train"]), "instdisc", digits)
+    with pytest.raises(ConfigError, match="instdisc.nce_m"):
+        instdisc_cfg(softmax="parametric", nce_m=5)
+    with pytest.raises(ConfigError, match="instdisc.memory_momentum"):
+        instdisc_cfg(memory_momentum=1.0)
+    with pytest.raises(ConfigError, match="instdisc_table1.rows.x.softmax"):
+        make_cfg(instdisc_table1={"rows": {"x": {"softmax": "bad"}}})
+    par = build_method(instdisc_cfg(softmax="parametric", nce_m=0), "instdisc", digits)
+    assert par.bank is None and par.classifier.weight.shape == (digits.meta["n_train"], 128)
+
+
+def knn_top1(backbone, data, t):
+    tr = extract_features(backbone, data.train, data.meta, CPU)
+    te = extract_features(backbone, data.test, data.meta, CPU)
+    return knn_eval(tr, data.train.y, te, data.test.y, 200, t, 10)["top1"]
+
+
+def test_instdisc_epochs_on_digits(digits, tmp_path):
+    cfg = instdisc_cfg()
+    method, hist = pretrain(cfg, "instdisc", digits, tmp_path / "i.pt")
+    rand, _ = pretrain(cfg, "random", digits, tmp_path / "r.pt")
+    assert len(hist) == 12 and hist[-1]["loss"] < hist[0]["loss"]
+    assert all(h["z"] == hist[0]["z"] for h in hist)  # Z fixed from the first batch on
+    s, r = knn_top1(method.backbone, digits, 0.5), knn_top1(rand.backbone, digits, 0.5)
+    assert s > r, (s, r)
+
+
+def test_table1_rows_and_report():
+    cfg = make_cfg(methods=["random"], instdisc={"nce_m": 10, "epochs": 5, "lr_steps": []},
+                   instdisc_table1={"epochs": 2, "rows": {"p": {"softmax": "parametric"}, "big": {"nce_m": 4096}}})
+    rows = cfg.instdisc_table1.rows
+    mcfg, m = row_config(cfg, rows["big"], 1437)
+    assert m == 1436 and mcfg.nce_m == 1436 and mcfg.epochs == 2 and mcfg.softmax == "nonparametric"
+    mcfg, m = row_config(cfg, rows["p"], 1437)
+    assert m == 0 and mcfg.softmax == "parametric"
+    res = {
+        "p": {"softmax": "parametric", "nce_m": 0, "nce_m_used": 0, "epochs": 2, "final_loss": 7.0,
+              "pretrain_seconds": 1.0, "knn_top1": 50.0, "linear_top1": 60.0},
+        "big": {"softmax": "nonparametric", "nce_m": 4096, "nce_m_used": 1436, "epochs": 2, "final_loss": 9.0,
+                "pretrain_seconds": 1.0, "knn_top1": 70.0, "linear_top1": 80.0},
+    }
+    t = table1(res)
+    assert t.loc["big", "paper_knn_top1"] == PAPER[("nonparametric", 4096)][1] == 80.4
+    assert t.loc["p", "paper_linear_svm_top1"] == 60.3
+    md = to_markdown(t, ["note"])
+    assert "NCE m = 4096 (m used: 1436)" in md and "| p | parametric softmax | 60.0 | 50.0 | 60.3 | 63.0 |" in md
+    assert Table1Row().softmax == "nonparametric"
