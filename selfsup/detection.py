@@ -242,7 +242,7 @@ def train_detector(model: FasterRCNN, ds: VocDetection, cfg: VocCfg, seed: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"step": step + 1, "loss": float(loss), **{k: float(v) for k, v in losses.items()}})
+            history.append({"step": step + 1, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}})
             step += 1
     return history
 
