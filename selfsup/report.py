@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 
 from selfsup.io import InputError, read_json  # noqa: E402
 
-STAGES = ("pretrain", "extract", "cluster", "knn", "linear")
+STAGES = ("pretrain", "extract", "cluster", "knn", "linear", "voc")
 
 
 def collect(metrics_dir: Path, methods: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -39,6 +39,11 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["nmi"] = clu.get("nmi", math.nan)
         row["ari"] = clu.get("ari", math.nan)
         row["cluster_acc"] = clu.get("acc", math.nan)
+        # detection transfer (stage voc@m): VOC2007 11-point AP50, mean AP over IoU 0.5:0.95, AP75
+        voc = st.get("voc", {})
+        row["voc_ap50"] = voc.get("map50", math.nan)
+        row["voc_ap"] = voc.get("ap", math.nan)
+        row["voc_ap75"] = voc.get("ap75", math.nan)
         row["pretrain_epochs"] = pre.get("epochs", 0)
         row["pretrain_seconds"] = pre.get("seconds", math.nan)
         rows.append(row)
@@ -97,3 +102,31 @@ def plot_curves(histories: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]
         plt.close(fig)
         written.append(path)
     return written
+
+
+def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str:
+    """reports/voc.md: per-class AP50 (VOC2007 11-point) per method, then every VOC metric."""
+    tables = {}
+    for m in methods:
+        f = metrics_dir / "voc" / f"{m}_classes.csv"
+        if not f.is_file():
+            raise InputError(f"{f}: missing (run `dvc repro voc@{m}`)")
+        tables[m] = pd.read_csv(f)
+    classes = list(next(iter(tables.values()))["class"]) if tables else []
+
+    def cell(v: Any) -> str:
+        return "–" if v != v else f"{v:.1f}"  # NaN: no non-difficult object of the class
+
+    out = ["# VOC detection transfer", "", "Per-class AP50 (VOC2007 11-point metric), test split:", "",
+           "| method | " + " | ".join(classes) + " | mAP |", "|---|" + "---|" * (len(classes) + 1)]
+    for m, t in tables.items():
+        ap = dict(zip(t["class"], t["ap50"]))
+        summ = read_json(metrics_dir / "voc" / f"{m}.json")
+        out.append(f"| {m} | " + " | ".join(cell(ap.get(c, math.nan)) for c in classes) + f" | {cell(summ['map50'])} |")
+    keys = [("map50", "AP50 (11-point)"), ("map50_area", "AP50 (area)"), ("ap", "AP (0.5:0.95)"), ("ap75", "AP75")]
+    out += ["", "| method | " + " | ".join(k[1] for k in keys) + " | steps | seconds |", "|---|" + "---|" * (len(keys) + 2)]
+    for m in methods:
+        summ = read_json(metrics_dir / "voc" / f"{m}.json")
+        out.append(f"| {m} | " + " | ".join(cell(summ[k]) for k, _ in keys)
+                   + f" | {summ.get('steps', 0)} | {summ.get('seconds', math.nan):.1f} |")
+    return "\n".join([*out, "", *[f"- {n}" for n in notes], ""])

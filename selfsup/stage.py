@@ -38,6 +38,13 @@ class Paths:
         return self.root / "plots" / "pretrain" / f"{m}.csv"
 
     @property
+    def voc(self) -> Path:
+        return self.root / "data" / "voc"
+
+    def voc_classes(self, m: str) -> Path:
+        return self.root / "metrics" / "voc" / f"{m}_classes.csv"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.io import atomic_path, repo_root  # noqa: E402
-from selfsup.report import collect, load_histories, plot_curves, results_table, to_markdown  # noqa: E402
+from selfsup.report import collect, load_histories, plot_curves, results_table, to_markdown, voc_markdown  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
 from selfsup.tracking import flatten, log_runs  # noqa: E402
 
@@ -23,6 +23,17 @@ notes = [
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
 ]
+notes.append(
+    f"voc_ap50 / voc_ap / voc_ap75: Faster R-CNN ({cfg.voc.arch} for ResNets, BN {cfg.voc.bn}) fine-tuned on "
+    f"{cfg.voc.dataset} trainval, VOC2007-style test: AP50 with the VOC2007 11-point metric, AP averaged over "
+    f"IoU 0.5:0.95 and AP75 with the {cfg.voc.ap_metric} VOC AP (detectron2 / MoCo); per class: reports/voc.md.")
+voc_md = voc_markdown(P.root / "metrics", list(cfg.methods), [
+    f"Data: {cfg.voc.dataset}; detector: Faster R-CNN, arch {cfg.voc.arch} (ResNets), BN {cfg.voc.bn}, "
+    f"{cfg.voc.steps} SGD steps of {cfg.voc.batch_size} images, lr {cfg.voc.lr}.",
+    "Difficult objects are neither true nor false positives (devkit); '–': no non-difficult object of the class.",
+    f"AP (0.5:0.95) and AP75 use the {cfg.voc.ap_metric} VOC AP, as detectron2's VOC evaluator (MoCo's table)."])
+with atomic_path(P.reports / "voc.md") as tmp:
+    tmp.write_text(voc_md)
 with atomic_path(P.reports / "results.md") as tmp:
     tmp.write_text(to_markdown(table, notes))
 with atomic_path(P.reports / "results.csv") as tmp:
@@ -44,5 +55,5 @@ if cfg.mlflow.enabled:
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         finals[m] = row
     log_runs(repo_root(), cfg.mlflow.experiment, params, finals, histories,
-             [P.reports / "results.md", P.reports / "results.csv", *pngs])
+             [P.reports / "results.md", P.reports / "results.csv", P.reports / "voc.md", *pngs])
 print(f"report: {time.perf_counter() - t0:.1f}s")

@@ -20,7 +20,7 @@ from conftest import ROOT
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
-BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear"]
+BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear", "voc"]
 
 
 def run(cmd, cwd, env):
@@ -55,6 +55,8 @@ def repo(tmp_path_factory):
     params["linear"].update(epochs=5)
     params["whiten"]["pca_dim"] = 8
     params["cluster"]["nredo"] = 1
+    params["voc"].update(steps=10, warmup_steps=2, lr_steps=[8])
+    params["voc"]["embedded"].update(trainval_images=16, test_images=8)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
@@ -72,7 +74,7 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = {"download", "report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
+    expected = {"download", "voc_data", "report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
     assert stages_run(repo["first"]) == expected
     lock = yaml.safe_load((d / "dvc.lock").read_text())
     declared = []
@@ -92,6 +94,9 @@ def test_repro_writes_every_declared_output(repo):
     for m in METHODS:
         assert f"| {m} |" in md
     assert (d / "reports" / "plots" / "loss.png").stat().st_size > 1000
+    assert "voc_ap50" in md and "| method | digit0 |" in (d / "reports" / "voc.md").read_text()
+    voc = json.loads((d / "metrics" / "voc" / "supervised.json").read_text())
+    assert 0 <= voc["map50"] <= 100 and voc["steps"] == 10
     knn = json.loads((d / "metrics" / "knn" / "deepcluster.json").read_text())
     assert 0 < knn["k200_top1"] <= 100 and knn["k200_k_used"] == 200
 
@@ -127,11 +132,11 @@ def test_mlflow_has_one_run_per_method(repo):
     assert sorted(r.data.tags["method"] for r in first[:len(METHODS)]) == sorted(METHODS)
     dc = next(r for r in first if r.data.tags["method"] == "deepcluster")
     assert dc.data.params["method.k"] == "10" and dc.data.params["dataset.name"] == "digits"
-    assert {"knn200_top1", "linear_top1", "nmi", "pretrain_seconds"} <= set(dc.data.metrics)
+    assert {"knn200_top1", "linear_top1", "nmi", "pretrain_seconds", "voc_ap50", "voc.ap75"} <= set(dc.data.metrics)
     assert [m.step for m in c.get_metric_history(dc.info.run_id, "epoch/loss")] == [1, 2]
     assert len(dc.data.tags["git_commit"]) == 40
     arts = {a.path for a in c.list_artifacts(dc.info.run_id)}
-    assert {"results.md", "results.csv", "plots"} <= arts
+    assert {"results.md", "results.csv", "voc.md", "plots"} <= arts
     exp_runs = [r for r in runs if r.data.tags.get("dvc_experiment") == "k12"]
     if exp_runs:  # present when the exp test ran first in this session
         assert sorted(r.data.tags["method"] for r in exp_runs) == sorted(METHODS)
