@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 from selfsup.detection import run_voc  # noqa: E402
 from selfsup.io import atomic_path, derive_seed, read_json, resolve_device, write_json  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.train import load_backbone  # noqa: E402
+from selfsup.models import load_backbone  # noqa: E402
 
 name = sys.argv[1]
 cfg = setup(parse_methods=False)
