@@ -298,6 +298,8 @@ class VocCfg:
 
     def check(self, p: str) -> None:
         one_of(p, "dataset", self.dataset, VOC_DATASETS)
+        if self.path and self.dataset == "embedded":
+            raise ConfigError(f"{p}.path: a VOCdevkit path needs voc.dataset voc2007 or voc2007+2012, not embedded")
         one_of(p, "arch", self.arch, VOC_ARCHS)
         one_of(p, "bn", self.bn, VOC_BN)
         one_of(p, "ap_metric", self.ap_metric, VOC_AP)

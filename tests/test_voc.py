@@ -226,6 +226,7 @@ def test_lr_schedule_warmup_and_steps():
     ({"arch": "c5"}, "voc.arch"), ({"bn": "group"}, "voc.bn"), ({"dataset": "voc2010"}, "voc.dataset"),
     ({"lr_steps": [500]}, "voc.lr_steps"), ({"embedded": {"classes": [3, 3]}}, "voc.embedded.classes"),
     ({"embedded": {"scales": [9]}}, "voc.embedded.scales"), ({"colour": 1}, "voc.colour"),
+    ({"path": "VOCdevkit"}, "voc.path"),
 ])
 def test_bad_voc_params_fail_naming_the_key(over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
