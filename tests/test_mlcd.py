@@ -248,3 +248,15 @@ def test_positive_label_purity_equals_a_loop():
         if len(lab):
             maj[c] = np.bincount(lab).argmax()  # ties: the smaller label, as the sparse version
     assert positive_label_purity(ids, y, 15) == pytest.approx(float((maj[ids] == y[:, None]).mean()))
+
+
+def test_soft_loss_and_reclustering_run(digits, tmp_path):
+    data = small(digits, 300)
+    cfg = make_cfg(methods={"mlcd": "data/dataset"}, mlcd={
+        **MLCD_SMALL, "centres": 30, "loss": "soft", "recluster_every": 1, "margin_type": "cosine"})
+    m, hist = pretrain(cfg, "mlcd", data, tmp_path / "ck.pt")
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert "nmi_labels" in hist[0] and "nmi_labels" in hist[1]  # re-clustered at epoch 2
+    assert m.clustered_at == 1
+    _, _, digest = read_assignment(tmp_path / ASSIGNMENT)
+    assert digest == m.digest
