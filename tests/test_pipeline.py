@@ -20,6 +20,7 @@ from conftest import ROOT
 
 METHODS = ["deepcluster", "random", "supervised"]
 BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear"]
+TABLE1 = ["parametric", "nce10"]  # InstDisc's Table 1 sweep, two rows of one epoch
 
 
 def run(cmd, cwd, env):
@@ -53,6 +54,8 @@ def repo(tmp_path_factory):
     params["linear"].update(epochs=5)
     params["whiten"]["pca_dim"] = 8
     params["cluster"]["nredo"] = 1
+    params["instdisc_table1"].update(epochs=1, rows={"parametric": {"softmax": "parametric", "nce_m": 0},
+                                                     "nce10": {"softmax": "nonparametric", "nce_m": 10}})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
@@ -70,12 +73,13 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = {"download", "report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
+    expected = ({"download", "report", "table1_report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
+                | {f"table1@{r}" for r in TABLE1})
     assert stages_run(repo["first"]) == expected
     lock = yaml.safe_load((d / "dvc.lock").read_text())
     declared = []
     for stage in yaml.safe_load((d / "dvc.yaml").read_text())["stages"].values():
-        items = METHODS if "foreach" in stage else [None]
+        items = (TABLE1 if "table1" in stage["foreach"] else METHODS) if "foreach" in stage else [None]
         body = stage.get("do", stage)
         for m in items:
             for key in ("outs", "metrics", "plots"):
@@ -90,6 +94,7 @@ def test_repro_writes_every_declared_output(repo):
     for m in METHODS:
         assert f"| {m} |" in md
     assert (d / "reports" / "plots" / "loss.png").stat().st_size > 1000
+    assert "| nce10 | NCE m = 10 |" in (d / "reports" / "instdisc_table1.md").read_text()
     knn = json.loads((d / "metrics" / "knn" / "deepcluster.json").read_text())
     assert 0 < knn["k200_top1"] <= 100 and knn["k200_k_used"] == 200
 
