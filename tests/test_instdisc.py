@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import make_cfg
 from selfsup.config import ConfigError, Table1Row
 from selfsup.features import extract_features
+from selfsup.io import derive_seed
 from selfsup.knn import knn_eval
 from selfsup.memory import MemoryBank, estimate_z, full_softmax_loss, nce_loss
 from selfsup.table1 import PAPER, row_config, table1, to_markdown
@@ -115,7 +116,6 @@ def test_z_is_estimated_once_and_carried_by_the_checkpoint(digits):
     loss, logs = m.loss(x, idx, idx)
     z1 = float(m.z)
     assert z1 > 0 and logs["z"] == z1
-    # Z = N * mean(exp(logits)) over the first batch's positives and noise draws
     assert mem0.shape[0] == digits.meta["n_train"]
     assert not torch.equal(m.bank.memory[idx], mem0[idx])  # the batch's entries were updated
     m.loss(x + 1, idx + 8, idx + 8)
@@ -123,9 +123,12 @@ def test_z_is_estimated_once_and_carried_by_the_checkpoint(digits):
     fresh = build_method(cfg, "instdisc", digits)
     fresh.load_checkpoint_state(m.checkpoint_state())
     assert float(fresh.z) == z1 and torch.equal(fresh.bank.memory, m.bank.memory)
-    # the first batch's logits bound the estimate: Z / N lies within their exp range
-    lo, hi = math.exp(-1 / 0.5), math.exp(1 / 0.5)
-    assert lo <= z1 / mem0.shape[0] <= hi
+    # Z = N * mean(exp(v^T f / T)) over the first batch's positive and noise entries (Eq. 7)
+    n = mem0.shape[0]
+    noise = torch.randint(0, n, (8, 20), generator=torch.Generator().manual_seed(derive_seed(0, "instdisc-noise")))
+    ids = torch.cat([idx[:, None], noise], 1)  # (B, 1 + m)
+    logits = torch.einsum("bkd,bd->bk", mem0[ids], f) / 0.5
+    assert z1 == pytest.approx(float(logits.double().exp().mean()) * n, rel=1e-5)
     assert f.shape == (8, 128) and torch.allclose(f.norm(dim=1), torch.ones(8), atol=1e-5)
 
 

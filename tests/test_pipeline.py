@@ -21,6 +21,7 @@ from conftest import ROOT
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
 BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear", "voc"]
+TABLE1 = ["parametric", "nce10"]  # InstDisc's Table 1 sweep, two rows of one epoch
 
 
 def run(cmd, cwd, env):
@@ -57,6 +58,8 @@ def repo(tmp_path_factory):
     params["cluster"]["nredo"] = 1
     params["voc"].update(steps=10, warmup_steps=2, lr_steps=[8])
     params["voc"]["embedded"].update(trainval_images=16, test_images=8)
+    params["instdisc_table1"].update(epochs=1, rows={"parametric": {"softmax": "parametric", "nce_m": 0},
+                                                     "nce10": {"softmax": "nonparametric", "nce_m": 10}})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
@@ -74,12 +77,13 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = {"download", "voc_data", "report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
+    expected = ({"download", "voc_data", "report", "table1_report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
+                | {f"table1@{r}" for r in TABLE1})
     assert stages_run(repo["first"]) == expected
     lock = yaml.safe_load((d / "dvc.lock").read_text())
     declared = []
     for stage in yaml.safe_load((d / "dvc.yaml").read_text())["stages"].values():
-        items = METHODS if "foreach" in stage else [None]
+        items = (TABLE1 if "table1" in stage["foreach"] else METHODS) if "foreach" in stage else [None]
         body = stage.get("do", stage)
         for m in items:
             for key in ("outs", "metrics", "plots"):
@@ -97,6 +101,7 @@ def test_repro_writes_every_declared_output(repo):
     assert "voc_ap50" in md and "| method | digit0 |" in (d / "reports" / "voc.md").read_text()
     voc = json.loads((d / "metrics" / "voc" / "supervised.json").read_text())
     assert 0 <= voc["map50"] <= 100 and voc["steps"] == 10
+    assert "| nce10 | NCE m = 10 |" in (d / "reports" / "instdisc_table1.md").read_text()
     knn = json.loads((d / "metrics" / "knn" / "deepcluster.json").read_text())
     assert 0 < knn["k200_top1"] <= 100 and knn["k200_k_used"] == 200
 
