@@ -130,3 +130,61 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
         out.append(f"| {m} | " + " | ".join(cell(summ[k]) for k, _ in keys)
                    + f" | {summ.get('steps', 0)} | {summ.get('seconds', math.nan):.1f} |")
     return "\n".join([*out, "", *[f"- {n}" for n in notes], ""])
+
+
+# --------------------------------------------------------------------------- InstDisc Table 1
+# Wu et al. 2018, Table 1 (CIFAR-10, ResNet-18): (softmax, m) -> (linear SVM top-1, kNN top-1).
+# From the brief; consistent with the paper as we remember it (the text reports the
+# non-parametric softmax ~15 points above the parametric one), not re-checked against the
+# PDF here (no copy of the paper was reachable from this environment).
+PAPER = {
+    ("parametric", 0): (60.3, 63.0),
+    ("nonparametric", 0): (75.4, 80.4),
+    ("nonparametric", 1): (44.3, 42.5),
+    ("nonparametric", 10): (60.2, 63.4),
+    ("nonparametric", 512): (64.3, 78.4),
+    ("nonparametric", 4096): (70.2, 80.4),
+}
+
+
+def row_label(softmax: str, m: int) -> str:
+    if softmax == "parametric":
+        return "parametric softmax"
+    return "non-parametric softmax" if m == 0 else f"NCE m = {m}"
+
+
+def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per Table 1 setting: ours beside the paper's CIFAR-10 figures."""
+    rows = []
+    for name, r in results.items():
+        paper = PAPER.get((r["softmax"], r["nce_m"]), (math.nan, math.nan))
+        m = r["nce_m"]
+        label = row_label(r["softmax"], m)
+        if r["nce_m_used"] != m:
+            label += f" (m used: {r['nce_m_used']})"
+        rows.append({"row": name, "setting": label, "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"],
+                     "paper_linear_svm_top1": paper[0], "paper_knn_top1": paper[1],
+                     "final_loss": r["final_loss"], "epochs": r["epochs"],
+                     "pretrain_seconds": r["pretrain_seconds"]})
+    return pd.DataFrame(rows).set_index("row")
+
+
+def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
+    cols = list(table.columns)
+    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in table.iterrows():
+        cells = []
+        for col in cols:
+            v = r[col]
+            if isinstance(v, str):
+                cells.append(v)
+            elif isinstance(v, float) and math.isnan(v):
+                cells.append("–")
+            elif col == "epochs":
+                cells.append(f"{int(v)}")
+            elif col == "final_loss":
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(f"{v:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(["# InstDisc Table 1 (Wu et al. 2018)", "", *lines, "", *[f"- {n}" for n in notes], ""])

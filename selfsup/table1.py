@@ -5,7 +5,8 @@ by a linear classifier and the weighted kNN on the learned features.
 A row is the ``instdisc`` params block with the row's ``softmax`` / ``nce_m`` (and
 ``instdisc_table1.epochs`` when set), trained by the one loop (``selfsup.train.pretrain``)
 and evaluated with the shared protocols (``selfsup.features``, ``selfsup.evaluate``), all
-in one process (``run_row``) to save the per-stage start-up. ``nce_m`` is capped below
+in one process (``run_row``) to save the per-stage start-up. The table itself, with the
+paper's figures, is built by ``selfsup.report.table1``. ``nce_m`` is capped below
 the training-set size (the method refuses m >= N); the table reports the m used.
 
 The paper's numbers are CIFAR-10, ResNet-18, 128-d embedding, 200 epochs; its "linear"
@@ -20,26 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from selfsup.config import NO_UPSTREAM, Config, Table1Row
 from selfsup.io import derive_seed, resolve_device
 
 log = logging.getLogger("selfsup.table1")
-
-# Wu et al. 2018, Table 1 (CIFAR-10, ResNet-18): (softmax, m) -> (linear SVM top-1, kNN top-1).
-# From the brief; consistent with the paper as we remember it (the text reports the
-# non-parametric softmax ~15 points above the parametric one), not re-checked against the
-# PDF here (no copy of the paper was reachable from this environment).
-PAPER = {
-    ("parametric", 0): (60.3, 63.0),
-    ("nonparametric", 0): (75.4, 80.4),
-    ("nonparametric", 1): (44.3, 42.5),
-    ("nonparametric", 10): (60.2, 63.4),
-    ("nonparametric", 512): (64.3, 78.4),
-    ("nonparametric", 4096): (70.2, 80.4),
-}
-
 
 def row_config(cfg: Config, row: Table1Row, n_train: int) -> tuple[Any, int]:
     """The row's InstDisc config (the ``instdisc`` block + the row) and the m it uses."""
@@ -90,46 +75,3 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
         "linear_top1": lin.get("top1", math.nan),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def row_label(softmax: str, m: int) -> str:
-    if softmax == "parametric":
-        return "parametric softmax"
-    return "non-parametric softmax" if m == 0 else f"NCE m = {m}"
-
-
-def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per Table 1 setting: ours beside the paper's CIFAR-10 figures."""
-    rows = []
-    for name, r in results.items():
-        paper = PAPER.get((r["softmax"], r["nce_m"]), (math.nan, math.nan))
-        m = r["nce_m"]
-        label = row_label(r["softmax"], m)
-        if r["nce_m_used"] != m:
-            label += f" (m used: {r['nce_m_used']})"
-        rows.append({"row": name, "setting": label, "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"],
-                     "paper_linear_svm_top1": paper[0], "paper_knn_top1": paper[1],
-                     "final_loss": r["final_loss"], "epochs": r["epochs"],
-                     "pretrain_seconds": r["pretrain_seconds"]})
-    return pd.DataFrame(rows).set_index("row")
-
-
-def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
-    cols = list(table.columns)
-    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in table.iterrows():
-        cells = []
-        for col in cols:
-            v = r[col]
-            if isinstance(v, str):
-                cells.append(v)
-            elif isinstance(v, float) and math.isnan(v):
-                cells.append("–")
-            elif col == "epochs":
-                cells.append(f"{int(v)}")
-            elif col == "final_loss":
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(f"{v:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(["# InstDisc Table 1 (Wu et al. 2018)", "", *lines, "", *[f"- {n}" for n in notes], ""])

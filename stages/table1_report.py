@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.io import atomic_path, read_json  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.table1 import table1, to_markdown  # noqa: E402
+from selfsup.report import table1, to_markdown  # noqa: E402
 
 cfg = setup(parse_methods=False)
 P = Paths()

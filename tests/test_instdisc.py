@@ -13,7 +13,8 @@ from selfsup.features import extract_features
 from selfsup.io import derive_seed
 from selfsup.knn import knn_eval
 from selfsup.memory import MemoryBank, estimate_z, full_softmax_loss, nce_loss
-from selfsup.table1 import PAPER, row_config, table1, to_markdown
+from selfsup.report import PAPER, table1, to_markdown
+from selfsup.table1 import row_config
 from selfsup.train import build_method, pretrain
 
 CPU = torch.device("cpu")
