@@ -256,7 +256,9 @@ def random_knn(digits, tmp_path_factory):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_few_epochs_reduce_the_loss_and_beat_random_init(digits, random_knn, tmp_path, name):
-    cfg = digits_cfg(name, epochs=3, warmup_epochs=0)
+    # MoCo: batch 64 gives 3 epochs enough steps; its loss first rises while the random initial
+    # queue (easy negatives) is replaced by real keys
+    cfg = digits_cfg(name, epochs=3, warmup_epochs=0, **({"batch_size": 64} if name == "moco" else {}))
     m, hist = pretrain(cfg, name, digits, tmp_path / "m.pt")
     losses = [h["loss"] for h in hist]
     assert losses[-1] < losses[0], losses
@@ -301,3 +303,18 @@ def test_bad_values_name_the_key(name, over, key):
 
     with pytest.raises(ConfigError, match=key):
         digits_cfg(name, **over)
+
+
+@pytest.mark.parametrize("name,over", [
+    ("moco", {"symmetric": True, "bn_splits": 1, "shuffle_bn": False, "head": "linear"}),
+    ("moco", {"queue_size": 100, "batch_size": 48, "bn_splits": 3}),  # queue not a multiple of the batch
+    ("invaspread", {"loss_form": "paper", "detach": False}),
+    ("simclr", {"head": "linear", "head_bn": False, "warmup_epochs": 0}),
+])
+def test_options_train(digits, tmp_path, name, over):
+    small = Data(Split(digits.train.x[:150], digits.train.y[:150]), digits.test, {**digits.meta, "n_train": 150})
+    cfg = digits_cfg(name, epochs=2, **{"batch_size": 32, **over})
+    m, hist = pretrain(cfg, name, small, tmp_path / "m.pt")
+    assert len(hist) == 2 and np.isfinite([h["loss"] for h in hist]).all()
+    if name == "moco":
+        assert int(m.queue.ptr) == (2 * 150 * (2 if over.get("symmetric") else 1)) % m.cfg.queue_size

@@ -39,7 +39,7 @@ class InvaSpreadCfg(TrainCfg):
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     lr_schedule: str = "step"
     lr_steps: list[int] = field(default_factory=lambda: [120])
-    epochs: int = 200
+    epochs: int = 300  # the official loop runs epochs 0..300
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
     jitter_p: float = 1.0  # official: ColorJitter without RandomApply
     grayscale_p: float = 0.2
