@@ -169,7 +169,7 @@ def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("row")
 
 
-def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
+def table1_markdown(table: pd.DataFrame, notes: list[str]) -> str:
     cols = list(table.columns)
     lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in table.iterrows():

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.io import atomic_path, read_json  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.report import table1, to_markdown  # noqa: E402
+from selfsup.report import table1, table1_markdown  # noqa: E402
 
 cfg = setup(parse_methods=False)
 P = Paths()
@@ -26,7 +26,7 @@ if capped:
     notes.append("nce_m is capped below the training-set size (uniform noise over N images; the method refuses "
                  "m >= N): rows whose m was capped say so.")
 with atomic_path(P.reports / "instdisc_table1.md") as tmp:
-    tmp.write_text(to_markdown(table, notes))
+    tmp.write_text(table1_markdown(table, notes))
 with atomic_path(P.reports / "instdisc_table1.csv") as tmp:
     table.to_csv(tmp, float_format="%.4f")
-print(to_markdown(table, notes))
+print(table1_markdown(table, notes))

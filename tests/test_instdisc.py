@@ -13,7 +13,7 @@ from selfsup.features import extract_features
 from selfsup.io import derive_seed
 from selfsup.knn import knn_eval
 from selfsup.memory import MemoryBank, estimate_z, full_softmax_loss, nce_loss
-from selfsup.report import PAPER, table1, to_markdown
+from selfsup.report import PAPER, table1, table1_markdown
 from selfsup.table1 import row_config
 from selfsup.train import build_method, pretrain
 
@@ -179,6 +179,6 @@ def test_table1_rows_and_report():
     t = table1(res)
     assert t.loc["big", "paper_knn_top1"] == PAPER[("nonparametric", 4096)][1] == 80.4
     assert t.loc["p", "paper_linear_svm_top1"] == 60.3
-    md = to_markdown(t, ["note"])
+    md = table1_markdown(t, ["note"])
     assert "NCE m = 4096 (m used: 1436)" in md and "| p | parametric softmax | 60.0 | 50.0 | 60.3 | 63.0 |" in md
     assert Table1Row().softmax == "nonparametric"
