@@ -258,7 +258,10 @@ def random_knn(digits, tmp_path_factory):
 def test_a_few_epochs_reduce_the_loss_and_beat_random_init(digits, random_knn, tmp_path, name):
     # MoCo: batch 64 gives 3 epochs enough steps; its loss first rises while the random initial
     # queue (easy negatives) is replaced by real keys
-    cfg = digits_cfg(name, epochs=3, warmup_epochs=0, **({"batch_size": 64} if name == "moco" else {}))
+    # MoCo and SimCLR: 3 epochs land only ~3 points above random init (82.5-83.6 vs 79.7), so a
+    # float-level change flips the test; 6 epochs give ~88
+    epochs = 3 if name == "invaspread" else 6
+    cfg = digits_cfg(name, epochs=epochs, warmup_epochs=0, **({"batch_size": 64} if name == "moco" else {}))
     m, hist = pretrain(cfg, name, digits, tmp_path / "m.pt")
     losses = [h["loss"] for h in hist]
     assert losses[-1] < losses[0], losses
