@@ -50,10 +50,14 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
     return pd.DataFrame(rows).set_index("method")
 
 
-def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
+def markdown_table(table: pd.DataFrame, title: str, notes: list[str], index: str = "method",
+                   formats: dict[str, str] | None = None) -> str:
+    """A titled markdown table with notes; numbers as ``formats[col]`` (default one decimal),
+    NaN and empty strings as an en dash."""
+    formats = formats or {}
     cols = list(table.columns)
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for m, r in table.iterrows():
+    lines = [f"| {index} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in table.iterrows():
         cells = []
         for c in cols:
             v = r[c]
@@ -61,14 +65,15 @@ def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
                 cells.append(v.replace("weighted kNN ", "") or "–")
             elif isinstance(v, float) and math.isnan(v):
                 cells.append("–")
-            elif c in ("nmi", "ari"):
-                cells.append(f"{v:.3f}")
-            elif c == "pretrain_epochs":
-                cells.append(f"{int(v)}")
             else:
-                cells.append(f"{v:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(["# Results", "", *lines, "", *[f"- {n}" for n in notes], ""])
+                cells.append(formats.get(c, "{:.1f}").format(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([f"# {title}", "", *lines, "", *[f"- {n}" for n in notes], ""])
+
+
+def to_markdown(table: pd.DataFrame, notes: list[str]) -> str:
+    return markdown_table(table, "Results", notes, "method",
+                          {"nmi": "{:.3f}", "ari": "{:.3f}", "pretrain_epochs": "{:.0f}"})
 
 
 def load_histories(plots_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
@@ -170,21 +175,5 @@ def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def table1_markdown(table: pd.DataFrame, notes: list[str]) -> str:
-    cols = list(table.columns)
-    lines = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in table.iterrows():
-        cells = []
-        for col in cols:
-            v = r[col]
-            if isinstance(v, str):
-                cells.append(v)
-            elif isinstance(v, float) and math.isnan(v):
-                cells.append("–")
-            elif col == "epochs":
-                cells.append(f"{int(v)}")
-            elif col == "final_loss":
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(f"{v:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(["# InstDisc Table 1 (Wu et al. 2018)", "", *lines, "", *[f"- {n}" for n in notes], ""])
+    return markdown_table(table, "InstDisc Table 1 (Wu et al. 2018)", notes, "row",
+                          {"epochs": "{:.0f}", "final_loss": "{:.3f}"})
