@@ -284,7 +284,9 @@ def test_moco_resume_is_exact(digits, tmp_path):
     ck = tmp_path / "run.pt"
     with pytest.raises(Killed):
         pretrain(cfg, "moco", small, ck, on_epoch_end=kill)
-    res, hist = pretrain(cfg, "moco", small, ck)
+    ran = []
+    res, hist = pretrain(cfg, "moco", small, ck, on_epoch_end=lambda e, r: ran.append(e))
+    assert ran == [2]  # resumed after epoch 1, not restarted
     drop = {"seconds", "train_images_per_s"}
     assert [{k: v for k, v in h.items() if k not in drop} for h in hist] == \
         [{k: v for k, v in h.items() if k not in drop} for h in ref_hist]

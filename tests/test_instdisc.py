@@ -133,6 +133,24 @@ def test_z_is_estimated_once_and_carried_by_the_checkpoint(digits):
     assert f.shape == (8, 128) and torch.allclose(f.norm(dim=1), torch.ones(8), atol=1e-5)
 
 
+def test_proximal_term_adds_lambda_times_the_distance_to_the_memory_entry(digits):
+    """Sec. 3.4: J + lambda * ||f_i(t) - v_i(t-1)||^2, v_i the bank entry before this step's update."""
+    x, idx = torch.randn(6, 1, 8, 8), torch.arange(6) * 7
+    losses, mems, feats = {}, {}, {}
+    for lam in (0.0, 0.3):
+        torch.manual_seed(0)
+        m = build_method(instdisc_cfg(nce_m=0, prox_lambda=lam), "instdisc", digits).eval()  # exact softmax
+        mems[lam] = m.bank.memory.clone()
+        with torch.no_grad():
+            feats[lam] = m.embed(x)
+        losses[lam], logs = m.loss(x, idx, idx)
+    assert torch.equal(mems[0.0], mems[0.3]) and torch.allclose(feats[0.0], feats[0.3])
+    f, v = feats[0.3].double(), mems[0.3][idx].double()
+    ref = sum(float(((fi - vi) ** 2).sum()) for fi, vi in zip(f, v)) / len(idx)
+    assert logs["prox"] == pytest.approx(ref, rel=1e-5)
+    assert float(losses[0.3] - losses[0.0]) == pytest.approx(0.3 * ref, rel=1e-4)
+
+
 def test_config_checks(digits):
     with pytest.raises(ConfigError, match="instdisc.nce_m"):
         build_method(instdisc_cfg(nce_m=digits.meta["n_train"]), "instdisc", digits)
@@ -182,3 +200,32 @@ def test_table1_rows_and_report():
     md = table1_markdown(t, ["note"])
     assert "NCE m = 4096 (m used: 1436)" in md and "| p | parametric softmax | 60.0 | 50.0 | 60.3 | 63.0 |" in md
     assert Table1Row().softmax == "nonparametric"
+
+
+def test_resume_after_a_kill_is_exact(digits, tmp_path):
+    """Memory bank, Z and the per-epoch noise stream survive a kill: the resumed run equals
+    an uninterrupted one (CPU, fixed seed)."""
+    from selfsup.data import Data, Split
+
+    small = Data(Split(digits.train.x[:160], digits.train.y[:160]), digits.test, {**digits.meta, "n_train": 160})
+    cfg = instdisc_cfg(epochs=2, nce_m=16)
+    ref, ref_hist = pretrain(cfg, "instdisc", small, tmp_path / "ref.pt")
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, record):
+        if epoch == 1:
+            raise Killed
+
+    ck = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        pretrain(cfg, "instdisc", small, ck, on_epoch_end=kill)
+    ran = []
+    res, hist = pretrain(cfg, "instdisc", small, ck, on_epoch_end=lambda e, r: ran.append(e))
+    assert ran == [2]  # resumed after epoch 1, not restarted
+    drop = {"seconds", "train_images_per_s"}
+    assert [{k: v for k, v in h.items() if k not in drop} for h in hist] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in ref_hist]
+    for (k, v), w in zip(ref.state_dict().items(), res.state_dict().values()):
+        assert torch.equal(v, w), k  # backbone, head, memory bank, Z

@@ -176,8 +176,9 @@ def test_resume_reloads_the_assignment_and_matches_an_uninterrupted_run(digits, 
 
     with pytest.raises(Stop):
         pretrain(cfg, "mlcd", data, tmp_path / "b" / "ck.pt", on_epoch_end=stop_after_1)
-    resumed, hist = pretrain(cfg, "mlcd", data, tmp_path / "b" / "ck.pt")
-    assert [h["epoch"] for h in hist] == [1, 2]
+    ran = []
+    resumed, hist = pretrain(cfg, "mlcd", data, tmp_path / "b" / "ck.pt", on_epoch_end=lambda e, r: ran.append(e))
+    assert [h["epoch"] for h in hist] == [1, 2] and ran == [2]  # resumed, not restarted
     for k, v in full.backbone.state_dict().items():
         assert torch.equal(v, resumed.backbone.state_dict()[k]), k
     assert torch.equal(full.centres, resumed.centres)
