@@ -22,6 +22,7 @@ from selfsup.data import load_prepared, prepare  # noqa: E402
 from selfsup.evaluate import cluster_eval, knn_protocols, linear_eval  # noqa: E402
 from selfsup.features import extract_features  # noqa: E402
 from selfsup.io import resolve_device  # noqa: E402
+from selfsup.models import save_backbone  # noqa: E402
 from selfsup.pca import PCAWhitening  # noqa: E402
 from selfsup.train import pretrain  # noqa: E402
 
@@ -52,8 +53,13 @@ def main() -> None:
         row("download", "-", time.perf_counter() - t)
         ncls = data.num_classes
         for m in methods:
+            up = cfg.upstream(m)
+            if up is not None and Path(up).parent.as_posix() == "data/models":
+                # another method's final encoder (MLCD): the one trained earlier in this run
+                cfg.methods[m] = str(Path(tmp) / "models" / Path(up).name)
             t = time.perf_counter()
-            method, hist = pretrain(cfg, m, data, Path(tmp) / f"{m}.pt")
+            method, hist = pretrain(cfg, m, data, Path(tmp) / m / "ckpt.pt")
+            save_backbone(Path(tmp) / "models" / f"{m}.pt", method, cfg, data.meta)
             dt = time.perf_counter() - t
             ips = sum(h["train_images_per_s"] for h in hist) / len(hist) if hist else None
             row("pretrain", m, dt, ips)
