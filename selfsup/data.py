@@ -49,7 +49,7 @@ class Prepared:
 
 
 # --------------------------------------------------------------------------- sources
-def _digits(cfg: DatasetCfg, seed: int) -> Prepared:
+def digits_source(cfg: DatasetCfg, seed: int) -> Prepared:
     """scikit-learn's bundled 8x8 digits (1,797 images, no network)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -195,7 +195,7 @@ def _imagefolder(cfg: DatasetCfg, seed: int) -> Prepared:
 
 
 SOURCES: dict[str, Callable[[DatasetCfg, int], Prepared]] = {
-    "digits": _digits,
+    "digits": digits_source,
     "cifar10": _torchvision,
     "cifar100": _torchvision,
     "stl10": _torchvision,

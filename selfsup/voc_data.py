@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.config import DatasetCfg, VocCfg
-from selfsup.data import DatasetUnavailable, _digits
+from selfsup.data import DatasetUnavailable, digits_source
 from selfsup.io import InputError, atomic_dir, derive_seed, read_json, write_json
 
 VOC_CLASSES = (
@@ -189,7 +189,7 @@ def compose_embedded(cfg: VocCfg, seed: int, test_fraction: float, out_dir: str 
     from PIL import Image
 
     e = cfg.embedded
-    held = _digits(DatasetCfg(test_fraction=test_fraction), seed).test  # the download stage's test split
+    held = digits_source(DatasetCfg(test_fraction=test_fraction), seed).test  # the download stage's test split
     classes = [f"digit{c}" for c in e.classes]
     keep = np.isin(held.y, e.classes)
     xs, ys = held.x[keep, :, :, 0], held.y[keep]  # (N, 8, 8) uint8, (N,)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from conftest import ROOT, make_cfg
+from conftest import ROOT, assert_resume_is_exact, make_cfg
 from selfsup.contrastive import info_nce, invaspread_loss, nt_xent
 from selfsup.data import Data, ImageDataset, Split
 from selfsup.features import extract_features
@@ -272,26 +272,7 @@ def test_a_few_epochs_reduce_the_loss_and_beat_random_init(digits, random_knn, t
 def test_moco_resume_is_exact(digits, tmp_path):
     small = Data(Split(digits.train.x[:200], digits.train.y[:200]), digits.test, {**digits.meta, "n_train": 200})
     cfg = digits_cfg("moco", epochs=2, batch_size=32, queue_size=64, bn_splits=2)
-    ref, ref_hist = pretrain(cfg, "moco", small, tmp_path / "ref.pt")
-
-    class Killed(Exception):
-        pass
-
-    def kill(epoch, record):
-        if epoch == 1:
-            raise Killed
-
-    ck = tmp_path / "run.pt"
-    with pytest.raises(Killed):
-        pretrain(cfg, "moco", small, ck, on_epoch_end=kill)
-    ran = []
-    res, hist = pretrain(cfg, "moco", small, ck, on_epoch_end=lambda e, r: ran.append(e))
-    assert ran == [2]  # resumed after epoch 1, not restarted
-    drop = {"seconds", "train_images_per_s"}
-    assert [{k: v for k, v in h.items() if k not in drop} for h in hist] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in ref_hist]
-    for (k, v), w in zip(ref.state_dict().items(), res.state_dict().values()):
-        assert torch.equal(v, w), k  # backbone, key encoder, queue and pointer
+    hist = assert_resume_is_exact(cfg, "moco", small, tmp_path)  # backbone, key encoder, queue, pointer
     assert np.isfinite([h["loss"] for h in hist]).all()
 
 

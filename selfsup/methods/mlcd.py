@@ -47,6 +47,7 @@ from selfsup.kmeans import kmeans, topk_centroids
 from selfsup.methods import register
 from selfsup.methods.base import EpochPlan, Method, TrainContext
 from selfsup.metrics import nmi
+from selfsup.models import load_backbone
 from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
                                soft_label_loss, soft_targets)
 from selfsup.pca import pca_whiten
@@ -164,8 +165,6 @@ class MLCD(Method):
     def _encoder(self, epoch: int, ctx: TrainContext) -> nn.Module:
         if epoch > 0 or ctx.upstream is None:
             return self.backbone  # re-clustering, or no upstream: the model being trained
-        from selfsup.train import load_backbone  # late import: train imports the method registry
-
         return load_backbone(ctx.upstream, ctx.device)
 
     def _cluster(self, epoch: int, ctx: TrainContext) -> dict[str, float]:
