@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared, prepare  # noqa: E402
+from selfsup.data import load_prepared  # noqa: E402
+from selfsup.sources import prepare  # noqa: E402
 from selfsup.train import pretrain  # noqa: E402
 
 

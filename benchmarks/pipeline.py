@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared, prepare  # noqa: E402
+from selfsup.data import load_prepared  # noqa: E402
+from selfsup.sources import prepare  # noqa: E402
 from selfsup.evaluate import cluster_eval, knn_protocols, linear_eval  # noqa: E402
 from selfsup.features import extract_features  # noqa: E402
 from selfsup.io import resolve_device  # noqa: E402
@@ -64,8 +65,8 @@ def main() -> None:
             ips = sum(h["train_images_per_s"] for h in hist) / len(hist) if hist else None
             row("pretrain", m, dt, ips)
             t = time.perf_counter()
-            tr = extract_features(method.backbone, data.train, data.meta, dev, cfg.extract.batch_size)
-            te = extract_features(method.backbone, data.test, data.meta, dev, cfg.extract.batch_size)
+            tr = extract_features(method.encoder(), data.train, data.meta, dev, cfg.extract.batch_size)
+            te = extract_features(method.encoder(), data.test, data.meta, dev, cfg.extract.batch_size)
             dt = time.perf_counter() - t
             row("extract", m, dt, (len(tr) + len(te)) / dt)
             t = time.perf_counter()

@@ -6,14 +6,20 @@ input fails *before any work starts*, with a message naming the key
 (``deepcluster.k: must be > 0, got 0``).
 
 Method blocks (``deepcluster:``, ``supervised:``, ...) are parsed with the config
-class that the method registers (see ``selfsup/methods/__init__.py``), so adding a
-method touches its own file, its params block and the ``methods`` list only.
+class of the method file of the same name (``selfsup/methods/<name>.py``, imported by
+name only when its block is parsed: this module imports no method, so a stage's import
+closure, hence its DVC code deps, holds only the methods it runs). Adding a method
+touches its own file, its params block and the ``methods`` list only.
+
+``python -m selfsup.config [params.yaml]`` checks a params file without running anything.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- sections
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder", "imagenet")
 BACKBONES = ("smallcnn", "resnet18_cifar", "resnet18", "resnet50", "alexnet_bn")
 AUGMENTS = ("none", "crop", "crop_flip")
 
@@ -36,21 +42,34 @@ AUGMENTS = ("none", "crop", "crop_flip")
 class DatasetCfg:
     name: str = "digits"
     root: str = "data/raw"  # cache folder for torchvision downloaders / extracted archives
-    path: str = ""  # imagefolder: a folder, or a .tar / .tar.gz / .tar.xz of one
+    # imagefolder: a folder, or a .tar / .tar.gz / .tar.xz of one; imagenet: the ILSVRC2012 folder
+    # (train/<wnid>/*.JPEG + val/<wnid>/*, or torchvision's ImageNet archives + devkit)
+    path: str = ""
     download: bool = True  # torchvision datasets: allow the (checksummed) download
     test_fraction: float = 0.2  # digits only: stratified held-out split
-    image_size: int = 0  # imagefolder: resize to this square size (0: keep, sizes must agree)
+    # imagefolder: 0 = stream the image files (any sizes; an index, no pixels copied);
+    # > 0 = decode once into a memory-mapped array of this square size (small fixed-size sets)
+    image_size: int = 0
+    # images of different sizes (imagefolder with image_size 0, imagenet): the train views are
+    # crops of the original image resized to crop_size; eval resizes the shorter side to
+    # resize_size and takes the central crop_size (the papers' 256 / 224)
+    crop_size: int = 224
+    resize_size: int = 256
+    stats_sample: int = 10_000  # images (fixed random sample) the channel mean / std are measured on
     include_unlabeled: bool = False  # stl10: add the 100k unlabeled images (label -1)
     max_train: int = 0  # cap on training images (0: all); a stratified-free prefix after a seeded shuffle
     max_test: int = 0
 
     def check(self, p: str) -> None:
         one_of(p, "name", self.name, DATASETS)
-        if self.name == "imagefolder" and not self.path:
-            raise ConfigError(f"{p}.path: dataset.name=imagefolder needs a folder or .tar path")
+        if self.name in ("imagefolder", "imagenet") and not self.path:
+            raise ConfigError(f"{p}.path: dataset.name={self.name} needs a folder (or .tar) path")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"{p}.test_fraction: must be in (0, 1), got {self.test_fraction}")
         non_negative(p, self, "image_size", "max_train", "max_test")
+        positive(p, self, "crop_size", "resize_size", "stats_sample")
+        if self.crop_size > self.resize_size:
+            raise ConfigError(f"{p}.crop_size: {self.crop_size} above resize_size {self.resize_size}")
 
 
 @dataclass
@@ -63,6 +82,8 @@ class ModelCfg:
 
 
 LR_SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+SCHEDULE_UNITS = ("step", "epoch")
 
 
 @dataclass
@@ -70,43 +91,76 @@ class TrainCfg:
     """Fields every trainable method shares; a method's config subclasses it."""
 
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per process (the global batch is batch_size x processes x accumulate)
+    # optimiser (selfsup/optim.py) over the parameter groups the method defines: sgd (momentum,
+    # nesterov), lars (SimCLR's: trust coefficient lars_eta; groups without weight decay are not
+    # adapted either), adamw (betas)
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lars_eta: float = 0.001
     weight_decay: float = 1e-5
-    augment: str = "crop"  # train-time augmentation preset, one of AUGMENTS (see selfsup/transforms.py)
+    # no weight decay (and no LARS adaptation) on biases and normalisation weights (SimCLR's LARS,
+    # BYOL, DINO); False: every parameter decays (the older papers' code)
+    exclude_norm_bias: bool = False
+    augment: str = "crop"  # train-time augmentation preset, one of AUGMENTS (see selfsup/augment.py)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    # learning rate per epoch (selfsup.train.epoch_lr): constant (DeepCluster, SeLa), cosine
-    # (MoCo v2, SimCLR), step (InstDisc: x0.1 at each epoch listed in lr_steps); an optional
-    # linear warm-up over the first warmup_epochs (SimCLR)
+    # learning rate (selfsup/schedules.py), evaluated per optimiser step (schedule_unit: step, e.g.
+    # SimCLR) or held per epoch (epoch: MoCo's and InstDisc's official per-epoch updates):
+    # constant (DeepCluster, SeLa), cosine from lr to min_lr (MoCo v2, SimCLR), step: at each epoch
+    # of lr_steps the lr becomes lr x the matching lr_factors entry (absolute factors, e.g.
+    # InvaSpread's official 0.1 / 0.05 / 0.01; empty: x0.1 per milestone, InstDisc's 120 / 160);
+    # an optional linear warm-up from 0 over the first warmup_epochs (SimCLR: 10).
     lr_schedule: str = "constant"
+    schedule_unit: str = "step"
     lr_steps: list[int] = field(default_factory=list)
-    warmup_epochs: int = 0
-    # colour / blur augmentations after the crop (selfsup/transforms.py), off by default.
+    lr_factors: list[float] = field(default_factory=list)
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    accumulate: int = 1  # loader batches per optimiser step (gradient accumulation)
+    clip_grad: float = 0.0  # max global gradient norm (0: no clipping)
+    drop_last: bool = False  # drop a short last batch (InvaSpread's official loader); a size-1 tail always is
+    # colour / blur augmentations after the crop (selfsup/augment.py), off by default.
     # jitter: ColorJitter [brightness, contrast, saturation, hue], applied with jitter_p
     # (InstDisc: [0.4]*4, p 1; MoCo v2 and SimCLR CIFAR (s=0.5): [0.4, 0.4, 0.4, 0.1], p 0.8);
     # grayscale_p: RandomGrayscale (0.2 in all three); blur_p: Gaussian blur, sigma in
-    # [0.1, 2], kernel ~10% of the image (MoCo v2 0.5; SimCLR 0.5 on ImageNet, none on CIFAR).
-    # Saturation, hue and grayscale leave 1-channel images unchanged.
+    # [0.1, 2], kernel ~10% of the image (MoCo v2 0.5; SimCLR 0.5 on ImageNet, none on CIFAR);
+    # solarize_p: solarisation (BYOL). Saturation, hue and grayscale leave 1-channel images unchanged.
     jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     jitter_p: float = 0.8
     grayscale_p: float = 0.0
     blur_p: float = 0.0
+    solarize_p: float = 0.0
 
     def check(self, p: str) -> None:
-        positive(p, self, "epochs", "batch_size", "lr")
-        non_negative(p, self, "momentum", "weight_decay", "warmup_epochs")
+        positive(p, self, "epochs", "batch_size", "lr", "accumulate")
+        non_negative(p, self, "momentum", "weight_decay", "warmup_epochs", "min_lr", "clip_grad", "lars_eta")
+        one_of(p, "optimizer", self.optimizer, OPTIMIZERS)
         one_of(p, "augment", self.augment, AUGMENTS)
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
             raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{p}.betas: need [beta1, beta2] in [0, 1), got {self.betas}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ConfigError(f"{p}.nesterov: needs optimizer sgd with momentum > 0")
         one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        one_of(p, "schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
         if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
             raise ConfigError(f"{p}.lr_steps: need increasing positive epochs, got {self.lr_steps}")
+        if self.lr_factors and len(self.lr_factors) != len(self.lr_steps):
+            raise ConfigError(f"{p}.lr_factors: one factor per lr_steps entry ({len(self.lr_steps)}), "
+                              f"got {self.lr_factors}")
+        if any(f <= 0 for f in self.lr_factors):
+            raise ConfigError(f"{p}.lr_factors: factors must be > 0, got {self.lr_factors}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{p}.min_lr: {self.min_lr} above lr {self.lr}")
         if len(self.jitter) != 4 or any(v < 0 for v in self.jitter) or self.jitter[3] > 0.5:
             raise ConfigError(f"{p}.jitter: need [brightness, contrast, saturation, hue] >= 0, hue <= 0.5, "
                               f"got {self.jitter}")
-        for n in ("jitter_p", "grayscale_p", "blur_p"):
+        for n in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             if not 0.0 <= getattr(self, n) <= 1.0:
                 raise ConfigError(f"{p}.{n}: a probability in [0, 1], got {getattr(self, n)}")
         if self.warmup_epochs >= self.epochs:
@@ -322,11 +376,28 @@ class VocCfg:
 NO_UPSTREAM = "data/dataset"  # the value of ``methods.<m>`` for a method that reads no upstream encoder
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 0  # DataLoader workers (0: in-process, bit-reproducible on a CPU)
+    # DataLoader workers decoding images: -1 = the cores available to this process for image
+    # files, in-process (0) for memory-mapped arrays (a batch is one slice; measured faster than
+    # the inter-process copy on the digits default). Results do not depend on it: every random
+    # draw is seeded by (run seed, epoch, position), not by worker.
+    workers: int = -1
+    # the engine (selfsup/train.py): autocast precision (losses, softmax / log-sum-exp, Sinkhorn and
+    # k-means stay fp32; fp16 adds a gradient scaler), channels_last memory format, torch.compile
+    # of the backbone; logs are synced to the host every log_every optimiser steps (and the NaN
+    # check runs there); a checkpoint every checkpoint_minutes (0: at every log sync) and at
+    # every epoch end
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 50
+    checkpoint_minutes: float = 20.0
     # method name -> its upstream input, in report order. The value is a DVC dependency
     # of the method's pretraining (dvc.yaml's foreach item): NO_UPSTREAM for none, else a
     # backbone file (another method's data/models/<m>.pt, or a local weights file) that
@@ -353,7 +424,11 @@ class Config:
                 raise ConfigError(f"methods.{m}: empty upstream; use {NO_UPSTREAM} for none")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: auto, cpu, cuda or cuda:N, got {self.device!r}")
-        non_negative("", self, "workers")
+        if self.workers < -1:
+            raise ConfigError(f"workers: -1 (auto) or >= 0, got {self.workers}")
+        one_of("", "precision", self.precision, PRECISIONS)
+        positive("", self, "log_every")
+        non_negative("", self, "checkpoint_minutes")
 
     def upstream(self, name: str) -> str | None:
         """The upstream file method ``name`` reads, or None."""
@@ -449,13 +524,32 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     return obj
 
 
-def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool = True) -> Config:
+def method_class(name: str) -> Any:
+    """The class of method ``name``, imported by name (``selfsup/methods/<name>.py``): a dynamic
+    import, so this module's import closure holds no method."""
+    registry = importlib.import_module("selfsup.methods").REGISTRY
+    return registry[name]
+
+
+def method_names() -> list[str]:
+    """Names of the method files (without importing them), and of methods registered in code
+    when the registry is already loaded (tests register throwaway methods)."""
+    names = {p.stem for p in (Path(__file__).resolve().parent / "methods").glob("*.py")
+             if p.stem not in ("__init__", "base")}
+    loaded = sys.modules.get("selfsup.methods")
+    if loaded is not None:
+        names |= set(loaded.REGISTRY)
+    return sorted(names)
+
+
+def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool | list[str] = True) -> Config:
     """Parse and validate params.yaml (or a dict of the same shape).
 
-    ``parse_methods=False`` leaves the method blocks as plain dicts and skips importing
-    the method registry (and with it torch/torchvision, ~7 s): for the evaluation
-    stages, which never read them. The first stage (download) parses everything, so
-    a bad method key still fails before any work.
+    ``parse_methods``: True parses every method block (importing those methods); a list parses
+    only the blocks of those methods (a training stage: its own); False parses none (the
+    evaluation stages, which never read them, and skip importing torch). Unparsed blocks stay
+    plain dicts. The first stage (download) parses everything, so a bad method key fails before
+    any work; ``python -m selfsup.config`` does the same check alone.
     """
     if isinstance(source, dict):
         raw = dict(source)
@@ -471,27 +565,30 @@ def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool =
         if len(set(map(str, ms))) != len(ms):
             raise ConfigError(f"methods: duplicate names in {ms}")
         raw["methods"] = {m: NO_UPSTREAM for m in ms}
-    if not parse_methods:
-        known = {f.name for f in dataclasses.fields(Config)}
-        blocks = {k: raw.pop(k) for k in list(raw) if k not in known}
-        cfg = build(Config, raw)
+    known = {f.name for f in dataclasses.fields(Config)}
+    names = set(method_names())
+    for k in raw:
+        if k not in known and k not in names:
+            raise ConfigError(f"{k}: unknown key; known keys here: {', '.join(sorted(known - {'method_cfgs'}))}, "
+                              f"or a method block ({', '.join(sorted(names))})")
+    for name in raw.get("methods", {}) or {}:
+        if not isinstance(name, str) or name not in names:
+            raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(sorted(names))}")
+    blocks = {k: raw.pop(k) for k in list(raw) if k not in known}
+    cfg = build(Config, raw)
+    if parse_methods is False:
         cfg.method_cfgs.update(blocks)
         return cfg
-    from selfsup.methods import REGISTRY  # late import: methods import this module
-
-    method_blocks = {k: raw.pop(k) for k in list(raw) if k in REGISTRY}
-    for name in raw.get("methods", {}) or {}:
-        if not isinstance(name, str) or name not in REGISTRY:
-            raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    cfg = build(Config, raw)
-    for name, up in cfg.methods.items():
-        if up != NO_UPSTREAM and not REGISTRY[name].uses_upstream:
+    todo = set(cfg.methods) | set(blocks) if parse_methods is True else set(parse_methods)
+    for name in sorted(todo):
+        if name not in names:
+            raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(sorted(names))}")
+        cls = method_class(name)
+        up = cfg.methods.get(name, NO_UPSTREAM)
+        if up != NO_UPSTREAM and not cls.uses_upstream:
             raise ConfigError(f"methods.{name}: {name} reads no upstream encoder; set it to {NO_UPSTREAM}")
-    for name, block in method_blocks.items():
-        cfg.method_cfgs[name] = build(REGISTRY[name].Config, block, name)
-    for name in cfg.methods:
-        if name not in cfg.method_cfgs:  # a method with no block runs on its defaults
-            cfg.method_cfgs[name] = build(REGISTRY[name].Config, {}, name)
+        cfg.method_cfgs[name] = build(cls.Config, blocks.pop(name, {}), name)  # no block: the defaults
+    cfg.method_cfgs.update(blocks)  # blocks not asked for stay plain dicts
     return cfg
 
 
@@ -501,3 +598,11 @@ def config_hash(obj: Any) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+if __name__ == "__main__":  # python -m selfsup.config [params.yaml]: check without running anything
+    try:
+        c = load_config(sys.argv[1] if len(sys.argv) > 1 else "params.yaml")
+    except ConfigError as e:
+        sys.exit(f"params: {e}")
+    print(f"params: ok ({len(c.methods)} methods: {', '.join(c.methods)})")

@@ -1,40 +1,60 @@
-"""Feature extraction: a backbone in eval mode over a whole split, eval transform, no grad."""
+"""Feature extraction: a model in eval mode over a whole split, a batch at a time, no grad.
+
+The loader delivers uint8 batches (``selfsup.loader.eval_batches``: memory-map slices for
+arrays; decode + resize 256 + centre crop 224 in workers for image files); scaling and
+normalisation run on the device. The output (N, D) float32 is allocated once.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from selfsup.data import Split
-from selfsup.transforms import eval_transform
+from selfsup.data import FileSplit, Split
+from selfsup.loader import eval_batches
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [0, 1], normalised per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.to(torch.float32) / 255.0 - m) / s
 
 
 @torch.no_grad()
 def extract_features(
-    model: torch.nn.Module,
-    split: Split,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    split: Split | FileSplit,
     meta: dict[str, Any],
     device: torch.device,
     batch_size: int = 256,
     desc: str = "extract",
+    workers: int = -1,
+    resize: int = 256,
+    crop: int = 224,
+    indices: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(N, H, W, C) uint8 images -> (N, D) float32 features of ``model`` in eval mode.
-
-    The eval transform (scale + normalise) is deterministic, so it runs on whole
-    batches on the device instead of per image in a DataLoader.
-    """
-    was_training = model.training
-    model.eval()
-    tf = eval_transform(meta)
-    x_all = torch.from_numpy(np.ascontiguousarray(split.x.transpose(0, 3, 1, 2)))  # (N, C, H, W) uint8
-    out = []
-    for s in tqdm(range(0, len(x_all), batch_size), desc=desc, unit="batch", leave=False, mininterval=2):
-        xb = tf(x_all[s : s + batch_size].to(device, non_blocking=True))  # (B, C, H, W) float
-        out.append(model(xb).float().cpu())
-    model.train(was_training)
-    feats = torch.cat(out).numpy()  # (N, D)
-    if not np.isfinite(feats).all():
+    """(N, D) float32 features of ``model`` (an ``nn.Module`` is put in eval mode for the pass)
+    on ``split`` (or its rows ``indices``), eval geometry."""
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    n = len(split) if indices is None else len(indices)
+    out: np.ndarray | None = None
+    s = 0
+    for xb in tqdm(eval_batches(split, batch_size, workers, resize, crop, indices), desc=desc, unit="batch",
+                   leave=False, mininterval=2, total=-(-n // batch_size)):
+        f = model(normalize(xb.to(device, non_blocking=True), meta["mean"], meta["std"])).float()  # (B, D)
+        if out is None:
+            out = np.empty((n, f.shape[1]), np.float32)
+        out[s:s + len(f)] = f.cpu().numpy()
+        s += len(f)
+    if module is not None:
+        module.train(was_training)
+    assert out is not None and s == n, (s, n)
+    if not np.isfinite(out).all():
         raise FloatingPointError(f"{desc}: non-finite features (diverged model?)")
-    return feats
+    return out

@@ -90,10 +90,17 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save, atomically and byte-reproducibly: written to a buffer first, because torch.save
+    to a path names the zip archive's folder after the (here random, temporary) file name, so the
+    same weights would give a different file (and DVC would re-run everything downstream)."""
+    import io
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # archive folder "archive": fixed
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def load_torch(path: str | Path) -> Any:

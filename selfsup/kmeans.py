@@ -56,12 +56,6 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, nredo: int = 1
                         [float(o) for o in km.obj])
 
 
-def reindex_nonempty(assign: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map cluster ids onto 0..m-1 over the m non-empty clusters (keeps their order)."""
-    ids, new = np.unique(assign, return_inverse=True)
-    return new.astype(np.int64), len(ids)
-
-
 def assign_to_centroids(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Nearest centroid (L2) for each row of x: (N, d), (k, d) -> (N,)."""
     index = faiss.IndexFlatL2(centroids.shape[1])

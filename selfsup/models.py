@@ -152,7 +152,7 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
 def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
     """A method's backbone weights + what rebuilds its architecture (no method code needed to load)."""
     save_torch(path, {
-        "backbone": {k: v.cpu() for k, v in method.backbone.state_dict().items()},
+        "backbone": {k: v.cpu() for k, v in method.encoder().state_dict().items()},
         "arch": {"name": cfg.model.backbone, "sobel": cfg.model.sobel, "in_channels": meta["channels"]},
         "method": method.name,
     })

@@ -48,10 +48,10 @@ class KeyQueue(nn.Module):
     def enqueue(self, k: torch.Tensor) -> None:
         """Append (B, D) keys, dropping the oldest: after it, the last B rows written are ``k``."""
         k = k.detach()[-self.size:]  # more keys than the queue holds: only the newest fit
-        b, p = len(k), int(self.ptr)
-        rows = (torch.arange(b, device=k.device) + p) % self.size
+        b = len(k)
+        rows = (torch.arange(b, device=self.ptr.device) + self.ptr) % self.size  # on the device: no host sync
         self.keys[rows] = k.to(self.keys.dtype)
-        self.ptr.fill_((p + b) % self.size)
+        self.ptr.copy_((self.ptr + b) % self.size)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

@@ -57,3 +57,17 @@ def setup(params: str | Path = "params.yaml", parse_methods: bool = True) -> Con
 
         torch.set_num_threads(int(os.environ["SELFSUP_THREADS"]))
     return load_config(params, parse_methods)
+
+
+def check_stage_upstream(dvc_yaml: Path, method: str, upstream: str) -> None:
+    """The upstream file a pretraining reads (params.yaml ``methods.<m>``) must be a DVC dependency
+    of its stage, else DVC would not re-run it when that file changes (``dvc exp run -S
+    methods.mlcd=...`` changes the param but not the generated stage: fail and say how to fix)."""
+    if not dvc_yaml.is_file():
+        return
+    import yaml
+
+    stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(f"pretrain-{method}")
+    if stage is not None and upstream not in stage.get("deps", []):
+        raise SystemExit(f"dvc.yaml: stage pretrain-{method} does not depend on {upstream} (params.yaml "
+                         f"methods.{method}); run `python -m selfsup.dag` to regenerate it")

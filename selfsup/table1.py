@@ -52,14 +52,15 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
 
     t0 = time.perf_counter()
     row = cfg.instdisc_table1.rows[name]
-    mcfg, m = row_config(cfg, row, data.meta["n_train"])
+    mcfg, m = row_config(cfg, row, data.n_train)
     rcfg = dataclasses.replace(cfg, methods={"instdisc": NO_UPSTREAM},
                                method_cfgs={**cfg.method_cfgs, "instdisc": mcfg})
     method, history = pretrain(rcfg, "instdisc", data, ckpt_path)
     device = resolve_device(cfg.device)
     bb, meta, bs = method.backbone, data.meta, cfg.extract.batch_size
-    tr = extract_features(bb, data.train, meta, device, bs, desc=f"table1 {name} train")
-    te = extract_features(bb, data.test, meta, device, bs, desc=f"table1 {name} test")
+    geo = {"workers": cfg.workers, "resize": cfg.dataset.resize_size, "crop": cfg.dataset.crop_size}
+    tr = extract_features(bb, data.train, meta, device, bs, desc=f"table1 {name} train", **geo)
+    te = extract_features(bb, data.test, meta, device, bs, desc=f"table1 {name} test", **geo)
     ytr, yte, k = data.train.y, data.test.y, len(meta["classes"])
     knn = knn_protocols(tr, ytr, te, yte, ks=[cfg.instdisc_table1.knn_k], temperature=mcfg.temperature,
                         num_classes=k)

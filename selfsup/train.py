@@ -1,81 +1,71 @@
-"""The one training loop, shared by every method, with per-epoch resumable checkpoints.
+"""The one training loop (the engine), shared by every method; resumable at any step.
 
-Reproducibility: every random draw of epoch ``e`` (head init, k-means seed,
-sample order, augmentations, dropout) is seeded from ``(seed, method, e)`` at the
-start of that epoch, and the checkpoint written at the end of each epoch holds the
-full model and optimiser state. So a run killed after epoch e and resumed gives,
-on a CPU, bit-identical results to an uninterrupted one, with no RNG state to save.
+Per step: a uint8 batch from the loader (``selfsup.loader``) -> the method's declared views,
+augmented batched on the training device (``selfsup.augment``) -> ``model(batch)`` under autocast
+(``precision``) -> backward (scaled for fp16) -> every ``accumulate`` batches: clipping, the
+per-step learning rate (``selfsup.schedules``), the optimiser step (``selfsup.optim``) ->
+``method.on_after_step``. Logs stay on the device and reach the host every ``log_every``
+optimiser steps (no host sync per step); the NaN check runs there and at epoch ends, naming the
+first bad step.
 
-Resume only happens when the checkpoint's key (the full config, the dataset's
-metadata and the package source) equals the current one; otherwise training
-starts fresh. DVC keeps ``persist`` outputs across ``dvc exp run -S ...``, so this
-is what stops a new experiment from silently continuing an old run.
+Reproducibility: every random draw is seeded from ``(seed, method, epoch, batch)`` (the global
+torch RNG at each step, the augmentation generator, the sample order, each image's crop), not
+carried as RNG state. A checkpoint (every ``checkpoint_minutes`` at a log sync, and at every
+epoch end) holds the method's state, the optimiser (and grad scaler), the epoch's plan (its
+sample order) and position, and the epoch's partial log sums. So a run killed at any step and
+resumed gives, on a CPU, bit-identical weights; the model file is written with a fixed archive
+name (``selfsup.io.save_torch``), so it is byte-identical too and DVC sees no change downstream.
+
+Resume only happens when the checkpoint's key (config, dataset metadata, the code the loop runs
+for this method: ``selfsup.codedeps``) equals the current one; otherwise training starts fresh.
+DVC keeps ``persist`` outputs across ``dvc exp run -S ...``, so this is what stops a new
+experiment from silently continuing an old run.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
 import logging
-import math
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from selfsup.augment import ViewSpec, augment, make_views
+from selfsup.codedeps import closure, code_hash
 from selfsup.config import Config, ConfigError, config_hash
-from selfsup.data import Data, ImageDataset
+from selfsup.data import Data, FileSplit
 from selfsup.io import InputError, derive_seed, load_torch, resolve_device, save_torch, sha256_file
-from selfsup.methods import REGISTRY, Method, TrainContext
+from selfsup.loader import TrainLoader
+from selfsup.methods import REGISTRY, Batch, Method, TrainContext
 from selfsup.models import build_backbone, load_backbone, save_backbone  # noqa: F401 (re-exported)
-from selfsup.transforms import method_train_transform
+from selfsup.optim import build_optimizer
+from selfsup.schedules import lr_schedule
 
 log = logging.getLogger("selfsup.train")
-PKG = Path(__file__).resolve().parent
-
-
-def source_hash() -> str:
-    """Hash of the package source that is loaded (hence ran): code changes invalidate checkpoints."""
-    files = sorted(
-        Path(m.__file__).resolve() for m in list(sys.modules.values())
-        if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(PKG)
-    )
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(PKG)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_key(cfg: Config, method: str, meta: dict[str, Any]) -> str:
-    shared = {"seed": cfg.seed, "device": cfg.device, "workers": cfg.workers, "model": cfg.model,
-              "extract": cfg.extract}
+    # what changes the numbers: not workers, log_every or checkpoint_minutes (every draw is seeded
+    # by position, not by worker; logging and checkpoints do not touch the state)
+    shared = {"seed": cfg.seed, "device": cfg.device, "model": cfg.model, "extract": cfg.extract,
+              "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
+              "crop": [cfg.dataset.crop_size, cfg.dataset.resize_size]}
     up = cfg.upstream(method)
     # the upstream file's content, not its name: a retrained upstream method must not be resumed over
     up_hash = sha256_file(up) if up is not None and Path(up).is_file() else up
     return config_hash({"shared": config_hash(shared), "method": method, "mcfg": config_hash(cfg.method(method)),
-                        "data": config_hash(meta), "code": source_hash(), "upstream": up_hash})
+                        "data": config_hash(meta), "code": code_hash(closure("selfsup/train.py", method)),
+                        "upstream": up_hash})
 
 
-def epoch_lr(c: Any, epoch: int) -> float:
-    """Learning rate of (0-based) ``epoch`` under ``c.lr_schedule``; set once per epoch.
-
-    cosine: lr * 0.5 * (1 + cos(pi * e / epochs)) (MoCo's per-epoch ``--cos``);
-    step: lr * 0.1 ** (number of ``lr_steps`` <= e) (InstDisc: 120, 160 of 200);
-    warm-up: linear from lr / (warmup_epochs + 1) over the first warmup_epochs (SimCLR),
-    then the schedule runs over the remaining epochs.
-    """
-    if epoch < c.warmup_epochs:
-        return c.lr * (epoch + 1) / (c.warmup_epochs + 1)
-    if c.lr_schedule == "cosine":
-        e, n = epoch - c.warmup_epochs, c.epochs - c.warmup_epochs
-        return c.lr * 0.5 * (1.0 + math.cos(math.pi * e / n))
-    if c.lr_schedule == "step":
-        return c.lr * 0.1 ** sum(epoch >= s for s in c.lr_steps)
-    return c.lr
+def train_image_size(cfg: Config, data: Data) -> int:
+    """The side of a default view: native for arrays, ``dataset.crop_size`` for image files."""
+    return min(data.fixed_size) if data.fixed_size else cfg.dataset.crop_size
 
 
 def build_method(cfg: Config, name: str, data: Data) -> Method:
@@ -93,11 +83,46 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
     torch.manual_seed(derive_seed(cfg.seed, "backbone-init"))
     try:
         backbone = build_backbone(cfg.model.backbone, data.meta["channels"], cfg.model.sobel,
-                                  min(data.meta["image_size"]))
+                                  train_image_size(cfg, data))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cls.validate(mcfg, data, backbone.out_dim)
     return cls.from_data(backbone, mcfg, data)
+
+
+def resolve_specs(specs: list[ViewSpec], size: int) -> list[ViewSpec]:
+    """Views with size 0 take ``size`` (the dataset's view side)."""
+    return [s if s.size else dataclasses.replace(s, size=size) for s in specs]
+
+
+class ViewMaker:
+    """Loader batch -> the declared views on the device, augmented batched with per-sample draws
+    from a generator seeded per step."""
+
+    def __init__(self, specs: list[ViewSpec], data: Data, device: torch.device, channels_last: bool):
+        self.specs, self.device, self.channels_last = specs, device, channels_last
+        self.mean, self.std = data.meta["mean"], data.meta["std"]
+        self.files = isinstance(data.train, FileSplit)
+        # image files: the workers took each view's crop from the original; the device does the rest
+        self.flat = [dataclasses.replace(s, count=1, crop=False) for s in specs for _ in range(s.count)]
+
+    def crops(self) -> list[ViewSpec]:
+        return [dataclasses.replace(s, count=1) for s in self.specs for _ in range(s.count)]
+
+    def __call__(self, x: Any, y: torch.Tensor, idx: torch.Tensor, seed: int) -> Batch:
+        g = torch.Generator().manual_seed(seed)
+        if self.files:
+            views = [augment(v.to(self.device, non_blocking=True), s, g, self.mean, self.std)
+                     for v, s in zip(x, self.flat)]
+        else:
+            views = make_views(x.to(self.device, non_blocking=True), self.specs, g, self.mean, self.std)
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return Batch(views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+
+
+def _checkpoint(path: Path, **state: Any) -> None:
+    save_torch(path, state)
 
 
 def pretrain(
@@ -106,9 +131,14 @@ def pretrain(
     data: Data,
     ckpt_path: str | Path,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    tracker: Any = None,
 ) -> tuple[Method, list[dict[str, float]]]:
-    """Train method ``name``; resume from ``ckpt_path`` when its key matches. Returns
-    the method (its ``.backbone`` is the result) and the per-epoch history."""
+    """Train method ``name``; resume from ``ckpt_path`` when its key matches. Returns the method
+    (``.encoder()`` is the result) and the per-epoch history.
+
+    ``on_step(epoch, batch)`` is called after every batch (tests kill runs there);
+    ``tracker`` (``selfsup.tracking.LiveRun``) receives the step and epoch logs live."""
     device = resolve_device(cfg.device)
     method = build_method(cfg, name, data).to(device)
     key = run_key(cfg, name, data.meta)
@@ -118,13 +148,48 @@ def pretrain(
         method.skipped = f"{name}: skipped, the training split has no labels (the backbone stays at its init)"
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
-        save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": method.checkpoint_state(),
-                               "config": cfg.to_dict()})
+        _checkpoint(ckpt_path, key=key, epoch=0, history=[], method=method.checkpoint_state(), config=cfg.to_dict())
         return method, []
     mcfg = method.cfg
-    opt = torch.optim.SGD(method.persistent_params(), lr=mcfg.lr, momentum=mcfg.momentum,
-                          weight_decay=mcfg.weight_decay)
-    start, history = 0, []
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        method.backbone.compile()  # in place: state_dict keys unchanged
+
+    size = train_image_size(cfg, data)
+    views = ViewMaker(resolve_specs(method.view_specs(), size), data, device, cfg.channels_last)
+    loader = TrainLoader(data.train, mcfg.batch_size, mcfg.drop_last, cfg.workers, views.crops(),
+                         pin_memory=device.type == "cuda")
+    n_epoch = method.samples_per_epoch(data.n_train)
+    batches_per_epoch = loader.num_batches(n_epoch)
+    if batches_per_epoch < 1:
+        raise ConfigError(f"{name}.batch_size: {mcfg.batch_size} leaves no batch in an epoch of {n_epoch} images")
+    steps_per_epoch = -(-batches_per_epoch // mcfg.accumulate)
+    sched = lr_schedule(mcfg, steps_per_epoch)
+    opt = build_optimizer(method.param_groups(), mcfg)
+    amp = AUTOCAST[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    def reset_optimizer_state(params: list[torch.nn.Parameter]) -> None:
+        for p in params:
+            opt.state.pop(p, None)
+
+    def make_batches(specs: list[ViewSpec], seed: int, batch_size: int) -> Iterator[Batch]:
+        vm = ViewMaker(resolve_specs(specs, size), data, device, cfg.channels_last)
+        ld = TrainLoader(data.train, batch_size, False, cfg.workers, vm.crops())
+        order = np.random.default_rng(seed).permutation(data.n_train)
+        for b, (x, y, idx) in enumerate(ld.epoch(order, seed)):
+            yield vm(x, y, idx, derive_seed(seed, "views", b))
+
+    up = cfg.upstream(name)
+    ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
+                       workers=cfg.workers, upstream=Path(up) if up else None, work_dir=ckpt_path.parent,
+                       resize_size=cfg.dataset.resize_size, crop_size=cfg.dataset.crop_size,
+                       make_batches=make_batches, reset_optimizer_state=reset_optimizer_state)
+
+    start_epoch, start_batch, history, step = 0, 0, [], 0
+    saved_plan: dict[str, Any] | None = None
+    sums: dict[str, torch.Tensor] = {}
     if ckpt_path.is_file():
         try:
             ck = load_torch(ckpt_path)
@@ -134,65 +199,121 @@ def pretrain(
         if ck.get("key") == key:
             method.load_checkpoint_state(ck["method"])
             opt.load_state_dict(ck["optimizer"])
-            start, history = ck["epoch"], ck["history"]
-            log.warning("%s: resuming from %s after epoch %d/%d", name, ckpt_path, start, mcfg.epochs)
+            if scaler is not None:
+                scaler.load_state_dict(ck["scaler"])
+            start_epoch, start_batch, history, step = ck["epoch"], ck["batch"], ck["history"], ck["step"]
+            saved_plan, sums = ck.get("plan"), {k: v.to(device) for k, v in ck.get("sums", {}).items()}
+            method.on_resume(ctx)
+            where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
+            log.warning("%s: resuming from %s after %s/%d", name, ckpt_path, where, mcfg.epochs)
         elif ck:
             log.warning("%s: %s was written by another config or code version; starting fresh", name, ckpt_path)
 
-    dataset = ImageDataset(data.train, method_train_transform(data.meta, mcfg), views=method.views)
-    up = cfg.upstream(name)
-    ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
-                       train_set=dataset, workers=cfg.workers, upstream=Path(up) if up else None,
-                       work_dir=ckpt_path.parent)
-    for epoch in range(start, mcfg.epochs):
+    last_ckpt = time.monotonic()
+    for epoch in range(start_epoch, mcfg.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, name, "epoch", epoch))
-        plan = method.epoch_start(epoch, ctx)
-        lr = epoch_lr(mcfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        order = plan.order
-        if order is None:
-            order = np.random.default_rng(derive_seed(cfg.seed, name, "shuffle", epoch)).permutation(len(dataset))
-        loader = DataLoader(dataset, batch_size=mcfg.batch_size, sampler=order.tolist(), num_workers=cfg.workers,
-                            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, name, "loader", epoch)),
-                            pin_memory=device.type == "cuda", drop_last=len(order) % mcfg.batch_size == 1)
-        epoch_opt = method.epoch_optimizer()
-        if epoch_opt is not None:
-            for g in epoch_opt.param_groups:
-                g["lr"] = lr
+        resumed_mid = bool(start_batch) and saved_plan is not None
+        if resumed_mid:  # the plan this epoch started with (its seconds count once)
+            assert saved_plan is not None
+            order, plan_metrics, plan_seconds = saved_plan["order"], saved_plan["metrics"], saved_plan["seconds"]
+        else:
+            start_batch, sums = 0, {}
+            torch.manual_seed(derive_seed(cfg.seed, name, "epoch", epoch))
+            plan = method.on_epoch_start(epoch, ctx)
+            order = plan.order
+            if order is None:
+                order = np.random.default_rng(derive_seed(cfg.seed, name, "shuffle", epoch)).permutation(data.n_train)
+            order, plan_metrics = np.asarray(order, np.int64), plan.metrics
+            plan_seconds = time.perf_counter() - t0
+            if len(order) != n_epoch:
+                raise RuntimeError(f"{name}: the epoch plan has {len(order)} samples, "
+                                   f"samples_per_epoch() said {n_epoch}")
+        plan_state = {"order": order, "metrics": plan_metrics, "seconds": plan_seconds}
         method.train()
-        sums: dict[str, float] = {}
-        steps, seen = 0, 0
-        t_train = time.perf_counter()
-        bar = tqdm(loader, desc=f"{name} ep {epoch + 1}/{mcfg.epochs}", unit="batch", leave=False, mininterval=2)
-        for x, y, idx in bar:
-            x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, (list, tuple)) else x.to(device)
-            y, idx = y.to(device), idx.to(device)
-            loss, logs = method.loss(x, y, idx)
-            if not torch.isfinite(loss):
+        bad_at = torch.full((), -1, dtype=torch.long, device=device)  # first batch with a non-finite loss
+        bad_val = torch.zeros((), device=device)
+        t_train, seen = time.perf_counter(), 0
+        n_batches = batches_per_epoch
+        epoch_seed = derive_seed(cfg.seed, name, "crops", epoch)
+        bar = tqdm(total=n_batches, initial=start_batch, desc=f"{name} ep {epoch + 1}/{mcfg.epochs}", unit="batch",
+                   leave=False, mininterval=2)
+
+        def sync(b: int) -> dict[str, float]:
+            """Host sync: NaN check, then the epoch's running means."""
+            if int(bad_at) >= 0:
                 raise FloatingPointError(
-                    f"{name}: loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1}; training stopped "
-                    f"(lower {name}.lr, check the data)"
-                )
-            opt.zero_grad(set_to_none=True)
-            if epoch_opt is not None:
-                epoch_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if epoch_opt is not None:
-                epoch_opt.step()
-            for k, v in {"loss": loss.item(), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
+                    f"{name}: loss is {float(bad_val)} at epoch {epoch + 1}, step {int(bad_at) + 1}; training "
+                    f"stopped (lower {name}.lr, check the data)")
+            return {k: float(v) / max(b, 1) for k, v in sums.items()}
+
+        def save(b: int) -> None:
+            _checkpoint(ckpt_path, key=key, epoch=epoch, batch=b, step=step, history=history, plan=plan_state,
+                        sums={k: v.cpu() for k, v in sums.items()}, method=method.checkpoint_state(),
+                        optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                        config=cfg.to_dict())
+
+        lr = sched(step)
+        for b, (x, y, idx) in enumerate(loader.epoch(order, epoch_seed, start_batch), start=start_batch):
+            torch.manual_seed(derive_seed(cfg.seed, name, "step", epoch, b))  # global-RNG users (shuffle-BN, dropout)
+            batch = views(x, y, idx, derive_seed(cfg.seed, name, "views", epoch, b))
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                out = method(batch)
+            loss = out.loss.float()
+            finite = torch.isfinite(loss)
+            newly = (bad_at < 0) & ~finite
+            bad_at = torch.where(newly, torch.full_like(bad_at, b), bad_at)
+            bad_val = torch.where(newly, loss.detach(), bad_val)
+            scaled = loss / mcfg.accumulate
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            for k, v in {"loss": loss, **out.logs}.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            stepped = (b + 1) % mcfg.accumulate == 0 or b + 1 == n_batches
+            if stepped:
+                lr = sched(step)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                if mcfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                   mcfg.clip_grad)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+            method.on_after_step(stepped)
             seen += len(idx)
+            bar.update(1)
+            if stepped and step % cfg.log_every == 0:
+                means = sync(b + 1)
+                if tracker is not None:
+                    tracker.log({f"step/{k}": v for k, v in {**means, "lr": lr}.items()}, step)
+                bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", refresh=False)
+                if time.monotonic() - last_ckpt >= cfg.checkpoint_minutes * 60 and b + 1 < n_batches:
+                    save(b + 1)
+                    last_ckpt = time.monotonic()
+            if on_step is not None:
+                on_step(epoch, b + 1)
+        bar.close()
+        means = sync(n_batches)
         train_s = time.perf_counter() - t_train
-        record = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}, **plan.metrics, "lr": lr,
-                  "train_images_per_s": seen / max(train_s, 1e-9), "seconds": time.perf_counter() - t0}
+        record = {"epoch": epoch + 1, **means, **plan_metrics, "lr": lr,
+                  "train_images_per_s": seen / max(train_s, 1e-9),
+                  # a resumed epoch: the plan's seconds (measured before the kill) + this process's
+                  "seconds": (plan_seconds if resumed_mid else 0.0) + time.perf_counter() - t0}
         history.append(record)
-        save_torch(ckpt_path, {"key": key, "epoch": epoch + 1, "history": history, "method": method.checkpoint_state(),
-                               "optimizer": opt.state_dict(), "config": cfg.to_dict()})
+        start_batch, sums = 0, {}
+        _checkpoint(ckpt_path, key=key, epoch=epoch + 1, batch=0, step=step, history=history, plan=None, sums={},
+                    method=method.checkpoint_state(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict() if scaler else None, config=cfg.to_dict())
+        last_ckpt = time.monotonic()
         log.info("%s epoch %d: %s", name, epoch + 1, {k: round(v, 4) for k, v in record.items()})
+        if tracker is not None:
+            tracker.log({f"epoch/{k}": v for k, v in record.items() if k != "epoch"}, epoch + 1)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return method, history

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.config import DatasetCfg, VocCfg
-from selfsup.data import DatasetUnavailable, digits_source
+from selfsup.sources import DatasetUnavailable, digits_source
 from selfsup.io import InputError, atomic_dir, derive_seed, read_json, write_json
 
 VOC_CLASSES = (

@@ -21,7 +21,8 @@ t0 = time.perf_counter()
 n = 0
 for split in ("train", "test"):
     s = getattr(data, split)
-    feats = extract_features(net, s, data.meta, device, cfg.extract.batch_size, desc=f"extract {name} {split}")
+    feats = extract_features(net, s, data.meta, device, cfg.extract.batch_size, desc=f"extract {name} {split}",
+                             workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
     write_features(P.features(name, split), feats, s.y)
     n += len(feats)
 dt = time.perf_counter() - t0

@@ -9,12 +9,13 @@ import pandas as pd  # noqa: E402
 
 from selfsup.data import load_prepared  # noqa: E402
 from selfsup.io import atomic_path, write_json  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
+from selfsup.stage import Paths, check_stage_upstream, setup  # noqa: E402
 from selfsup.train import pretrain, save_backbone  # noqa: E402
 
 name = sys.argv[1]
-cfg = setup()
+cfg = setup(parse_methods=[name])
 P = Paths()
+check_stage_upstream(P.root / "dvc.yaml", name, cfg.methods[name])
 data = load_prepared(P.dataset)
 t0 = time.perf_counter()
 method, history = pretrain(cfg, name, data, P.ckpt(name))

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared, prepare  # noqa: E402
+from selfsup.data import load_prepared  # noqa: E402
+from selfsup.sources import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +28,16 @@ def make_cfg(**over):
     return load_config(base)
 
 
-def assert_resume_is_exact(cfg, name, data, tmp_path, kill_after=1):
-    """Train ``name`` uninterrupted, then again killed after epoch ``kill_after`` and resumed:
-    the resumed run must continue (not restart) and end bit-identical (history and every
-    state_dict entry: backbone, heads, banks, queues). Returns the resumed history."""
+def assert_resume_is_exact(cfg, name, data, tmp_path, kill_after=1, kill_at_batch=None):
+    """Train ``name`` uninterrupted, then again killed and resumed: after epoch ``kill_after``, or,
+    with ``kill_at_batch``, in the middle of epoch ``kill_after`` + 1 right after batch
+    ``kill_at_batch`` (the config must checkpoint at every step: log_every 1,
+    checkpoint_minutes 0). The resumed run must continue (not restart) and end bit-identical
+    (history and every state_dict entry: backbone, heads, banks, queues), and its saved model
+    file must be byte-identical. Returns the resumed history."""
     import torch
 
-    from selfsup.train import pretrain
+    from selfsup.train import pretrain, save_backbone
 
     ref, ref_hist = pretrain(cfg, name, data, tmp_path / "ref" / "ckpt.pt")
 
@@ -41,16 +45,27 @@ def assert_resume_is_exact(cfg, name, data, tmp_path, kill_after=1):
         pass
 
     def kill(epoch, record):
-        if epoch == kill_after:
+        if kill_at_batch is None and epoch == kill_after:
+            raise Killed
+
+    def kill_step(epoch, batch):
+        if kill_at_batch is not None and (epoch, batch) == (kill_after, kill_at_batch):
             raise Killed
 
     ck = tmp_path / "run" / "ckpt.pt"
     with pytest.raises(Killed):
-        pretrain(cfg, name, data, ck, on_epoch_end=kill)
-    assert torch.load(ck, weights_only=False)["epoch"] == kill_after  # the last finished epoch was saved
+        pretrain(cfg, name, data, ck, on_epoch_end=kill, on_step=kill_step)
+    saved = torch.load(ck, weights_only=False)
+    if kill_at_batch is None:
+        assert saved["epoch"] == kill_after and saved["batch"] == 0  # the last finished epoch was saved
+    else:
+        assert (saved["epoch"], saved["batch"]) == (kill_after, kill_at_batch)  # mid-epoch position
     ran = []
     res, hist = pretrain(cfg, name, data, ck, on_epoch_end=lambda e, r: ran.append(e))
     assert ran == list(range(kill_after + 1, len(ref_hist) + 1))  # resumed, not restarted
+    save_backbone(tmp_path / "ref.pt", ref, cfg, data.meta)
+    save_backbone(tmp_path / "res.pt", res, cfg, data.meta)
+    assert (tmp_path / "ref.pt").read_bytes() == (tmp_path / "res.pt").read_bytes()  # DVC sees the same file
     def untimed(h):  # wall-clock fields differ between runs; everything else must not
         return {k: v for k, v in h.items() if not (k == "seconds" or k.endswith(("_seconds", "_per_s")))}
 

@@ -12,14 +12,14 @@ from torch import nn
 
 from conftest import ROOT, assert_resume_is_exact, make_cfg
 from selfsup.contrastive import info_nce, invaspread_loss, nt_xent
-from selfsup.data import Data, ImageDataset, Split
+from selfsup.augment import make_views
+from selfsup.data import Data, Split
 from selfsup.features import extract_features
 from selfsup.knn import knn_eval
-from selfsup.methods import REGISTRY
+from selfsup.methods import Batch
 from selfsup.models import build_backbone
 from selfsup.momentum import KeyQueue, SplitBatchNorm, ema_update, split_batch_norm
-from selfsup.train import build_method, pretrain
-from selfsup.transforms import method_train_transform
+from selfsup.train import build_method, pretrain, resolve_specs
 
 CPU = torch.device("cpu")
 METHODS = ["invaspread", "moco", "simclr"]
@@ -203,26 +203,35 @@ def _moco(digits, **over):
     return build_method(cfg, "moco", digits)
 
 
+def two_views(m, data, n=16, seed=0):
+    x = data.train.read_batch(np.arange(n))  # (n, 1, 8, 8) uint8
+    specs = resolve_specs(m.view_specs(), 8)
+    return make_views(x, specs, torch.Generator().manual_seed(seed), data.meta["mean"], data.meta["std"])
+
+
 def test_key_encoder_gets_no_gradient_and_follows_the_momentum_update(digits):
     m = _moco(digits, m=0.9)
-    ds = ImageDataset(digits.train, method_train_transform(digits.meta, m.cfg), views=2)
-    x1 = torch.stack([ds[i][0][0] for i in range(16)])
-    x2 = torch.stack([ds[i][0][1] for i in range(16)])
+    x1, x2 = two_views(m, digits)
     key_params = [*m.key_backbone.parameters(), *m.key_head.parameters()]
     assert all(not p.requires_grad for p in key_params)
-    assert not {id(p) for p in key_params} & {id(p) for p in m.persistent_params()}
+    optimised = {id(p) for g in m.param_groups() for p in g["params"]}
+    assert not {id(p) for p in key_params} & optimised
     with torch.no_grad():  # make query and key encoder differ, to see the update
         for p in m.backbone.parameters():
             p.add_(0.01)
     k_before = [p.clone() for p in m.key_backbone.parameters()]
     ptr = int(m.queue.ptr)
     m.train()
-    loss, _ = m.loss((x1, x2), torch.zeros(16), torch.arange(16))
-    loss.backward()
+    out = m(Batch([x1, x2], torch.zeros(16, dtype=torch.long), torch.arange(16)))
+    out.loss.backward()
     assert all(p.grad is None for p in key_params)
     assert all(p.grad is not None for p in m.backbone.parameters())
+    assert int(m.queue.ptr) == ptr  # the state updates wait for the step
+    m.on_after_step(stepped=True)
     for b, q, k in zip(k_before, m.backbone.parameters(), m.key_backbone.parameters()):
         assert torch.allclose(k, 0.9 * b + 0.1 * q)
+    assert int(m.queue.ptr) == (ptr + 16) % 64
+    m.on_after_step(stepped=False)  # an accumulation step: no EMA, nothing pending to enqueue
     assert int(m.queue.ptr) == (ptr + 16) % 64
     sd = m.state_dict()  # what the checkpoint carries
     assert {"queue.keys", "queue.ptr"} <= set(sd) and any(k.startswith("key_backbone.") for k in sd)
@@ -231,14 +240,12 @@ def test_key_encoder_gets_no_gradient_and_follows_the_momentum_update(digits):
 # ----------------------------------------------------------------- two views
 @pytest.mark.parametrize("name", METHODS)
 def test_two_views_differ_and_are_seeded(digits, name):
-    cfg = digits_cfg(name).method(name)
-    ds = ImageDataset(digits.train, method_train_transform(digits.meta, cfg), views=REGISTRY[name].views)
-    torch.manual_seed(7)
-    (a1, a2), _, _ = ds[3]
-    torch.manual_seed(7)
-    (b1, b2), _, _ = ds[3]
+    m = build_method(digits_cfg(name), name, digits)
+    a1, a2 = two_views(m, digits, seed=7)
+    b1, b2 = two_views(m, digits, seed=7)
     assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(a1, a2)
+    assert not torch.equal(a1, two_views(m, digits, seed=8)[0])
 
 
 # ----------------------------------------------------------------- training on digits
@@ -274,6 +281,17 @@ def test_moco_resume_is_exact(digits, tmp_path):
     cfg = digits_cfg("moco", epochs=2, batch_size=32, queue_size=64, bn_splits=2)
     hist = assert_resume_is_exact(cfg, "moco", small, tmp_path)  # backbone, key encoder, queue, pointer
     assert np.isfinite([h["loss"] for h in hist]).all()
+
+
+def test_moco_resume_after_a_kill_at_a_random_step_is_exact(digits, tmp_path):
+    """Killed at a random mid-epoch step (a checkpoint at every step): key encoder, queue and its
+    pointer, shuffle-BN draws continue exactly; the model file is byte-identical."""
+    small = Data(Split(digits.train.x[:200], digits.train.y[:200]), digits.test, {**digits.meta, "n_train": 200})
+    cfg = make_cfg(methods=["moco"], log_every=1, checkpoint_minutes=0.0,
+                   moco={**PARAMS["moco"], "epochs": 2, "batch_size": 32, "queue_size": 64, "bn_splits": 2})
+    rng = np.random.default_rng()
+    assert_resume_is_exact(cfg, "moco", small, tmp_path, kill_after=int(rng.integers(0, 2)),
+                           kill_at_batch=int(rng.integers(1, 6)))  # 6 batches of 32 (+ 8) per epoch
 
 
 @pytest.mark.parametrize("name,over,key", [

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_cfg
-from selfsup.data import DatasetUnavailable, load_prepared, prepare
+from selfsup.data import load_prepared
+from selfsup.sources import DatasetUnavailable, prepare
 from selfsup.io import InputError
 
 
@@ -49,10 +50,18 @@ def test_imagefolder_tar_with_unlabelled_images(tmp_path):
     assert meta["classes"] == ["cat", "dog"]
     assert meta["counts"]["train"] == [3, 3] and meta["counts"]["train_unlabeled"] == 1
     assert sorted(d.train.y.tolist()) == [-1, 0, 0, 0, 1, 1, 1]
-    assert d.train.x.shape == (7, 6, 6, 3)
-    red = d.train.x[d.train.y == 0]
-    assert (red[..., 0] == 255).all() and (red[..., 2] == 0).all()
+    assert meta["format"] == "files" and meta["image_size"] is None  # an index, no pixels copied
+    assert not list((tmp_path / "ds").glob("*.npy"))
+    assert d.train.sizes.tolist() == [[6, 6]] * 7
+    red = [d.train.read(i) for i in range(len(d.train)) if d.train.y[i] == 0]
+    assert all(r.shape == (3, 6, 6) and (r[0] == 255).all() and (r[2] == 0).all() for r in red)
     assert len(meta["source_sha256"]) == 64
+    # image_size > 0: decoded once into memory-mapped arrays of that size
+    cfg = make_cfg(dataset={"name": "imagefolder", "path": str(arc), "root": str(tmp_path / "raw"), "image_size": 4})
+    meta = prepare(cfg.dataset, 0, tmp_path / "ds4")
+    d = load_prepared(tmp_path / "ds4")
+    assert meta["format"] == "array" and d.train.x.shape == (7, 4, 4, 3) and isinstance(d.train.x, np.memmap)
+    assert (d.train.x[d.train.y == 0][..., 0] == 255).all() and meta["mean"][1] == pytest.approx(255 / 7 / 255)
 
 
 def test_imagefolder_tar_refuses_escaping_members(tmp_path):

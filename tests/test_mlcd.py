@@ -207,7 +207,7 @@ def test_upstream_file_clusters_that_encoder(digits, tmp_path):
         m = build_method(cfg, "mlcd", data)
         ctx = TrainContext(data=data, device=CPU, seed=0, upstream=cfg.upstream("mlcd") and
                            __import__("pathlib").Path(up), work_dir=tmp_path / up.replace("/", "_"))
-        m.epoch_start(0, ctx)
+        m.on_epoch_start(0, ctx)
         out[up] = m.pos.clone()
     assert torch.equal(*out.values())
     # a file that is not a backbone of ours fails with the file named

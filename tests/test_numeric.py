@@ -5,7 +5,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from selfsup.kmeans import assign_to_centroids, kmeans, reindex_nonempty
+from selfsup.kmeans import assign_to_centroids, kmeans
 from selfsup.knn import knn_eval, knn_predict_scores
 from selfsup.metrics import ari, hungarian_accuracy, nmi
 from selfsup.pca import PCAWhitening, pca_whiten
@@ -61,12 +61,9 @@ def test_kmeans_objective_matches_sklearn():
     np.testing.assert_array_equal(assign_to_centroids(x, ours.centroids), ours.assign)
 
 
-def test_kmeans_errors_and_reindex():
+def test_kmeans_errors():
     with pytest.raises(ValueError, match="k: 11"):
         kmeans(np.zeros((10, 2), np.float32), 11)
-    new, m = reindex_nonempty(np.array([7, 3, 7, 9, 3]))
-    assert m == 3
-    np.testing.assert_array_equal(new, [1, 0, 1, 2, 0])
 
 
 def test_uniform_sampler_counts():

@@ -20,7 +20,11 @@ from conftest import ROOT
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
-BRANCH = ["pretrain", "extract", "whiten", "cluster", "knn", "linear", "voc"]
+BRANCH = ["extract", "whiten", "cluster", "knn", "linear", "voc"]  # foreach stages, <stage>@<m>
+
+
+def branch(methods):
+    return {f"pretrain-{m}" for m in methods} | {f"{s}@{m}" for s in BRANCH for m in methods}
 TABLE1 = ["parametric", "nce10"]  # InstDisc's Table 1 sweep, two rows of one epoch
 
 
@@ -61,6 +65,9 @@ def repo(tmp_path_factory):
     params["instdisc_table1"].update(epochs=1, rows={"parametric": {"softmax": "parametric", "nce_m": 0},
                                                      "nce10": {"softmax": "nonparametric", "nce_m": 10}})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from selfsup.dag import main as dag
+
+    assert dag(["--root", str(dst)]) == 0  # the pretraining stages of this method list
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
     env["DVC_NO_ANALYTICS"] = "1"
@@ -77,8 +84,7 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = ({"download", "voc_data", "report", "table1_report"} | {f"{s}@{m}" for s in BRANCH for m in METHODS}
-                | {f"table1@{r}" for r in TABLE1})
+    expected = {"download", "voc_data", "report", "table1_report"} | branch(METHODS) | {f"table1@{r}" for r in TABLE1}
     assert stages_run(repo["first"]) == expected
     lock = yaml.safe_load((d / "dvc.lock").read_text())
     declared = []
@@ -113,10 +119,32 @@ def test_second_repro_runs_nothing(repo):
     assert json.loads(status) == {}
 
 
+def test_adding_a_method_leaves_the_others_up_to_date(repo):
+    """A new method = its file + a params block + a methods entry (+ `python -m selfsup.dag`):
+    `dvc status` then lists only the new method's stages and the report."""
+    d = repo["dir"]
+    src = (d / "selfsup" / "methods" / "supervised.py").read_text()
+    new = d / "selfsup" / "methods" / "supervised2.py"
+    params_before, dvc_before = (d / "params.yaml").read_text(), (d / "dvc.yaml").read_text()
+    try:
+        new.write_text(src.replace('name = "supervised"', 'name = "supervised2"'))
+        params = yaml.safe_load(params_before)
+        params["methods"]["supervised2"] = "data/dataset"
+        params["supervised2"] = {"epochs": 1}
+        (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run([sys.executable, "-m", "selfsup.dag"], d, repo["env"])
+        status = json.loads(run([*repo["dvc"], "status", "--json"], d, repo["env"]))
+        assert set(status) == branch(["supervised2"]) | {"report"}, sorted(status)
+    finally:
+        new.unlink(missing_ok=True)
+        (d / "params.yaml").write_text(params_before)
+        (d / "dvc.yaml").write_text(dvc_before)
+
+
 def test_exp_run_reruns_only_the_deepcluster_branch(repo):
     out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
     # and the MLCD branch: it clusters DeepCluster's encoder, a dependency of pretrain@mlcd
-    assert stages_run(out) == {f"{s}@{m}" for s in BRANCH for m in ("deepcluster", "mlcd")} | {"report"}, out
+    assert stages_run(out) == branch(["deepcluster", "mlcd"]) | {"report"}, out
     shown = json.loads(run([*repo["dvc"], "exp", "show", "--json"], repo["dir"], repo["env"]))
     text = json.dumps(shown)
     assert '"k12"' in text

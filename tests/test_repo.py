@@ -23,72 +23,46 @@ def test_dvc_stages_match_scripts_and_params():
     cfg = load_config(ROOT / "params.yaml")
     for name, stage in dvc.items():
         body = stage.get("do", stage)
-        assert body["cmd"].split()[1] == f"stages/{name}.py"
-        assert f"stages/{name}.py" in body["deps"]
+        script = "stages/pretrain.py" if name.startswith("pretrain-") else f"stages/{name}.py"
+        assert body["cmd"].split()[1] == script
+        assert script in body["deps"]
         for p in body.get("params", []):
             top = p.split(".")[0]
             assert top == "${key}" or hasattr(cfg, top) or top in cfg.method_cfgs, p
     for m in cfg.methods:
         assert m in REGISTRY and (ROOT / "selfsup" / "methods" / f"{m}.py").is_file()
+        assert f"pretrain-{m}" in dvc
 
 
-def _selfsup_imports(path):
-    """selfsup modules a file imports (any import statement, also inside functions)."""
-    import ast
+def test_dvc_yaml_is_generated():
+    """Every stage's code deps equal its import closure, and there is one pretraining stage per
+    method with that method's closure: `python -m selfsup.dag` writes them."""
+    from selfsup.dag import generate, methods_of
 
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("selfsup"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("selfsup"))
-    files = set()
-    for mod in out:
-        rel = mod.replace(".", "/")
-        for cand in (ROOT / f"{rel}.py", ROOT / rel / "__init__.py"):
-            if cand.is_file():
-                files.add(cand.relative_to(ROOT).as_posix())
-    return files
+    text = (ROOT / "dvc.yaml").read_text()
+    assert generate(text, methods_of(ROOT / "params.yaml")) == text, "dvc.yaml is stale: run python -m selfsup.dag"
 
 
-def _closure(start, method):
-    """Package files a stage script reaches. The method registry is followed only into
-    ``methods/base.py`` and the stage's own method file (``selfsup/methods/${key}.py``):
-    a method's stages must not depend on the other methods' code. config.py's late
-    import of the registry is not followed (it only parses params blocks)."""
-    seen, todo = set(), [start]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        for g in _selfsup_imports(ROOT / f):
-            if f == "selfsup/config.py" and g.startswith("selfsup/methods"):
-                continue
-            if g.startswith("selfsup/methods/") and g not in (
-                "selfsup/methods/__init__.py", "selfsup/methods/base.py", f"selfsup/methods/{method}.py"
-            ):
-                continue
-            todo.append(g)
-    return seen
+def test_a_stage_depends_only_on_its_own_method():
+    """The point of deriving deps: SeLa's Sinkhorn is not a dependency of MoCo's training, and no
+    method's stage lists another method's file."""
+    from selfsup.codedeps import closure
+
+    moco, sela = set(closure("stages/pretrain.py", "moco")), set(closure("stages/pretrain.py", "sela"))
+    assert "selfsup/sinkhorn.py" in sela and "selfsup/sinkhorn.py" not in moco
+    assert "selfsup/momentum.py" in moco and "selfsup/momentum.py" not in sela
+    assert not {f for f in moco if f.startswith("selfsup/methods/")} - {
+        "selfsup/methods/__init__.py", "selfsup/methods/base.py", "selfsup/methods/moco.py"}
+    # the config parser imports no method: the evaluation stages do not depend on method code
+    assert not [f for f in closure("stages/knn.py") if f.startswith("selfsup/methods/")]
 
 
-STAGE_METHOD = {"table1": "instdisc"}  # stages outside the methods foreach that train one method
+def test_the_registry_is_lazy():
+    """Importing the registry imports no method module (a subprocess: this one already has some)."""
+    import subprocess
+    import sys
 
-
-def test_stage_deps_list_the_package_code_they_run():
-    """Each stage's deps name every package file its script imports (transitively), so
-    editing code re-runs exactly the stages that use it."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    cfg = load_config(ROOT / "params.yaml")
-    for name, stage in dvc.items():
-        body = stage.get("do", stage)
-        per_method = stage.get("foreach") == "${methods}"
-        for m in (cfg.methods if per_method else [STAGE_METHOD.get(name)]):
-            deps = {d.replace("${key}", m) if per_method else d for d in body["deps"]}
-            reached = _closure(f"stages/{name}.py", m)
-            if m and "selfsup/methods/__init__.py" in reached:
-                reached |= {f"selfsup/methods/{m}.py"}
-            missing = sorted(f for f in reached if f.startswith("selfsup/") and f not in deps)
-            assert not missing, f"dvc.yaml {name}{'@' + m if m else ''}: deps lack {missing}"
+    code = ("import sys; import selfsup.config, selfsup.methods as m; "
+            "print(sorted(k for k in sys.modules if k.startswith('selfsup.methods.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['selfsup.methods.base']"

@@ -171,7 +171,7 @@ def test_embedded_set_is_deterministic_and_valid_voc(tmp_path):
 
 def test_real_voc_offline_fails_clearly(tmp_path):
     cfg = build(VocCfg, {"dataset": "voc2007", "path": str(tmp_path / "nowhere")}, "voc")
-    from selfsup.data import DatasetUnavailable
+    from selfsup.sources import DatasetUnavailable
 
     with pytest.raises(DatasetUnavailable, match="VOC2007"):
         prepare_voc(cfg, 0, 0.2, tmp_path / "voc")

@@ -1,39 +1,60 @@
-"""The method interface: a method is one ``nn.Module`` holding the backbone and its heads.
+"""The method contract: a method is one ``nn.Module`` holding the backbone and its heads.
 
-The one training loop (``selfsup/train.py``) calls, per epoch::
+The one training loop (``selfsup/train.py``) calls, per epoch and step::
 
-    plan = method.epoch_start(epoch, ctx)      # re-cluster / re-label; sample order
-    for x, y, idx in loader(plan.order):       # x: (B, C, H, W) or a tuple of views
-        loss, logs = method.loss(x, y, idx)
+    plan = method.on_epoch_start(epoch, ctx)   # re-cluster / re-label; the epoch's sample order
+    for batch in epoch:                        # Batch: the views the method declared, labels, indices
+        out = model(batch)                     # forward -> StepOut(loss, logs); under DDP the
+        (out.loss / accumulate).backward()     #   wrapper's hooks fire because forward is called
+        optimiser step (every ``accumulate`` batches)
+        method.on_after_step(stepped)          # state updates: EMA, key queue, memory bank
 
-and optimises ``method.persistent_params()`` with one SGD optimiser whose state is
-checkpointed, plus ``method.epoch_params()`` (heads re-created every epoch, such
-as DeepCluster's) with a fresh optimiser each epoch.
+- ``view_specs()`` declares the augmented views (count, size, crop scale, colour pipeline;
+  ``selfsup.augment.ViewSpec``), so multi-crop is one declaration. The default is
+  ``views`` copies of the view described by the method's config keys (``augment``,
+  ``crop_scale``, ``jitter``, ...).
+- ``param_groups()`` declares what the optimiser (``selfsup.optim``) updates and how: weight-decay
+  exclusions, per-group ``lr_scale``, momentum; frozen parts are simply left out.
+- ``encoder()`` is the network saved as the method's result (the backbone; a teacher for DINO).
+- ``checkpoint_state()`` must hold everything a run resumed mid-epoch needs (the loop also saves
+  the optimiser, the epoch's plan and its position); ``on_resume`` rebuilds what lives on disk
+  (MLCD's assignment table).
+
+Methods read the data through ``TrainContext``: dataset facts and labels (``ctx.data``: ``n_train``,
+``num_classes``, ``train.y``), features of the training split (``ctx.extract``) and augmented
+training batches (``ctx.augmented_batches``), never whole-dataset pixel arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from selfsup.augment import ViewSpec
 from selfsup.data import Data
 from selfsup.models import Backbone
+from selfsup.optim import param_groups
 
 
 @dataclass
-class TrainContext:
-    data: Data
-    device: torch.device
-    seed: int  # the run seed; derive per-epoch seeds with selfsup.io.derive_seed
-    extract_batch_size: int = 256
-    train_set: Any = None  # the training split with the train augmentations (ImageDataset)
-    workers: int = 0
-    upstream: Path | None = None  # the upstream encoder file (methods.<m> in params.yaml), if any
-    work_dir: Path | None = None  # the method's persistent folder (data/pretrain/<m>/, beside the checkpoint)
+class Batch:
+    views: list[torch.Tensor]  # the declared views in order, each float (B, C, S, S), normalised, on the device
+    y: torch.Tensor  # (B,) long labels, -1 where unlabelled
+    idx: torch.Tensor  # (B,) long indices into the training split
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.views[0]
+
+
+@dataclass
+class StepOut:
+    loss: torch.Tensor  # scalar, float32
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, averaged per epoch
 
 
 @dataclass
@@ -43,12 +64,51 @@ class EpochPlan:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class TrainContext:
+    """What a method may use besides its batches; built by the loop (``selfsup.train``)."""
+
+    data: Data
+    device: torch.device
+    seed: int  # the run seed; derive per-epoch seeds with selfsup.io.derive_seed
+    extract_batch_size: int = 256
+    workers: int = -1
+    upstream: Path | None = None  # the upstream encoder file (methods.<m> in params.yaml), if any
+    work_dir: Path | None = None  # the method's persistent folder (data/pretrain/<m>/, beside the checkpoint)
+    # set by the loop: eval-geometry sizes for image files, the views' batch maker, optimiser access
+    resize_size: int = 256
+    crop_size: int = 224
+    make_batches: Callable[..., Iterator[Batch]] | None = None
+    reset_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None
+
+    def extract(self, model: Callable[[torch.Tensor], torch.Tensor], desc: str = "features") -> np.ndarray:
+        """(N, D) float32 features of the whole training split in index order (eval geometry)."""
+        from selfsup.features import extract_features
+
+        return extract_features(model, self.data.train, self.data.meta, self.device, self.extract_batch_size,
+                                desc=desc, workers=self.workers, resize=self.resize_size, crop=self.crop_size)
+
+    def augmented_batches(self, specs: list[ViewSpec], seed: int, batch_size: int | None = None) -> Iterator[Batch]:
+        """The whole training split once, shuffled (seeded by ``seed``), with the train augmentations of
+        ``specs`` (e.g. SeLa's re-labelling pass, which the official code runs on the training loader)."""
+        assert self.make_batches is not None, "set by the training loop"
+        return self.make_batches(specs, seed, batch_size or self.extract_batch_size)
+
+
+def view_spec(c: Any, count: int = 1) -> ViewSpec:
+    """The view a ``TrainCfg`` describes (``augment``, ``crop_scale``, ``jitter``, ...); size 0 = the
+    dataset's (native for arrays, ``dataset.crop_size`` for image files)."""
+    return ViewSpec(count=count, size=0, crop=c.augment != "none", scale=tuple(c.crop_scale),
+                    flip_p=0.5 if c.augment == "crop_flip" else 0.0, jitter=tuple(c.jitter), jitter_p=c.jitter_p,
+                    grayscale_p=c.grayscale_p, blur_p=c.blur_p, solarize_p=getattr(c, "solarize_p", 0.0))
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     trains: ClassVar[bool] = True  # False: the backbone is saved as initialised (random baseline)
     needs_labels: ClassVar[bool] = False
-    views: ClassVar[int] = 1  # augmented views per image the loss takes (x is a tuple when > 1)
+    views: ClassVar[int] = 1  # copies of the config's view per image (view_specs() for anything else)
     uses_upstream: ClassVar[bool] = False  # reads an upstream encoder (methods.<m> in params.yaml)
 
     def __init__(self, backbone: Backbone, cfg: Any, num_classes: int):
@@ -68,26 +128,34 @@ class Method(nn.Module):
     def validate(cls, cfg: Any, data: Data, feat_dim: int) -> None:
         """Checks that need the data or the model (raise ConfigError naming the key)."""
 
-    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+    # ------------------------------------------------------------------ the contract
+    def view_specs(self) -> list[ViewSpec]:
+        return [view_spec(self.cfg, self.views)]
+
+    def samples_per_epoch(self, n_train: int) -> int:
+        """Length of an epoch's order (DeepCluster's ``reassign`` draws a multiple of N)."""
+        return n_train
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        c = self.cfg
+        return param_groups(self, c.weight_decay, c.exclude_norm_bias)
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         return EpochPlan()
 
-    def loss(self, x: Any, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+    def forward(self, batch: Batch) -> StepOut:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
-    def persistent_params(self) -> list[nn.Parameter]:
-        epoch_ids = {id(p) for p in self.epoch_params()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in epoch_ids]
+    def on_after_step(self, stepped: bool) -> None:
+        """After each batch's backward; ``stepped``: the optimiser stepped (the last batch of an
+        accumulation group). State updates that use this step's outputs go here."""
 
-    def epoch_params(self) -> list[nn.Parameter]:
-        return []
+    def on_resume(self, ctx: TrainContext) -> None:
+        """After the checkpoint state was loaded, before training continues."""
 
-    def epoch_optimizer(self) -> torch.optim.Optimizer | None:
-        """A fresh optimiser for ``epoch_params()`` (None when there are none)."""
-        params = self.epoch_params()
-        if not params:
-            return None
-        c = self.cfg
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    def encoder(self) -> nn.Module:
+        """The network saved as the result (``data/models/<m>.pt``)."""
+        return self.backbone
 
     # what goes into the checkpoint besides the optimiser: default the whole state
     def checkpoint_state(self) -> dict[str, Any]:

@@ -8,8 +8,10 @@ Every epoch (sec. 3.2-3.3):
    derived from the run seed (the official code draws ``np.random.randint(1234)``);
 4. cluster ids re-indexed over the non-empty clusters -> pseudo-labels;
 5. an epoch's sample order that is uniform over clusters (``selfsup.sampler``);
-6. a new linear head N(0, 0.01), zero bias, with its own SGD (no momentum, as the
-   official ``optimizer_tl``); the backbone keeps its momentum SGD across epochs;
+6. a new linear head N(0, 0.01), zero bias, ``k`` outputs as the official code (empty
+   clusters keep an output no sample targets), trained without momentum (the official
+   ``optimizer_tl``; here a parameter group with momentum 0 whose optimiser state is cleared
+   at every re-initialisation); the backbone keeps its momentum SGD across epochs;
 7. one epoch of cross-entropy on the pseudo-labels with the train augmentations.
 
 ``reassign`` is the official ``--reassign``: an epoch draws ``reassign * N`` samples
@@ -27,12 +29,12 @@ from torch import nn
 
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.data import Data
-from selfsup.features import extract_features
 from selfsup.io import derive_seed
-from selfsup.kmeans import kmeans, reindex_nonempty
+from selfsup.kmeans import kmeans
 from selfsup.methods import register
-from selfsup.methods.base import EpochPlan, Method, TrainContext
+from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
+from selfsup.optim import param_groups
 from selfsup.pca import pca_whiten
 from selfsup.sampler import uniform_cluster_indices
 
@@ -57,15 +59,22 @@ class DeepCluster(Method):
     name = "deepcluster"
     Config = DeepClusterCfg
 
-    def __init__(self, backbone: Any, cfg: DeepClusterCfg, num_classes: int):
+    def __init__(self, backbone: Any, cfg: DeepClusterCfg, num_classes: int, n_train: int = 0):
         super().__init__(backbone, cfg, num_classes)
-        self.head: nn.Module | None = None  # (B, D) -> (B, clusters), re-created each epoch
-        self.pseudo = torch.zeros(0, dtype=torch.long)  # (N,) this epoch's pseudo-labels
+        # the classifier on the pseudo-labels, re-initialised every epoch. Width k, as the official
+        # code (nn.Linear(fd, len(images_lists)) = k: empty clusters keep a never-targeted output)
+        self.head = nn.Linear(backbone.out_dim, cfg.k)
+        self.act = nn.ReLU() if backbone.relu_head else nn.Identity()  # alexnet_bn: fc7's ReLU lives here
+        self.register_buffer("pseudo", torch.zeros(n_train, dtype=torch.long))  # (N,) this epoch's pseudo-labels
         self.prev_assign: np.ndarray | None = None  # last epoch's clusters, for NMI(t, t-1)
 
     @classmethod
+    def from_data(cls, backbone: Any, cfg: DeepClusterCfg, data: Data) -> "DeepCluster":
+        return cls(backbone, cfg, data.num_classes, n_train=data.n_train)
+
+    @classmethod
     def validate(cls, cfg: DeepClusterCfg, data: Data, feat_dim: int) -> None:
-        n = data.meta["n_train"]
+        n = data.n_train
         if cfg.k > n:
             raise ConfigError(f"deepcluster.k: {cfg.k} clusters but only {n} training images")
         if cfg.pca_dim > feat_dim:
@@ -73,28 +82,42 @@ class DeepCluster(Method):
         if cfg.pca_dim >= n:
             raise ConfigError(f"deepcluster.pca_dim: {cfg.pca_dim} must be below the {n} training images")
 
-    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
-        cfg, data = self.cfg, ctx.data
+    def samples_per_epoch(self, n_train: int) -> int:
+        return int(round(self.cfg.reassign * n_train))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        # official: the backbone's momentum SGD persists across epochs; the top layer has its own
+        # plain SGD (optimizer_tl: same lr and weight decay, no momentum), renewed every epoch
+        c = self.cfg
+        head = {id(p) for p in self.head.parameters()}
+        groups = param_groups(self, c.weight_decay, c.exclude_norm_bias,
+                              [p for p in self.parameters() if id(p) not in head])
+        return [*groups, {"params": list(self.head.parameters()), "weight_decay": c.weight_decay, "momentum": 0.0}]
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+        cfg = self.cfg
         t0 = time.perf_counter()
-        feats = extract_features(self.backbone, data.train, data.meta, ctx.device,
-                                 ctx.extract_batch_size, desc=f"deepcluster features ep{epoch}")  # (N, D)
+        feats = ctx.extract(self.backbone, desc=f"deepcluster features ep{epoch}")  # (N, D)
         x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
         t1 = time.perf_counter()
         km = kmeans(x, cfg.k, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "deepcluster-kmeans", epoch),
                     init=cfg.kmeans_init)
         t2 = time.perf_counter()
-        labels, m = reindex_nonempty(km.assign)  # (N,), m non-empty clusters
-        n_draw = int(round(cfg.reassign * len(labels)))
-        order = uniform_cluster_indices(labels, n_draw, seed=derive_seed(ctx.seed, "deepcluster-sampler", epoch))
-        self.pseudo = torch.from_numpy(labels).to(ctx.device)
+        order = uniform_cluster_indices(km.assign, self.samples_per_epoch(len(km.assign)),
+                                        seed=derive_seed(ctx.seed, "deepcluster-sampler", epoch))
+        self.pseudo.copy_(torch.from_numpy(km.assign.astype(np.int64)))
 
-        # new head each epoch (sec. 3.3 / official main.py)
-        head = nn.Linear(self.backbone.out_dim, m)
-        nn.init.normal_(head.weight, 0.0, cfg.head_std)
-        nn.init.zeros_(head.bias)
-        self.head = (nn.Sequential(nn.ReLU(inplace=True), head) if self.backbone.relu_head else head).to(ctx.device)
+        # a new top layer each epoch (sec. 3.3 / official main.py): N(0, 0.01), zero bias, fresh optimiser state
+        g = torch.Generator().manual_seed(derive_seed(ctx.seed, "deepcluster-head", epoch))
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * cfg.head_std)
+            self.head.bias.zero_()
+        if ctx.reset_optimizer_state is not None:
+            ctx.reset_optimizer_state(list(self.head.parameters()))
 
-        sizes = np.bincount(labels, minlength=m)
+        m = int(len(np.unique(km.assign)))
+        sizes = np.bincount(km.assign, minlength=cfg.k)
+        sizes = sizes[sizes > 0]
         metrics = {
             "kmeans_objective": km.objective,
             "clusters_nonempty": float(m),
@@ -106,29 +129,19 @@ class DeepCluster(Method):
         }
         if self.prev_assign is not None:
             metrics["nmi_prev"] = nmi(self.prev_assign, km.assign)
-        y = data.train.y
+        y = ctx.data.train.y
         if (y >= 0).any():
             metrics["nmi_labels"] = nmi(y[y >= 0], km.assign[y >= 0])
         self.prev_assign = km.assign
         return EpochPlan(order=order, metrics=metrics)
 
-    def epoch_params(self) -> list[nn.Parameter]:
-        return list(self.head.parameters()) if self.head is not None else []
-
-    def epoch_optimizer(self) -> torch.optim.Optimizer:
-        # official optimizer_tl: plain SGD on the top layer, same lr and weight decay
-        return torch.optim.SGD(self.epoch_params(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.head is not None, "epoch_start() builds the head"
-        logits = self.head(self.backbone(x))  # (B, m)
-        return nn.functional.cross_entropy(logits, self.pseudo[idx]), {}
+    def forward(self, batch: Batch) -> StepOut:
+        logits = self.head(self.act(self.backbone(batch.x))).float()  # (B, k)
+        return StepOut(nn.functional.cross_entropy(logits, self.pseudo[batch.idx]))
 
     def checkpoint_state(self) -> dict[str, Any]:
-        # the head is rebuilt at the next epoch start, so only the backbone and the last
-        # assignment (for NMI(t, t-1)) carry over
-        return {"backbone": self.backbone.state_dict(), "prev_assign": self.prev_assign}
+        return {"module": self.state_dict(), "prev_assign": self.prev_assign}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.backbone.load_state_dict(state["backbone"])
+        self.load_state_dict(state["module"])
         self.prev_assign = state["prev_assign"]

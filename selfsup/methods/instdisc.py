@@ -41,10 +41,9 @@ from torch import nn
 from selfsup.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.heads import l2n, projection_head
-from selfsup.io import derive_seed
 from selfsup.memory import MEMORY_INITS, MemoryBank, estimate_z, full_softmax_loss, nce_loss
 from selfsup.methods import register
-from selfsup.methods.base import EpochPlan, Method, TrainContext
+from selfsup.methods.base import Batch, Method, StepOut
 
 @dataclass
 class InstDiscCfg(TrainCfg):
@@ -54,6 +53,7 @@ class InstDiscCfg(TrainCfg):
     lr: float = 0.03
     weight_decay: float = 5e-4
     lr_schedule: str = "step"
+    schedule_unit: str = "epoch"  # official adjust_learning_rate: once per epoch
     lr_steps: list[int] = field(default_factory=lambda: [120, 160])
     augment: str = "crop"  # official CIFAR: no flip (commented out); ImageNet: crop_flip
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -96,11 +96,13 @@ class InstDisc(Method):
         if cfg.softmax == "parametric":
             self.classifier = nn.Linear(cfg.dim, n_train, bias=False)  # one class per instance (Eq. 1)
         else:
-            self.bank = MemoryBank(n_train, cfg.dim, derive_seed(0, "instdisc-memory"), cfg.memory_init)
+            # seeded from the global RNG, which build_method seeds from the run seed
+            self.bank = MemoryBank(n_train, cfg.dim, int(torch.randint(2**31 - 1, ())), cfg.memory_init)
         # the NCE normalising constant, estimated on the first batch then fixed (0: not yet);
         # a buffer so that the checkpoint carries it and a resumed run keeps the same Z
         self.register_buffer("z", torch.zeros((), dtype=torch.float64))
-        self._noise: torch.Generator | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, f) for the bank update
+        self._z_known = False  # z read once per process (a resumed run has it in the buffer)
 
     @classmethod
     def from_data(cls, backbone: Any, cfg: InstDiscCfg, data: Data) -> "InstDisc":
@@ -113,37 +115,42 @@ class InstDisc(Method):
             raise ConfigError(f"instdisc.nce_m: {cfg.nce_m} noise samples need more than {cfg.nce_m} training "
                               f"images, got {n} (use nce_m < {n}, or 0 for the exact softmax)")
 
-    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
-        # noise draws from an explicit generator seeded per epoch: a resumed run draws the same
-        self._noise = torch.Generator().manual_seed(derive_seed(ctx.seed, "instdisc-noise", epoch))
-        return EpochPlan()  # (Z is logged per step by loss(): at the first epoch start it is not set yet)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return l2n(self.head(self.backbone(x)))  # (B, dim), unit rows
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> StepOut:
         c = self.cfg
-        f = self.embed(x)  # (B, D)
+        idx = batch.idx
+        f = self.embed(batch.x).float()  # (B, D)
         if self.classifier is not None:  # parametric softmax, Eq. 1
-            return F.cross_entropy(self.classifier(f), idx), {}
+            return StepOut(F.cross_entropy(self.classifier(f), idx))
         assert self.bank is not None
         mem = self.bank.memory  # (N, D); the table before this step's update
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if c.nce_m == 0:
             loss = full_softmax_loss(f, mem, idx, c.temperature)
         else:
-            if self._noise is None:  # loss() outside the loop (tests): a fixed stream
-                self._noise = torch.Generator().manual_seed(derive_seed(0, "instdisc-noise"))
-            noise = self.bank.sample_negatives(len(idx), c.nce_m, self._noise).to(idx.device)  # (B, m)
+            # noise from the global RNG, which the loop seeds per (run seed, epoch, batch): a run
+            # resumed at any step draws the same
+            noise = torch.randint(0, self.bank.n, (len(idx), c.nce_m), device=idx.device)  # (B, m)
             ids = torch.cat([idx[:, None], noise], dim=1)  # (B, 1 + m), column 0 the positive
             logits = torch.einsum("bkd,bd->bk", mem[ids], f) / c.temperature  # (B, 1 + m)
-            if float(self.z) <= 0.0:  # official: Z from the first batch, then constant
-                self.z.fill_(estimate_z(logits, self.bank.n))
-            loss = nce_loss(logits, math.log(float(self.z)), self.bank.n)
-            logs["z"] = float(self.z)
+            if not self._z_known:  # official: Z from the first batch, then constant (one host sync per run)
+                if float(self.z) <= 0.0:
+                    self.z.fill_(estimate_z(logits, self.bank.n))
+                self._z_known = True
+            loss = nce_loss(logits, self.z.log().float(), self.bank.n)
+            logs["z"] = self.z.float()
         if c.prox_lambda:  # sec. 3.4: lambda * ||f_i(t) - v_i(t-1)||^2, v_i from the bank
             prox = ((f - mem[idx]) ** 2).sum(1).mean()
-            logs["prox"] = prox.item()
+            logs["prox"] = prox.detach()
             loss = loss + c.prox_lambda * prox
-        self.bank.update(idx, f.detach(), c.memory_momentum)
-        return loss, logs
+        self._pending = (idx, f.detach())
+        return StepOut(loss, logs)
+
+    def on_after_step(self, stepped: bool) -> None:
+        # the bank entries of the batch become normalise(m v + (1 - m) f) after the step's loss
+        if self._pending is not None and self.bank is not None:
+            idx, f = self._pending
+            self.bank.update(idx, f, self.cfg.memory_momentum)
+        self._pending = None

@@ -10,8 +10,8 @@ features (Ye, Zhang, Yuen, Chang; CVPR 2019), as the paper and the official code
   directions (-log P(positive) - sum over the 2B-2 other in-batch negatives of
   log(1 - P), the softmax over the 2B-1 other views), with the official one-sided
   gradient (``detach``); ``paper`` is Eq. 5 with view 1 as the "original".
-- Official CIFAR script: ResNet-18, batch 128, lr 0.03 (x0.1 from epoch 120),
-  momentum 0.9, weight decay 5e-4, RandomResizedCrop scale (0.2, 1),
+- Official CIFAR script: ResNet-18, batch 128 (drop_last), 301 epochs, lr 0.03 x0.1 from
+  epoch 120, x0.05 from 160, x0.01 from 200 (absolute factors), momentum 0.9, weight decay 5e-4, RandomResizedCrop scale (0.2, 1),
   ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, RandomGrayscale 0.2, flip; kNN with
   k 200 and sigma = the training temperature.
 """
@@ -26,7 +26,7 @@ from selfsup.config import TrainCfg, one_of, positive
 from selfsup.contrastive import invaspread_loss
 from selfsup.heads import HEADS, l2n, projection_head
 from selfsup.methods import register
-from selfsup.methods.base import Method
+from selfsup.methods.base import Batch, Method, StepOut
 
 
 @dataclass
@@ -37,9 +37,12 @@ class InvaSpreadCfg(TrainCfg):
     weight_decay: float = 5e-4
     augment: str = "crop_flip"
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    # official adjust_learning_rate (after its "fix lr bug" commit): absolute factors of the base lr
     lr_schedule: str = "step"
-    lr_steps: list[int] = field(default_factory=lambda: [120])
-    epochs: int = 300  # the official loop runs epochs 0..300
+    lr_steps: list[int] = field(default_factory=lambda: [120, 160, 200])
+    lr_factors: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
+    drop_last: bool = True  # official loader (its BatchCriterion needs full batches)
+    epochs: int = 301  # the official loop: range(start_epoch, start_epoch + 301)
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
     jitter_p: float = 1.0  # official: ColorJitter without RandomApply
     grayscale_p: float = 0.2
@@ -66,12 +69,12 @@ class InvaSpread(Method):
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim)
 
-    def loss(self, x: Any, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        x1, x2 = x  # (B, C, H, W) each
+    def forward(self, batch: Batch) -> StepOut:
+        x1, x2 = batch.views  # (B, C, H, W) each
         b = len(x1)
-        z = l2n(self.head(self.backbone(torch.cat([x1, x2]))))  # (2B, dim), one pass as the official code
+        z = l2n(self.head(self.backbone(torch.cat([x1, x2]))).float())  # (2B, dim), one pass as the official code
         z1, z2 = z[:b], z[b:]
         loss = invaspread_loss(z1, z2, self.cfg.temperature, self.cfg.loss_form, self.cfg.detach)
         with torch.no_grad():
-            pos_sim = (z1 * z2).sum(1).mean().item()
-        return loss, {"pos_sim": pos_sim}
+            pos_sim = (z1 * z2).sum(1).mean()
+        return StepOut(loss, {"pos_sim": pos_sim})

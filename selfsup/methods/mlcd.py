@@ -41,11 +41,10 @@ from torch import nn
 
 from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
-from selfsup.features import extract_features
 from selfsup.io import InputError, atomic_path, derive_seed
 from selfsup.kmeans import kmeans, topk_centroids
 from selfsup.methods import register
-from selfsup.methods.base import EpochPlan, Method, TrainContext
+from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
 from selfsup.models import load_backbone
 from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
@@ -152,7 +151,7 @@ class MLCD(Method):
 
     @classmethod
     def validate(cls, cfg: MLCDCfg, data: Data, feat_dim: int) -> None:
-        n = data.meta["n_train"]
+        n = data.n_train
         if cfg.centres > n:
             raise ConfigError(f"mlcd.centres: {cfg.centres} centres but only {n} training images")
         if cfg.pca_dim >= n:
@@ -172,8 +171,7 @@ class MLCD(Method):
         t0 = time.perf_counter()
         enc = self._encoder(epoch, ctx)
         try:
-            feats = extract_features(enc, data.train, data.meta, ctx.device, ctx.extract_batch_size,
-                                     desc=f"mlcd features ep{epoch}")  # (N, D')
+            feats = ctx.extract(enc, desc=f"mlcd features ep{epoch}")  # (N, D')
         except RuntimeError as e:  # e.g. an upstream encoder built for other channels / sizes
             raise InputError(f"{ctx.upstream}: upstream encoder of mlcd does not take this dataset's images ({e})") \
                 from e
@@ -234,36 +232,37 @@ class MLCD(Method):
                              f"expected {self.digest}); delete {path.parent} to start fresh")
         self._set_assignment(ids, sims, ctx.device)
 
-    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         cfg = self.cfg
         recluster = epoch == 0 or (cfg.recluster_every > 0 and epoch % cfg.recluster_every == 0)
         if recluster:
             return EpochPlan(metrics=self._cluster(epoch, ctx))
-        if self.pos.numel() == 0:  # resumed after a checkpoint
-            self._reload(ctx)
-        self.pos, self.sims = self.pos.to(ctx.device), self.sims.to(ctx.device)
         return EpochPlan()
+
+    def on_resume(self, ctx: TrainContext) -> None:
+        if self.digest:  # clustered before the checkpoint: the assignment is on disk
+            self._reload(ctx)
 
     # ------------------------------------------------------------------ loss
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)  # (B, D)
         return torch.relu(f) if self.backbone.relu_head else f  # alexnet_bn's final ReLU lives in the head
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> StepOut:
         cfg = self.cfg
-        emb = self.embed(x)  # (B, D)
-        pos = self.pos[idx]  # (B, l)
+        emb = self.embed(batch.x).float()  # (B, D)
+        pos = self.pos[batch.idx]  # (B, l)
         index = sample_centres(pos, cfg.centres, cfg.negative_ratio)  # (M,) sorted
         cos = cosine_logits(emb, self.centres, index)  # (B, M)
         pcol = positive_columns(index, pos)  # (B, l)
         if cfg.loss == "mlcd":
             per = multilabel_loss(cos, pcol, cfg.scale, cfg.margin, cfg.margin_type)  # (B,)
         else:
-            per = soft_label_loss(cos, pcol, soft_targets(self.sims[idx], cfg.soft_temperature), cfg.scale)
+            per = soft_label_loss(cos, pcol, soft_targets(self.sims[batch.idx], cfg.soft_temperature), cfg.scale)
         with torch.no_grad():  # fraction of the positives among the model's top-l of all centres
             top = cosine_logits(emb, self.centres).topk(cfg.positives, dim=1).indices  # (B, l)
-            hit = (top[:, :, None] == pos[:, None, :]).any(2).float().mean().item()
-        return per.mean(), {"pos_in_topl": hit, "centres_sampled": float(index.numel())}
+            hit = (top[:, :, None] == pos[:, None, :]).any(2).float().mean()
+        return StepOut(per.mean(), {"pos_in_topl": hit, "centres_sampled": torch.tensor(float(index.numel()))})
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"module": self.state_dict(), "digest": self.digest, "clustered_at": self.clustered_at}

@@ -5,12 +5,14 @@ one-GPU CIFAR-10 demo notebook) do it.
 
 - Query encoder f_q = backbone + head; key encoder f_k a copy of it that receives no
   gradient and follows f_q by the momentum update theta_k <- m theta_k + (1 - m)
-  theta_q (sec. 3.2, Eq. 2; ``selfsup.momentum.ema_update``), applied before the
-  keys are computed, as the official ``forward``.
+  theta_q (sec. 3.2, Eq. 2; ``selfsup.momentum.ema_update``). The official ``forward``
+  applies it before computing the keys; here it runs in ``on_after_step``, right after the
+  optimiser step, which is the same sequence (the first official update is a no-op: f_k
+  starts as a copy of f_q).
 - InfoNCE (Eq. 1; ``selfsup.contrastive.info_nce``) of each query against its key
   (the other view) and a FIFO queue of ``queue_size`` past keys
   (``selfsup.momentum.KeyQueue``), temperature ``temperature``; the batch's keys are
-  enqueued after the loss.
+  enqueued after the step (``on_after_step``).
 - v2: an MLP head (Linear -> ReLU -> Linear, no BN, as the official ``--mlp``),
   temperature 0.2, cosine lr, blur augmentation ("aug+"), on ImageNet.
 - Shuffle-BN (sec. 3.3) needs several devices; on one device we do what the official
@@ -41,7 +43,7 @@ from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import info_nce
 from selfsup.heads import HEADS, l2n, projection_head
 from selfsup.methods import register
-from selfsup.methods.base import Method
+from selfsup.methods.base import Batch, Method, StepOut
 from selfsup.momentum import KeyQueue, ema_update, shuffled, split_batch_norm
 
 
@@ -55,6 +57,7 @@ class MoCoCfg(TrainCfg):
     augment: str = "crop_flip"
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     lr_schedule: str = "cosine"
+    schedule_unit: str = "epoch"  # official adjust_learning_rate: once per epoch
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -97,6 +100,7 @@ class MoCo(Method):
         for p in [*self.key_backbone.parameters(), *self.key_head.parameters()]:
             p.requires_grad_(False)
         self.queue = KeyQueue(cfg.queue_size, cfg.dim)
+        self._pending: torch.Tensor | None = None  # this step's keys, enqueued after the step
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return l2n(self.head(self.backbone(x)))  # (B, dim)
@@ -108,22 +112,29 @@ class MoCo(Method):
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         return shuffled(self._key_net, x) if self.cfg.shuffle_bn else self._key_net(x)
 
-    def loss(self, x: Any, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> StepOut:
         c = self.cfg
-        x1, x2 = x  # (B, C, H, W) each
-        with torch.no_grad():
-            ema_update(self.key_backbone, self.backbone, c.m)
-            ema_update(self.key_head, self.head, c.m)
-        q1 = self._query(x1)
-        k2 = self._keys(x2)
-        queue = self.queue.keys.clone()  # (K, D) negatives before this batch is enqueued
+        x1, x2 = batch.views  # (B, C, H, W) each
+        q1 = self._query(x1).float()
+        k2 = self._keys(x2).float()
+        queue = self.queue.keys  # (K, D) negatives; this batch's keys are enqueued after the backward pass
         loss = info_nce(q1, k2, queue, c.temperature)
         keys = k2
         if c.symmetric:
-            k1 = self._keys(x1)
-            loss = loss + info_nce(self._query(x2), k1, queue, c.temperature)
+            k1 = self._keys(x1).float()
+            loss = loss + info_nce(self._query(x2).float(), k1, queue, c.temperature)
             keys = torch.cat([k1, k2])  # the demo enqueues both key batches
-        self.queue.enqueue(keys)
+        self._pending = keys
         with torch.no_grad():
-            pos_sim = (q1 * k2).sum(1).mean().item()
-        return loss, {"pos_sim": pos_sim}
+            pos_sim = (q1 * k2).sum(1).mean()
+        return StepOut(loss, {"pos_sim": pos_sim})
+
+    @torch.no_grad()
+    def on_after_step(self, stepped: bool) -> None:
+        c = self.cfg
+        if stepped:  # the query encoder changed: the key encoder follows (Eq. 2)
+            ema_update(self.key_backbone, self.backbone, c.m)
+            ema_update(self.key_head, self.head, c.m)
+        if self._pending is not None:
+            self.queue.enqueue(self._pending)
+        self._pending = None

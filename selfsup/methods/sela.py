@@ -18,10 +18,11 @@
   (``relabel_heads: all``, default); the CIFAR code solves one head per
   optimisation, round-robin by epoch (``one``).
 - Activations for a re-assignment: the official code runs the *training* loader
-  (train-mode model, so batch norm uses batch statistics and updates its running
+  (shuffled; train-mode model, so batch norm uses batch statistics and updates its running
   averages; train augmentations) under no_grad. That is the default
-  (``relabel_features: train``); ``eval`` uses the eval-mode model and eval
-  transform, like DeepCluster.
+  (``relabel_features: train``; the batches are shuffled as the official loader's, so each
+  batch mixes classes whatever the storage order, and the activations are put back in index
+  order); ``eval`` uses the eval-mode model and eval transform, like DeepCluster.
 """
 from __future__ import annotations
 
@@ -33,14 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.data import Data
-from selfsup.features import extract_features
 from selfsup.io import derive_seed
 from selfsup.methods import register
-from selfsup.methods.base import EpochPlan, Method, TrainContext
+from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
 from selfsup.sinkhorn import sinkhorn_knopp
 
@@ -79,46 +78,48 @@ class SeLa(Method):
     name = "sela"
     Config = SeLaCfg
 
-    def __init__(self, backbone: Any, cfg: SeLaCfg, num_classes: int):
+    def __init__(self, backbone: Any, cfg: SeLaCfg, num_classes: int, n_train: int = 0):
         super().__init__(backbone, cfg, num_classes)
-        act = [nn.ReLU(inplace=True)] if backbone.relu_head else []
+        # not in place: every head applies it to the same shared features
+        act = [nn.ReLU()] if backbone.relu_head else []
         self.heads = nn.ModuleList(
             nn.Sequential(*act, nn.Linear(backbone.out_dim, cfg.clusters)) for _ in range(cfg.heads)
         )
-        self.labels = torch.zeros(0, dtype=torch.long)  # (heads, N) current self-labels
-        self.schedule: set[int] = set()
+        self.register_buffer("labels", torch.zeros(cfg.heads, n_train, dtype=torch.long))  # (heads, N) self-labels
+        
+    @classmethod
+    def from_data(cls, backbone: Any, cfg: SeLaCfg, data: Data) -> "SeLa":
+        return cls(backbone, cfg, data.num_classes, n_train=data.n_train)
 
     @classmethod
     def validate(cls, cfg: SeLaCfg, data: Data, feat_dim: int) -> None:
-        if cfg.clusters > data.meta["n_train"]:
-            raise ConfigError(f"sela.clusters: {cfg.clusters} clusters but only {data.meta['n_train']} training images")
+        if cfg.clusters > data.n_train:
+            raise ConfigError(f"sela.clusters: {cfg.clusters} clusters but only {data.n_train} training images")
 
     # ------------------------------------------------------------------ labels
     @torch.no_grad()
-    def _features(self, ctx: TrainContext) -> torch.Tensor:
+    def _features(self, epoch: int, ctx: TrainContext) -> torch.Tensor:
         """(N, D) backbone features of the whole training split, in index order."""
         if self.cfg.relabel_features == "eval":
-            f = extract_features(self.backbone, ctx.data.train, ctx.data.meta, ctx.device, ctx.extract_batch_size,
-                                 desc="sela features")
-            return torch.from_numpy(f).to(ctx.device)
-        self.backbone.train()  # official: activations from the training loader, train mode
-        loader = DataLoader(ctx.train_set, batch_size=ctx.extract_batch_size, shuffle=False, num_workers=ctx.workers)
-        out = [self.backbone(x.to(ctx.device)) for x, _, _ in loader]
-        return torch.cat(out)
+            return torch.from_numpy(ctx.extract(self.backbone, desc="sela features")).to(ctx.device)
+        self.backbone.train()  # official: activations from the (shuffled) training loader, train mode
+        out = torch.zeros(ctx.data.n_train, self.backbone.out_dim, device=ctx.device)
+        for batch in ctx.augmented_batches(self.view_specs(), derive_seed(ctx.seed, "sela-relabel", epoch)):
+            out[batch.idx] = self.backbone(batch.x).float()
+        return out
 
-    def epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         cfg = self.cfg
-        n = ctx.data.meta["n_train"]
-        if self.labels.numel() == 0:  # official init: a random equal partition per head
+        n = ctx.data.n_train
+        if epoch == 0:  # official init: a random equal partition per head
             g = torch.Generator().manual_seed(derive_seed(ctx.seed, "sela-init"))
             base = torch.arange(n) % cfg.clusters
-            self.labels = torch.stack([base[torch.randperm(n, generator=g)] for _ in range(cfg.heads)])
-        self.labels = self.labels.to(ctx.device)
+            self.labels.copy_(torch.stack([base[torch.randperm(n, generator=g)] for _ in range(cfg.heads)]))
         if epoch not in relabel_epochs(cfg.epochs, cfg.relabel_times, cfg.relabel_schedule):
             return EpochPlan()
 
         t0 = time.perf_counter()
-        feats = self._features(ctx)  # (N, D)
+        feats = self._features(epoch, ctx)  # (N, D)
         t1 = time.perf_counter()
         todo = range(cfg.heads) if cfg.relabel_heads == "all" else [epoch % cfg.heads]
         iters, errs, nmi_prev, nmi_true, spread = [], [], [], [], []
@@ -155,15 +156,9 @@ class SeLa(Method):
         return EpochPlan(metrics=metrics)
 
     # ------------------------------------------------------------------ loss
-    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        f = self.backbone(x)  # (B, D)
-        losses = [nn.functional.cross_entropy(head(f), self.labels[h, idx]) for h, head in enumerate(self.heads)]
+    def forward(self, batch: Batch) -> StepOut:
+        f = self.backbone(batch.x)  # (B, D)
+        idx = batch.idx
+        losses = [nn.functional.cross_entropy(head(f).float(), self.labels[h, idx]) for h, head in enumerate(self.heads)]
         loss = torch.stack(losses).mean()
-        return loss, {f"loss_head{h}": v.item() for h, v in enumerate(losses)}
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"module": self.state_dict(), "labels": self.labels.cpu()}
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["module"])
-        self.labels = state["labels"]
+        return StepOut(loss, {f"loss_head{h}": v.detach() for h, v in enumerate(losses)})

@@ -28,7 +28,7 @@ from selfsup.config import TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import nt_xent
 from selfsup.heads import HEADS, l2n, projection_head
 from selfsup.methods import register
-from selfsup.methods.base import Method
+from selfsup.methods.base import Batch, Method, StepOut
 
 
 @dataclass
@@ -69,12 +69,12 @@ class SimCLR(Method):
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim, bn=cfg.head_bn)
 
-    def loss(self, x: Any, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        x1, x2 = x  # (B, C, H, W) each
+    def forward(self, batch: Batch) -> StepOut:
+        x1, x2 = batch.views  # (B, C, H, W) each
         b = len(x1)
-        z = l2n(self.head(self.backbone(torch.cat([x1, x2]))))  # (2B, dim); BN statistics over all 2B views
+        z = l2n(self.head(self.backbone(torch.cat([x1, x2]))).float())  # (2B, dim); BN statistics over all 2B views
         z1, z2 = z[:b], z[b:]
         loss = nt_xent(z1, z2, self.cfg.temperature)
         with torch.no_grad():
-            pos_sim = (z1 * z2).sum(1).mean().item()
-        return loss, {"pos_sim": pos_sim}
+            pos_sim = (z1 * z2).sum(1).mean()
+        return StepOut(loss, {"pos_sim": pos_sim})

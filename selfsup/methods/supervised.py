@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from selfsup.config import TrainCfg
 from selfsup.methods import register
-from selfsup.methods.base import Method
+from selfsup.methods.base import Batch, Method, StepOut
 
 
 @dataclass
@@ -29,8 +28,8 @@ class Supervised(Method):
         act = [nn.ReLU(inplace=True)] if backbone.relu_head else []
         self.head = nn.Sequential(*act, nn.Linear(backbone.out_dim, num_classes))
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.head(self.backbone(x))  # (B, classes)
-        loss = nn.functional.cross_entropy(logits, y, ignore_index=-1)
-        acc = (logits.argmax(1) == y).float().mean().item()
-        return loss, {"train_acc": acc}
+    def forward(self, batch: Batch) -> StepOut:
+        logits = self.head(self.backbone(batch.x)).float()  # (B, classes)
+        loss = nn.functional.cross_entropy(logits, batch.y, ignore_index=-1)
+        acc = (logits.argmax(1) == batch.y).float().mean()
+        return StepOut(loss, {"train_acc": acc.detach()})

@@ -1,0 +1,88 @@
+"""Optimisers over the parameter groups a method defines: ``sgd | lars | adamw``.
+
+Each group may carry its own ``weight_decay``, ``lr_scale`` (the schedule's lr times it) and
+``lars_exclude`` (no LARS trust ratio). ``param_groups`` builds the common split: no weight decay
+on biases and normalisation weights (``exclude_norm_bias``, as SimCLR's LARS, BYOL and DINO).
+
+LARS (You et al. 2017) is written here: torch has none. It follows SimCLR's official
+``LARSOptimizer`` (google-research/simclr, lars_optimizer.py): d = g + wd * w, scaled per
+parameter tensor by the trust ratio ``eta * ||w|| / ||d||`` (1 where either norm is 0; excluded
+tensors, biases and BN, which also get no weight decay, skip it); the momentum buffer holds the
+lr-scaled step, v <- m v + lr * trust * d, w <- w - v (the learning rate inside the buffer, as
+the official code, not outside as torch's SGD).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(module: nn.Module, weight_decay: float, exclude_norm_bias: bool,
+                 params: Iterable[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """[decayed, not decayed] groups of ``module``'s trainable parameters (``params``: a subset).
+
+    Biases and the parameters of normalisation layers (1-d tensors) go to the second group when
+    ``exclude_norm_bias``; it gets weight decay 0 and ``lars_exclude``."""
+    keep = None if params is None else {id(p) for p in params}
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if not p.requires_grad or (keep is not None and id(p) not in keep):
+            continue
+        (no_decay if exclude_norm_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling with momentum (SimCLR's LARSOptimizer)."""
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["weight_decay"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                if not g["lars_exclude"]:
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm,
+                                        torch.ones_like(w_norm))
+                    d = d * trust
+                st = self.state[p]
+                if "momentum_buffer" not in st:  # official: zero-initialised slot
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                v = st["momentum_buffer"]
+                v.mul_(g["momentum"]).add_(d, alpha=g["lr"])
+                p.sub_(v)
+        return loss
+
+
+def build_optimizer(groups: list[dict[str, Any]], c: Any) -> torch.optim.Optimizer:
+    """The optimiser of a method config (``TrainCfg``) over ``groups``; every group's lr is set by
+    the loop each step (schedule x the group's ``lr_scale``)."""
+    for g in groups:
+        g.setdefault("weight_decay", c.weight_decay)
+        g.setdefault("lr_scale", 1.0)
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                               weight_decay=c.weight_decay)
+    if c.optimizer == "lars":
+        return LARS(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, eta=c.lars_eta)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+    raise ValueError(f"optimizer: unknown {c.optimizer!r}")

@@ -1,0 +1,60 @@
+"""Per-step schedules for the learning rate (and later weight decay or EMA momentum).
+
+One pure function of the optimiser step, so a resumed run needs no scheduler state and any
+value can be checked against the papers' code:
+
+- linear warm-up from 0 over ``warmup`` steps (SimCLR: 10 epochs; the official code ramps per
+  step: ``lr * step / warmup_steps``);
+- then ``constant``; ``cosine`` from ``base`` to ``final`` over the remaining steps (SGDR without
+  restarts; MoCo v2, SimCLR, BYOL); or ``step``: ``base x factors[i]`` from milestone i on
+  (absolute factors: InvaSpread's official 0.1 / 0.05 / 0.01 at epochs 120 / 160 / 200; with no
+  factors given, x0.1 per milestone passed: InstDisc's 120 / 160).
+
+``unit: epoch`` holds the value for a whole epoch (evaluated at the epoch's first step), as
+MoCo's ``adjust_learning_rate`` and InstDisc's do; ``step`` changes it every optimiser step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str  # constant | cosine | step
+    base: float
+    total_steps: int  # optimiser steps over the whole run
+    steps_per_epoch: int
+    warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()  # in epochs
+    factors: tuple[float, ...] = ()  # absolute, one per milestone (empty: 0.1 ** i)
+    final: float = 0.0  # cosine floor
+    unit: str = "step"  # step | epoch
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __call__(self, step: int) -> float:
+        """The value at (0-based) optimiser step ``step``."""
+        if self.unit == "epoch":
+            step = (step // self.steps_per_epoch) * self.steps_per_epoch
+        if step < self.warmup_steps:
+            return self.base * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.base
+        if self.kind == "cosine":
+            n = max(self.total_steps - self.warmup_steps, 1)
+            t = min(step - self.warmup_steps, n) / n
+            return self.final + (self.base - self.final) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if self.kind == "step":
+            epoch = step // self.steps_per_epoch
+            passed = sum(epoch >= m for m in self.milestones)
+            if passed == 0:
+                return self.base
+            return self.base * (self.factors[passed - 1] if self.factors else 0.1 ** passed)
+        raise ValueError(f"unknown schedule {self.kind!r}")
+
+
+def lr_schedule(c, steps_per_epoch: int) -> Schedule:
+    """The learning-rate schedule of a method config (``selfsup.config.TrainCfg``)."""
+    return Schedule(kind=c.lr_schedule, base=c.lr, total_steps=c.epochs * steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch, warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
+                    milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=c.min_lr, unit=c.schedule_unit)
