@@ -68,6 +68,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_params(cfg: Any, method: str) -> dict[str, Any]:
+    """What a method's run logs as params: the shared config (not the other methods' blocks) and
+    ``method.*``: its name, upstream and block."""
+    d = cfg.to_dict()
+    shared = {k: v for k, v in d.items() if k not in set(cfg.method_cfgs) | {"methods", "mlflow"}}
+    block = d.get(method) or {}
+    return {**shared, "method": {"name": method, "upstream": cfg.methods.get(method), **flatten(block)}}
+
+
 def _git_commit(root: Path) -> str:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

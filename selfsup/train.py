@@ -133,12 +133,14 @@ def pretrain(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     tracker: Any = None,
+    tracker_params: dict[str, Any] | None = None,
 ) -> tuple[Method, list[dict[str, float]]]:
     """Train method ``name``; resume from ``ckpt_path`` when its key matches. Returns the method
     (``.encoder()`` is the result) and the per-epoch history.
 
     ``on_step(epoch, batch)`` is called after every batch (tests kill runs there);
-    ``tracker`` (``selfsup.tracking.LiveRun``) receives the step and epoch logs live."""
+    ``tracker`` (``selfsup.tracking.LiveRun``) is started once the loop knows whether it resumes
+    (``tracker_params``: what it logs as params), then receives the step and epoch logs live."""
     device = resolve_device(cfg.device)
     method = build_method(cfg, name, data).to(device)
     key = run_key(cfg, name, data.meta)
@@ -149,6 +151,8 @@ def pretrain(
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
         _checkpoint(ckpt_path, key=key, epoch=0, history=[], method=method.checkpoint_state(), config=cfg.to_dict())
+        if tracker is not None:
+            tracker.start(params=tracker_params, dataset=data.meta)
         return method, []
     mcfg = method.cfg
     if cfg.channels_last:
@@ -208,6 +212,8 @@ def pretrain(
             log.warning("%s: resuming from %s after %s/%d", name, ckpt_path, where, mcfg.epochs)
         elif ck:
             log.warning("%s: %s was written by another config or code version; starting fresh", name, ckpt_path)
+    if tracker is not None:  # a resumed training continues its MLflow run
+        tracker.start(params=tracker_params, dataset=data.meta, resume=bool(history) or bool(start_batch))
 
     last_ckpt = time.monotonic()
     for epoch in range(start_epoch, mcfg.epochs):

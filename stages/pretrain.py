@@ -1,4 +1,4 @@
-"""pretrain@<method>: the epoch loop (resumable), final backbone, per-epoch history."""
+"""pretrain-<method>: the training loop (resumable at any step), final encoder, per-epoch history, the live MLflow run."""
 import sys
 import time
 from pathlib import Path
@@ -8,8 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 from selfsup.data import load_prepared  # noqa: E402
-from selfsup.io import atomic_path, write_json  # noqa: E402
+from selfsup.io import atomic_path, repo_root, write_json  # noqa: E402
 from selfsup.stage import Paths, check_stage_upstream, setup  # noqa: E402
+from selfsup.tracking import LiveRun, run_params  # noqa: E402
 from selfsup.train import pretrain, save_backbone  # noqa: E402
 
 name = sys.argv[1]
@@ -18,7 +19,10 @@ P = Paths()
 check_stage_upstream(P.root / "dvc.yaml", name, cfg.methods[name])
 data = load_prepared(P.dataset)
 t0 = time.perf_counter()
-method, history = pretrain(cfg, name, data, P.ckpt(name))
+# the MLflow run of (DVC experiment, method), live while it trains; later stages' numbers reach it
+# through the report
+tracker = LiveRun(repo_root(), cfg.mlflow.experiment, name, cfg.mlflow.enabled)
+method, history = pretrain(cfg, name, data, P.ckpt(name), tracker=tracker, tracker_params=run_params(cfg, name))
 save_backbone(P.model(name), method, cfg, data.meta)
 hist = pd.DataFrame(history, columns=None if history else ["epoch", "loss", "seconds"])
 with atomic_path(P.history(name)) as tmp:
@@ -31,3 +35,4 @@ write_json(P.metrics("pretrain", name), {
     **{f"final_{k}": v for k, v in final.items()},
     **({"skipped": method.skipped} if method.skipped else {}),
 })
+tracker.end()

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfsup.io import atomic_path, repo_root  # noqa: E402
 from selfsup.report import collect, load_histories, plot_curves, results_table, to_markdown, voc_markdown  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.tracking import flatten, log_runs  # noqa: E402
+from selfsup.tracking import flatten, log_runs, run_params  # noqa: E402
 
 cfg = setup(parse_methods=False)
 P = Paths()
@@ -43,9 +43,7 @@ pngs = plot_curves(histories, P.reports / "plots")
 print(to_markdown(table, notes))
 
 if cfg.mlflow.enabled:
-    shared = {k: v for k, v in cfg.to_dict().items() if k not in set(cfg.method_cfgs) | {"methods", "mlflow"}}
-    params = {m: {**shared, "method": {"name": m, "upstream": up, **flatten(cfg.to_dict()[m])}}
-              for m, up in cfg.methods.items()}
+    params = {m: run_params(cfg, m) for m in cfg.methods}
     finals = {}
     for m in cfg.methods:
         row = {f"{c}": float(v) for c, v in table.loc[m].items()

@@ -1,9 +1,12 @@
-"""End to end: `dvc repro` of a tiny config in a temporary copy of the repository.
+"""End to end: `dvc repro` of a tiny config in a temporary copy of the repository, on generated
+folders of JPEGs of different sizes (no image_size: the files are streamed).
 
-Checks that every declared output is written, that a second `dvc repro` runs
-nothing, that `dvc exp run -S deepcluster.k=...` re-runs only the DeepCluster
-branch and the report and shows up in `dvc exp show`, and that MLflow holds one run
-per method with params, per-epoch histories and final metrics.
+Checks that every declared output is written, that a second `dvc repro` runs nothing, that adding
+a method leaves the other methods' stages up to date, that `dvc exp run -S deepcluster.k=...`
+re-runs only the DeepCluster branch and the report and shows up in `dvc exp show`, that MLflow
+holds one run per method, live from training (params, the dataset input, per-step and per-epoch
+curves, real start and end times) with the evaluation numbers added by the report; and that an
+unlabelled training folder runs the whole DAG, the label-based evaluations skipping with a message.
 """
 import json
 import os
@@ -17,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from selfsup.synthetic import make_image_folder
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
@@ -39,9 +43,7 @@ def stages_run(out):
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
+def make_repo(dst, folder, methods, upstream, table1_rows, workers):
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -51,9 +53,10 @@ def repo(tmp_path_factory):
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst / f)
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["methods"] = {m: UPSTREAM.get(m, "data/dataset") for m in METHODS}
-    params["device"] = "cpu"
-    params["dataset"].update(max_train=300, max_test=100)
+    params["methods"] = {m: upstream.get(m, "data/dataset") for m in methods}
+    params.update(device="cpu", workers=workers, log_every=2)
+    # JPEGs of 16-40 px, no image_size: train crops of the originals resized to 16, eval resize 20 + crop 16
+    params["dataset"].update(name="imagefolder", path=str(folder), crop_size=16, resize_size=20)
     params["deepcluster"].update(epochs=2, k=10, pca_dim=16)
     params["supervised"].update(epochs=1)
     params["mlcd"].update(epochs=1, centres=20)
@@ -62,8 +65,7 @@ def repo(tmp_path_factory):
     params["cluster"]["nredo"] = 1
     params["voc"].update(steps=10, warmup_steps=2, lr_steps=[8])
     params["voc"]["embedded"].update(trainval_images=16, test_images=8)
-    params["instdisc_table1"].update(epochs=1, rows={"parametric": {"softmax": "parametric", "nce_m": 0},
-                                                     "nce10": {"softmax": "nonparametric", "nce_m": 10}})
+    params["instdisc_table1"].update(epochs=1, rows={r: TABLE1_ROWS[r] for r in table1_rows})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     from selfsup.dag import main as dag
 
@@ -80,6 +82,16 @@ def repo(tmp_path_factory):
     run([*git, "add", "-A"], dst, env)
     run([*git, "commit", "-qm", "repro"], dst, env)
     return {"dir": dst, "env": env, "dvc": dvc, "first": first}
+
+
+TABLE1_ROWS = {"parametric": {"softmax": "parametric", "nce_m": 0}, "nce10": {"softmax": "nonparametric", "nce_m": 10}}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    folder = make_image_folder(base / "images", 240, 60, classes=3, size=(16, 40), seed=1)
+    return make_repo(base / "repo", folder, METHODS, UPSTREAM, TABLE1, workers=-1)
 
 
 def test_repro_writes_every_declared_output(repo):
@@ -164,9 +176,16 @@ def test_mlflow_has_one_run_per_method(repo):
     first = [r for r in runs if "dvc_experiment" not in r.data.tags]
     assert sorted(r.data.tags["method"] for r in first[:len(METHODS)]) == sorted(METHODS)
     dc = next(r for r in first if r.data.tags["method"] == "deepcluster")
-    assert dc.data.params["method.k"] == "10" and dc.data.params["dataset.name"] == "digits"
+    assert dc.data.params["method.k"] == "10" and dc.data.params["dataset.name"] == "imagefolder"
     assert {"knn200_top1", "linear_top1", "nmi", "pretrain_seconds", "voc_ap50", "voc.ap75"} <= set(dc.data.metrics)
     assert [m.step for m in c.get_metric_history(dc.info.run_id, "epoch/loss")] == [1, 2]
+    # live from training: per-step curves (log_every 2), the dataset as an input, a real duration
+    steps = [m.step for m in c.get_metric_history(dc.info.run_id, "step/loss")]
+    assert steps and steps == sorted(steps) and steps[0] == 2
+    assert [d.dataset.name for d in dc.inputs.dataset_inputs] == ["imagefolder"]
+    pretrain_s = json.loads((repo["dir"] / "metrics" / "pretrain" / "deepcluster.json").read_text())["seconds"]
+    assert (dc.info.end_time - dc.info.start_time) / 1000 >= pretrain_s
+    assert c.get_experiment(exp.experiment_id).tags.get("mlflow.experimentKind") == "custom_model_development"
     assert len(dc.data.tags["git_commit"]) == 40
     arts = {a.path for a in c.list_artifacts(dc.info.run_id)}
     assert {"results.md", "results.csv", "voc.md", "plots"} <= arts
@@ -175,3 +194,29 @@ def test_mlflow_has_one_run_per_method(repo):
         assert sorted(r.data.tags["method"] for r in exp_runs) == sorted(METHODS)
         dc12 = next(r for r in exp_runs if r.data.tags["method"] == "deepcluster")
         assert dc12.data.params["method.k"] == "12"
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e_unl")
+    folder = make_image_folder(base / "images", 90, 30, classes=3, size=(16, 40), seed=2, labelled=False)
+    return make_repo(base / "repo", folder, ["deepcluster", "supervised", "random"], {}, ["nce10"], workers=0)
+
+
+def test_unlabelled_training_folder_runs_the_whole_dag(unlabelled):
+    d = unlabelled["dir"]
+    methods = ["deepcluster", "supervised", "random"]
+    expected = {"download", "voc_data", "report", "table1_report", "table1@nce10"} | branch(methods)
+    assert stages_run(unlabelled["first"]) == expected
+    meta = json.loads((d / "data" / "dataset" / "meta.json").read_text())
+    assert meta["format"] == "files" and meta["counts"]["train_unlabeled"] == 90
+    for m in methods:
+        for stage in ("knn", "linear", "cluster"):
+            out = json.loads((d / "metrics" / stage / f"{m}.json").read_text())
+            assert "no labels" in out["skipped"], (stage, m, out)
+        voc = json.loads((d / "metrics" / "voc" / f"{m}.json").read_text())
+        assert 0 <= voc["map50"] <= 100  # VOC has its own labels
+    sup = json.loads((d / "metrics" / "pretrain" / "supervised.json").read_text())
+    assert "no labels" in sup["skipped"] and sup["epochs"] == 0
+    assert json.loads((d / "metrics" / "pretrain" / "deepcluster.json").read_text())["epochs"] == 2
+    assert "| deepcluster |" in (d / "reports" / "results.md").read_text()
