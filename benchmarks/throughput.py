@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--backbone resnet18_cifar] [--size 32] [--batch 128]
         [--steps 8] [--precision fp32|bf16|fp16] [--channels-last] [--methods a,b] [--device auto]
+        [--workers -1]
 
 For each method, on the current device, with a synthetic uint8 array dataset of ``size`` px images:
 - train img/s: images per second of the engine's training loop (``selfsup.train.pretrain``; the
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: in-process for arrays)")
     a = ap.parse_args()
     dev = resolve_device(a.device)
     torch.backends.cudnn.benchmark = True
@@ -136,7 +138,7 @@ def main() -> None:
         cfg = load_config({**{k: v for k, v in raw.items() if k not in METHODS + ["random"]},
                            "methods": [m], m: block, "device": str(dev), "precision": a.precision,
                            "channels_last": a.channels_last, "model": {"backbone": a.backbone},
-                           "log_every": 10_000})
+                           "log_every": 10_000, "workers": a.workers})
         with tempfile.TemporaryDirectory() as tmp:
             method, hist = pretrain(cfg, m, data, Path(tmp) / "ck.pt")
         train = hist[-1]["train_images_per_s"]

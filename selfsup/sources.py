@@ -308,7 +308,6 @@ def _write_index(path: Path, root: Path, lst: Listing) -> None:
 
 def _write_decoded(folder: Path, split: str, root: Path, lst: Listing, size: int) -> None:
     """Decode, resize to size x size and write into a memory-mapped .npy, one image at a time."""
-    import torch
     from torchvision.transforms.v2 import functional as F
 
     x = np.lib.format.open_memmap(folder / f"{split}_x.npy", mode="w+", dtype=np.uint8, shape=(len(lst), size, size, 3))
@@ -318,7 +317,6 @@ def _write_decoded(folder: Path, split: str, root: Path, lst: Listing, size: int
     x.flush()
     del x
     np.save(folder / f"{split}_y.npy", lst.y)
-    del torch
 
 
 def prepare(cfg: DatasetCfg, seed: int, out_dir: str | Path) -> dict[str, Any]:

@@ -121,10 +121,6 @@ class ViewMaker:
         return Batch(views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
 
 
-def _checkpoint(path: Path, **state: Any) -> None:
-    save_torch(path, state)
-
-
 def pretrain(
     cfg: Config,
     name: str,
@@ -150,7 +146,8 @@ def pretrain(
         method.skipped = f"{name}: skipped, the training split has no labels (the backbone stays at its init)"
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
-        _checkpoint(ckpt_path, key=key, epoch=0, history=[], method=method.checkpoint_state(), config=cfg.to_dict())
+        save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": method.checkpoint_state(),
+                               "config": cfg.to_dict()})
         if tracker is not None:
             tracker.start(params=tracker_params, dataset=data.meta)
         return method, []
@@ -252,11 +249,13 @@ def pretrain(
                     f"stopped (lower {name}.lr, check the data)")
             return {k: float(v) / max(b, 1) for k, v in sums.items()}
 
-        def save(b: int) -> None:
-            _checkpoint(ckpt_path, key=key, epoch=epoch, batch=b, step=step, history=history, plan=plan_state,
-                        sums={k: v.cpu() for k, v in sums.items()}, method=method.checkpoint_state(),
-                        optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        config=cfg.to_dict())
+        def save(done_epochs: int, b: int) -> None:
+            """A checkpoint after ``done_epochs`` epochs and ``b`` batches of the next (b = 0: an epoch end)."""
+            save_torch(ckpt_path, {
+                "key": key, "epoch": done_epochs, "batch": b, "step": step, "history": history,
+                "plan": plan_state if b else None, "sums": {k: v.cpu() for k, v in sums.items()} if b else {},
+                "method": method.checkpoint_state(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "config": cfg.to_dict()})
 
         lr = sched(step)
         for b, (x, y, idx) in enumerate(loader.epoch(order, epoch_seed, start_batch), start=start_batch):
@@ -300,7 +299,7 @@ def pretrain(
                     tracker.log({f"step/{k}": v for k, v in {**means, "lr": lr}.items()}, step)
                 bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", refresh=False)
                 if time.monotonic() - last_ckpt >= cfg.checkpoint_minutes * 60 and b + 1 < n_batches:
-                    save(b + 1)
+                    save(epoch, b + 1)
                     last_ckpt = time.monotonic()
             if on_step is not None:
                 on_step(epoch, b + 1)
@@ -313,9 +312,7 @@ def pretrain(
                   "seconds": (plan_seconds if resumed_mid else 0.0) + time.perf_counter() - t0}
         history.append(record)
         start_batch, sums = 0, {}
-        _checkpoint(ckpt_path, key=key, epoch=epoch + 1, batch=0, step=step, history=history, plan=None, sums={},
-                    method=method.checkpoint_state(), optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict() if scaler else None, config=cfg.to_dict())
+        save(epoch + 1, 0)
         last_ckpt = time.monotonic()
         log.info("%s epoch %d: %s", name, epoch + 1, {k: round(v, 4) for k, v in record.items()})
         if tracker is not None:

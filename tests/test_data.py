@@ -5,6 +5,7 @@ import urllib.error
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import make_cfg
@@ -95,3 +96,33 @@ def test_missing_imagefolder_path(tmp_path):
     cfg = make_cfg(dataset={"name": "imagefolder", "path": str(tmp_path / "nope")})
     with pytest.raises(DatasetUnavailable, match="dataset.path"):
         prepare(cfg.dataset, 0, tmp_path / "ds")
+
+
+def test_imagenet_layout_is_indexed_not_copied(tmp_path):
+    """dataset.name=imagenet: train/<wnid>/*.JPEG + val/<wnid>/*.JPEG, images of different sizes;
+    the index holds paths, labels and sizes; eval geometry is resize 256 + centre crop 224."""
+    from PIL import Image
+
+    from selfsup.loader import eval_batches
+
+    root = tmp_path / "ILSVRC2012"
+    sizes = {}
+    for split, n in (("train", 3), ("val", 2)):
+        for w, wnid in enumerate(("n01440764", "n01443537")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                hw = (300 + 17 * i, 260 + 31 * w)
+                Image.new("RGB", hw[::-1], (40 * i, 100, 200 * w)).save(root / split / wnid / f"{wnid}_{i}.JPEG")
+                sizes[f"{split}/{wnid}/{wnid}_{i}.JPEG"] = list(hw)
+    cfg = make_cfg(dataset={"name": "imagenet", "path": str(root)})
+    meta = prepare(cfg.dataset, 0, tmp_path / "ds")
+    assert meta["classes"] == ["n01440764", "n01443537"] and (meta["n_train"], meta["n_test"]) == (6, 4)
+    assert meta["format"] == "files" and meta["image_size"] is None
+    d = load_prepared(tmp_path / "ds")
+    assert d.train.y.tolist() == [0, 0, 0, 1, 1, 1]
+    for i in range(len(d.train)):
+        assert d.train.sizes[i].tolist() == sizes[d.train.paths[i].decode()]
+    (batch,) = list(eval_batches(d.test, batch_size=8, workers=0))
+    assert batch.shape == (4, 3, 224, 224) and batch.dtype == torch.uint8
+    with pytest.raises(DatasetUnavailable, match="neither train/ \\+ val/"):
+        prepare(make_cfg(dataset={"name": "imagenet", "path": str(tmp_path)}).dataset, 0, tmp_path / "x")
