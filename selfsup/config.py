@@ -119,6 +119,13 @@ class TrainCfg:
     lr_factors: list[float] = field(default_factory=list)
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
+    # several processes (dist.nproc_per_node x dist.nnodes = W): the global batch is
+    # batch_size x W x accumulate; lr_scaling rescales lr (and min_lr) from lr_base_batch to it:
+    # none (lr is for the global batch as configured), linear (Goyal et al.; SimCLR's
+    # lr = 0.3 x B / 256, MoCo's ImageNet recipe), sqrt (SimCLR's option for large batches)
+    lr_scaling: str = "none"
+    lr_base_batch: int = 256
+    sync_bn: bool = False  # several processes: batch norm over the global batch (SimCLR's global BN)
     accumulate: int = 1  # loader batches per optimiser step (gradient accumulation)
     clip_grad: float = 0.0  # max global gradient norm (0: no clipping)
     drop_last: bool = False  # drop a short last batch (InvaSpread's official loader); a size-1 tail always is
@@ -135,7 +142,8 @@ class TrainCfg:
     solarize_p: float = 0.0
 
     def check(self, p: str) -> None:
-        positive(p, self, "epochs", "batch_size", "lr", "accumulate")
+        positive(p, self, "epochs", "batch_size", "lr", "accumulate", "lr_base_batch")
+        one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
         non_negative(p, self, "momentum", "weight_decay", "warmup_epochs", "min_lr", "clip_grad", "lars_eta")
         one_of(p, "optimizer", self.optimizer, OPTIMIZERS)
         one_of(p, "augment", self.augment, AUGMENTS)
@@ -373,6 +381,33 @@ class VocCfg:
             raise ConfigError(f"{p}.score_thresh: must be < 1, got {self.score_thresh}")
 
 
+@dataclass
+class DistCfg:
+    """Several processes (``selfsup/launch.py``): the training and feature stages re-launch
+    themselves under torchrun when nproc_per_node x nnodes > 1; DVC drives them unchanged."""
+
+    nproc_per_node: int = 1  # processes on this machine (GPUs; on a CPU: gloo processes)
+    nnodes: int = 1  # machines; > 1 needs rdzv_endpoint (every node runs the same command)
+    rdzv_endpoint: str = ""  # host:port of the rendezvous (node 0), e.g. node0:29400
+    rdzv_id: str = "selfsup"  # the job's rendezvous id (SLURM: $SLURM_JOB_ID)
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+    # a rank that dies or hangs makes the others stop with an error after this long (collectives'
+    # timeout; torchrun itself tears the group down as soon as a process exits)
+    timeout_s: float = 300.0
+
+    def check(self, p: str) -> None:
+        positive(p, self, "nproc_per_node", "nnodes", "timeout_s")
+        one_of(p, "backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"{p}.rdzv_endpoint: dist.nnodes={self.nnodes} needs the host:port of node 0")
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            raise ConfigError(f"{p}.rdzv_endpoint: need host:port, got {self.rdzv_endpoint!r}")
+
+    @property
+    def processes(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 NO_UPSTREAM = "data/dataset"  # the value of ``methods.<m>`` for a method that reads no upstream encoder
 
 
@@ -413,6 +448,7 @@ class Config:
     mlflow: MlflowCfg = field(default_factory=MlflowCfg)
     instdisc_table1: InstDiscTable1Cfg = field(default_factory=InstDiscTable1Cfg)
     voc: VocCfg = field(default_factory=VocCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
     # method name -> that method's config object (class registered by the method)
     method_cfgs: dict[str, Any] = field(default_factory=dict)
 

@@ -21,11 +21,19 @@
   ``paper``: the first view plays the un-augmented "original" f_i and the second the
   augmented f^_i; P(i | x^_j) = softmax_k(f_k . f^_j / t) over the B originals;
   J = -1/B [sum_i log P(i | x^_i) + sum_i sum_{j != i} log(1 - P(i | x^_j))].
+
+Distributed (``gather=True``, several processes): each rank's anchors are its own 2B views, the
+candidates are the 2BW views of all ranks, gathered with a gradient (``selfsup.dist``), and the
+positive's index is offset by the rank (SimCLR's ``cross_replica`` negatives; lightly's
+``gather_distributed``). With DDP averaging the gradients, the result is the gradient of the loss
+over the global batch; at world size 1 it is the one-process loss exactly.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from selfsup import dist
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
@@ -36,15 +44,28 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) ->
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
-    """SimCLR's NT-Xent. z1, z2: (B, D) unit rows, row b of each a view of image b."""
-    b = len(z1)
-    z = torch.cat([z1, z2])  # (2B, D)
-    sim = z @ z.t() / t  # (2B, 2B)
-    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+def _candidates(z1: torch.Tensor, z2: torch.Tensor, gather: bool, grad: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchors (2B, D) = this rank's [z1; z2]; candidates (2BW, D) = [z1 of all ranks; z2 of all
+    ranks]; (2B, 2) the candidate index of each anchor itself and of its positive (the other view)."""
+    b, w = len(z1), dist.world() if gather else 1
+    off = dist.rank() * b if gather else 0
+    gat = (dist.all_gather_grad if grad else dist.all_gather) if gather else (lambda x: x)
+    cand = torch.cat([gat(z1), gat(z2)])  # (2BW, D)
+    i = torch.arange(b, device=z1.device)
+    me = torch.cat([off + i, w * b + off + i])  # (2B,)
+    pos = torch.cat([w * b + off + i, off + i])  # (2B,) the other view of the same image
+    return torch.cat([z1, z2]), cand, torch.stack([me, pos], 1)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float, gather: bool = False) -> torch.Tensor:
+    """SimCLR's NT-Xent. z1, z2: (B, D) unit rows, row b of each a view of image b; ``gather``:
+    the negatives of all ranks (module docstring)."""
+    z, cand, idx = _candidates(z1, z2, gather)
+    sim = z @ cand.t() / t  # (2B, 2BW)
+    self_mask = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, idx[:, :1], True)
     sim = sim.masked_fill(self_mask, float("-inf"))  # a view is not its own candidate
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)  # (2B,) the other view
-    return F.cross_entropy(sim, target)
+    return F.cross_entropy(sim, idx[:, 1])
 
 
 def _log1m_exp(log_p: torch.Tensor) -> torch.Tensor:
@@ -69,20 +90,23 @@ def _log_complement(log_p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, t: float, form: str = "code",
-                    detach: bool = True) -> torch.Tensor:
-    """InvaSpread's loss. z1, z2: (B, D) unit rows; see the module docstring for the forms."""
+                    detach: bool = True, gather: bool = False) -> torch.Tensor:
+    """InvaSpread's loss. z1, z2: (B, D) unit rows; see the module docstring for the forms;
+    ``gather`` (code form): the other views of all ranks are candidates."""
     b = len(z1)
     if form == "code":
-        x = torch.cat([z1, z2])  # (2B, D)
-        other = x.detach() if detach else x
+        # the official one-sided gradient multiplies by detached views: no gradient to gather then
+        x, other, idx = _candidates(z1, z2, gather, grad=not detach)
+        if detach:
+            other = other.detach()
         n = 2 * b
-        logits = x @ other.t() / t  # (2B, 2B); row i: anchor i against every view j
-        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        logits = x @ other.t() / t  # (2B, 2BW); row i: anchor i against every view j
+        eye = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx[:, :1], True)  # each anchor itself
         log_p = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), 1, keepdim=True)  # log P(j | i)
-        pos = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(x.device)  # (2B,) the other view
+        pos = idx[:, 1]  # (2B,) the other view
         pos_mask = torch.zeros_like(eye).scatter_(1, pos[:, None], True)
         log_p_pos = log_p.gather(1, pos[:, None]).squeeze(1)  # (2B,)
-        neg = _log_complement(log_p, ~eye).masked_fill(eye | pos_mask, 0.0).sum(1)  # (2B,) over the 2B-2 negatives
+        neg = _log_complement(log_p, ~eye).masked_fill(eye | pos_mask, 0.0).sum(1)  # (2B,) over the 2BW-2 negatives
         return -(log_p_pos + neg).sum() / n
     if form == "paper":
         # row j: augmented view f^_j; column k: original f_k; log P(k | x^_j)

@@ -30,9 +30,9 @@ PRETRAIN = "pretrain-"
 NO_UPSTREAM = "data/dataset"
 # params a pretraining reads that change its result (workers, log_every, checkpoint_minutes and mlflow
 # do not: every draw is seeded by position, and logging does not touch the state; the checkpoint
-# key leaves them out for the same reason)
+# key leaves them out for the same reason; the number of processes sets the global batch)
 PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "model", "extract.batch_size",
-                   "dataset.crop_size", "dataset.resize_size"]
+                   "dataset.crop_size", "dataset.resize_size", "dist.nproc_per_node", "dist.nnodes"]
 
 
 def is_code(dep: str) -> bool:

@@ -51,6 +51,7 @@ from torchvision.models.resnet import ResNet
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from selfsup import dist
 from selfsup.config import VocCfg
 from selfsup.models import AlexNetBN, Backbone, SmallCNN
 from selfsup.voc_data import VocDetection, load_split, read_manifest
@@ -82,14 +83,11 @@ def apply_bn(module: nn.Module, mode: str) -> nn.Module:
     if mode == "train":
         return module
     if mode == "sync":
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if dist.world() == 1:
             raise RuntimeError(
-                "voc.bn=sync: synchronised batch norm needs a torch.distributed multi-device run (an "
-                "initialised process group, world size > 1); this stage runs one process. Use voc.bn=train "
-                "(the same statistics on one device) or frozen")
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+                "voc.bn=sync: synchronised batch norm needs several processes (dist.nproc_per_node > 1); "
+                "this stage runs one. Use voc.bn=train (the same statistics on one device) or frozen")
+        return dist.sync_batch_norm(module, next(module.parameters()).device)
     raise ValueError(f"voc.bn: unknown mode {mode!r}")
 
 
@@ -216,15 +214,46 @@ def lr_at(cfg: VocCfg, step: int) -> float:
     return cfg.lr * f
 
 
+class _RankBatches(torch.utils.data.Sampler):
+    """Global batches of ``batch`` images from a seeded shuffle, the same on every rank (one epoch per
+    pass); rank r takes its contiguous ``batch / world`` of each (one process: all of it)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.world, self.rank = n, batch, dist.world(), dist.rank()
+        self.g = torch.Generator().manual_seed(seed)
+        self.full = n >= batch  # drop a short last batch when there is a full one (as drop_last)
+
+    def __len__(self) -> int:
+        return self.n // self.batch if self.full else 1
+
+    def __iter__(self) -> Any:
+        # the draws of DataLoader(shuffle=True, generator=g), which this replaces, so that one process
+        # trains exactly as before: an int64 for the workers' base seed, the permutation, and the
+        # RandomSampler's trailing (empty) slice of a second permutation when it is exhausted
+        torch.empty((), dtype=torch.int64).random_(generator=self.g)
+        perm = torch.randperm(self.n, generator=self.g).tolist()
+        per = self.batch // self.world
+        for s in range(len(self)):
+            glob = perm[s * self.batch:(s + 1) * self.batch]
+            yield glob[self.rank * per:(self.rank + 1) * per] if self.world > 1 else glob
+        torch.randperm(self.n, generator=self.g)
+
+
 def train_detector(model: FasterRCNN, ds: VocDetection, cfg: VocCfg, seed: int,
                    device: torch.device) -> list[dict[str, float]]:
-    """SGD fine-tuning for ``cfg.steps`` iterations; returns a per-step loss history."""
-    g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                                         collate_fn=_collate, num_workers=0, drop_last=len(ds) > cfg.batch_size)
+    """SGD fine-tuning for ``cfg.steps`` iterations; returns a per-step loss history. Several
+    processes: DDP, ``voc.batch_size`` is the global batch (MoCo's 16 = 2 per GPU on 8), split across
+    the ranks; with ``voc.bn: sync`` the batch norm is synchronised over them."""
+    if cfg.batch_size % dist.world():
+        raise ValueError(f"voc.batch_size: {cfg.batch_size} images do not split over {dist.world()} processes")
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=_RankBatches(len(ds), cfg.batch_size, seed),
+                                         collate_fn=_collate, num_workers=0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.to(device).train()
+    net: nn.Module = model
+    if dist.world() > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     history: list[dict[str, float]] = []
     step = 0
     while step < cfg.steps:
@@ -235,7 +264,7 @@ def train_detector(model: FasterRCNN, ds: VocDetection, cfg: VocCfg, seed: int,
                 group["lr"] = lr_at(cfg, step)
             imgs = [i.to(device) for i in imgs]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            losses = model(imgs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
+            losses = net(imgs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
             loss = sum(losses.values())
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"voc: loss is {float(loss)} at step {step} ({ {k: float(v) for k, v in losses.items()} })")
@@ -262,11 +291,11 @@ def detect(model: FasterRCNN, ds: VocDetection, device: torch.device, batch_size
 
 
 def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], image_std: list[float],
-            cfg: VocCfg, seed: int, device: torch.device) -> dict[str, Any]:
+            cfg: VocCfg, seed: int, device: torch.device) -> dict[str, Any] | None:
     """Fine-tune a detector on VOC trainval and evaluate on test.
 
     Returns {"summary": map50 / map50_area / ap / ap75 (percent) + counts and seconds,
-    "per_class": rows, "history": per-step losses}.
+    "per_class": rows, "history": per-step losses}; None on ranks other than 0.
     """
     t0 = time.perf_counter()
     man = read_manifest(voc_dir)
@@ -280,6 +309,8 @@ def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], im
                          keep_difficult=cfg.train_difficult, flip=cfg.flip, seed=seed)
     test = VocDetection(load_split(man, "test", voc_dir), classes, channels)
     history = train_detector(model, train, cfg, seed, device)
+    if not dist.is_main():  # several processes: rank 0 evaluates
+        return None
     t1 = time.perf_counter()
     dets = detect(model, test, device)
     gts = []

@@ -3,6 +3,9 @@
 The loader delivers uint8 batches (``selfsup.loader.eval_batches``: memory-map slices for
 arrays; decode + resize 256 + centre crop 224 in workers for image files); scaling and
 normalisation run on the device. The output (N, D) float32 is allocated once.
+
+Several processes (``extract_sharded``): each rank extracts its contiguous share of the rows and
+the shares are gathered in rank order, so the result equals one process's.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from selfsup import dist
 from selfsup.data import FileSplit, Split
 from selfsup.loader import eval_batches
 
@@ -46,7 +50,7 @@ def extract_features(
     out: np.ndarray | None = None
     s = 0
     for xb in tqdm(eval_batches(split, batch_size, workers, resize, crop, indices), desc=desc, unit="batch",
-                   leave=False, mininterval=2, total=-(-n // batch_size)):
+                   leave=False, mininterval=2, total=-(-n // batch_size), disable=not dist.is_main()):
         f = model(normalize(xb.to(device, non_blocking=True), meta["mean"], meta["std"])).float()  # (B, D)
         if out is None:
             out = np.empty((n, f.shape[1]), np.float32)
@@ -58,3 +62,16 @@ def extract_features(
     if not np.isfinite(out).all():
         raise FloatingPointError(f"{desc}: non-finite features (diverged model?)")
     return out
+
+
+def extract_sharded(model: Callable[[torch.Tensor], torch.Tensor], split: Split | FileSplit, meta: dict[str, Any],
+                    device: torch.device, batch_size: int = 256, desc: str = "extract", workers: int = -1,
+                    resize: int = 256, crop: int = 224) -> np.ndarray:
+    """(N, D) features of the whole split on every rank; each rank extracts its share (one
+    process: ``extract_features``)."""
+    if dist.world() == 1:
+        return extract_features(model, split, meta, device, batch_size, desc, workers, resize, crop)
+    sl = dist.shard(len(split))
+    f = extract_features(model, split, meta, device, batch_size, desc, workers, resize, crop,
+                         indices=np.arange(sl.start, sl.stop))
+    return dist.all_gather_varlen(torch.from_numpy(f).to(device)).cpu().numpy()

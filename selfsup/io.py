@@ -158,13 +158,17 @@ def derive_seed(seed: int, *keys: Any) -> int:
 
 
 def resolve_device(name: str) -> "torch.device":
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; under torchrun with several processes, ``auto`` and
+    ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device: {name!r} asked for but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
 
 

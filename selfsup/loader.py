@@ -46,29 +46,41 @@ def sample_seed(epoch_seed: int, pos: int) -> int:
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, per-sample seed) over an epoch's order, from a start batch on."""
+    """This rank's batches of (index, per-sample seed) over an epoch's order, from a start batch on.
 
-    def __init__(self, batch_size: int, drop_last: bool):
-        self.batch_size, self.drop_last = batch_size, drop_last
+    Global batch s covers positions [s G, (s + 1) G) of the order, G = batch_size x world; rank r
+    takes the r-th ``batch_size`` of them, so the position is global (a run resumes at the same
+    sample with any number of processes: start batch = position // G) and W ranks together see
+    what one process with batch G would. One process keeps a short last batch (unless
+    ``drop_last``; a size-1 tail is always dropped: batch norm cannot train on one sample);
+    several drop an incomplete global batch, so every rank takes the same number of equal steps
+    (gathers need equal shapes)."""
+
+    def __init__(self, batch_size: int, drop_last: bool, rank: int = 0, world: int = 1):
+        self.batch_size, self.drop_last, self.rank, self.world = batch_size, drop_last, rank, world
         self.order = np.zeros(0, np.int64)
         self.start, self.epoch_seed = 0, 0
 
     def set_epoch(self, order: np.ndarray, epoch_seed: int, start_batch: int = 0) -> None:
         self.order, self.epoch_seed, self.start = np.asarray(order, np.int64), epoch_seed, start_batch
 
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
     def num_batches(self, n: int | None = None) -> int:
         n = len(self.order) if n is None else n
-        full, rest = divmod(n, self.batch_size)
-        # a size-1 tail is always dropped: batch norm cannot train on one sample
-        return full + (1 if rest > 1 and not self.drop_last else 0)
+        full, rest = divmod(n, self.global_batch)
+        return full + (1 if self.world == 1 and rest > 1 and not self.drop_last else 0)
 
     def __len__(self) -> int:
         return self.num_batches() - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        b = self.batch_size
+        g, b = self.global_batch, self.batch_size
         for s in range(self.start, self.num_batches()):
-            pos = range(s * b, min((s + 1) * b, len(self.order)))
+            lo = s * g + self.rank * b
+            pos = range(lo, min(lo + b, len(self.order)))
             yield [(int(self.order[p]), sample_seed(self.epoch_seed, p)) for p in pos]
 
 
@@ -117,8 +129,8 @@ class TrainLoader:
     order ``selfsup.augment.make_views`` produces them)."""
 
     def __init__(self, split: Split | FileSplit, batch_size: int, drop_last: bool, workers: int,
-                 crops: list[ViewSpec] | None = None, pin_memory: bool = False):
-        self.batches = EpochBatches(batch_size, drop_last)
+                 crops: list[ViewSpec] | None = None, pin_memory: bool = False, rank: int = 0, world: int = 1):
+        self.batches = EpochBatches(batch_size, drop_last, rank, world)
         self.files = isinstance(split, FileSplit)
         nw = resolve_workers(workers, split)
         ds = _FileItems(split, crops or []) if self.files else _ArrayItems(split)

@@ -53,8 +53,20 @@ class Schedule:
         raise ValueError(f"unknown schedule {self.kind!r}")
 
 
-def lr_schedule(c, steps_per_epoch: int) -> Schedule:
-    """The learning-rate schedule of a method config (``selfsup.config.TrainCfg``)."""
-    return Schedule(kind=c.lr_schedule, base=c.lr, total_steps=c.epochs * steps_per_epoch,
+def lr_scale(rule: str, global_batch: int, base_batch: int) -> float:
+    """The learning-rate factor of a scaling rule: none 1, linear B / B0 (Goyal et al. 2017; SimCLR's
+    lr = 0.3 x B / 256), sqrt sqrt(B / B0) (SimCLR's option for large batches)."""
+    if rule == "none":
+        return 1.0
+    r = global_batch / base_batch
+    return r if rule == "linear" else math.sqrt(r)
+
+
+def lr_schedule(c, steps_per_epoch: int, global_batch: int | None = None) -> Schedule:
+    """The learning-rate schedule of a method config (``selfsup.config.TrainCfg``) at a global batch
+    (default: its ``batch_size``, one process)."""
+    f = lr_scale(c.lr_scaling, global_batch or c.batch_size * c.accumulate, c.lr_base_batch)
+    return Schedule(kind=c.lr_schedule, base=c.lr * f, total_steps=c.epochs * steps_per_epoch,
                     steps_per_epoch=steps_per_epoch, warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
-                    milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=c.min_lr, unit=c.schedule_unit)
+                    milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=c.min_lr * f,
+                    unit=c.schedule_unit)

@@ -89,6 +89,49 @@ Differences from the official code (all deliberate):
 The update order (r from c, then c from r, starting from c = 1/N), the check
 every 10 iterations and the argmax labels are the same, and with float64 the
 iterates match the official ones to ~1e-14 (see tests).
+
+Distributed solve (``sharded=True``)
+------------------------------------
+For an N x K problem too big for one device, each of W ranks of a
+torch.distributed group holds a contiguous shard of the rows (samples) of
+log P and calls ``sinkhorn_knopp(log_p_shard, ..., sharded=True)``; ranks are
+taken in rank order (rank r's rows come after rank r-1's). The idea is SwAV's
+``distributed_sinkhorn`` (Caron et al., NeurIPS 2020, github.com/facebookresearch/swav):
+the per-sample (row) scaling of a row needs only that row, so it is local; the
+per-cluster (column) scaling needs sums over all N rows, so the K column sums
+are all-reduced once per iteration. What is communicated, per iteration: one
+all-reduce of K float64 (the column sums) plus, at every stopping check, one
+scalar; the N x K data never moves. Everything else is replicated: log_beta,
+the absorbed column scaling f and the decision to rebuild the kernel are
+computed from all-reduced quantities, so they are bitwise equal on every rank.
+
+Stability of the column reduction. Each rank's partial column sum
+G_r^T w_r is already in the solver's common linear scale (Q = exp(a_shift) *
+w[i] * G[i, k] * exp(d[k]) with a_shift, d, f replicated and the per-row
+shift m[i] folded into w): every term is a product of a kernel entry in
+[e^floor, 1] and a row weight in [1/K, e^tau], so partial sums are >= 0, no
+larger than n_r e^tau and need no shift before they are added (the
+all-reduced sum is >= 1/K, see ``_numerics``). The two exact log-domain
+passes are reduced by max-then-shifted-sum: iteration 0's column
+log-sum-exp (all-reduce the per-column max, rescale each rank's shifted
+partial sums to it, all-reduce the sums) and the final total mass.
+``_numerics`` (tau, clamp floor) and the row marginal 1/N use the global N, so
+every rank runs the same numerics as one process would.
+
+Stopping: the statistic mean_i |c_old/c_new - 1| is a global mean (local sums
+all-reduced, divided by the global N), so every rank sees the same value and
+stops at the same iteration. Data-dependent input errors (a row without a
+finite entry, NaN) are detected collectively and raised on every rank;
+argument errors (lam, dtype, shapes) are raised before any communication, and
+ranks that disagree on K, lam, tol, max_iters or dtype all raise.
+
+Against one process on the concatenated rows the only difference is the
+order of floating-point additions in the column sums (per-rank partial sums,
+then the all-reduce), i.e. rounding: the iterates agree to ~eps, so labels and
+the iteration count are the same except for exact near-ties (a label whose
+top two Q entries differ by a rounding error, or a stopping statistic that is
+within rounding of ``tol`` at a check). With world size 1 (or sharded=False)
+the solver is the single-process one, bit for bit.
 """
 
 from __future__ import annotations
@@ -101,6 +144,8 @@ from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from selfsup import dist as _dist
 
 __all__ = [
     "DEFAULT_MAX_ITERS",
@@ -175,9 +220,16 @@ class SinkhornResult:
     ``log_q[i, k] == log_alpha[i] + lam * log_p[i, k] + log_beta[k]`` up to
     rounding of ``dtype``, and ``exp(log_q)`` sums to 1 (rows to 1/N, columns
     to 1/K within ``marginal_error``).
+
+    From a sharded solve (``sharded=True``, world size > 1): ``labels``,
+    ``log_q`` and ``log_alpha`` are this rank's rows (exp(log_q) sums to this
+    rank's share of the total mass 1), ``log_beta`` and every scalar
+    (iterations, converged, scaling_change, the marginal errors,
+    kernel_builds) are global and equal on every rank; ``cluster_sizes()``
+    counts this rank's rows (all-reduce it for the global sizes).
     """
 
-    labels: torch.Tensor  # (N,) int64, argmax_k Q[i, k]
+    labels: torch.Tensor  # (N,) int64, argmax_k Q[i, k] (sharded: this rank's rows)
     log_q: Optional[torch.Tensor]  # (N, K) log Q (total mass 1) or None
     log_alpha: torch.Tensor  # (N,) float64 per-sample log scaling (official c)
     log_beta: torch.Tensor  # (K,) float64 per-cluster log scaling (official r)
@@ -342,6 +394,17 @@ class _ColumnLogSumExp:
         self.acc.masked_fill_(new_m2 == -math.inf, 0.0)
         self.m2 = new_m2
 
+    def all_reduce(self) -> None:
+        """Combine the partial sums of all ranks (rows sharded): all-reduce the column
+        max first, rescale this rank's shifted sums to it, then all-reduce the sums.
+        Every term is <= 1 after the rescale, so nothing can overflow, and a rank's
+        small share underflows only where it is negligible next to the max."""
+        m2 = _dist.all_reduce(self.m2.clone(), "max")  # (K,) global column max
+        shift = torch.where(torch.isfinite(m2), m2, torch.zeros_like(m2))  # (K,)
+        self.acc.mul_(torch.exp2(self.m2 - shift))  # (K,) local -inf -> factor 0
+        _dist.all_reduce(self.acc, "sum")
+        self.m2 = m2
+
     def result(self) -> torch.Tensor:
         """(K,) float64 natural log-sum-exp over all rows added (-inf if empty)."""
         m2 = torch.where(torch.isfinite(self.m2), self.m2, torch.zeros_like(self.m2))
@@ -351,6 +414,14 @@ class _ColumnLogSumExp:
 # --------------------------------------------------------------------------- #
 # The solver
 # --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class _Shards:
+    """Rows of log_p split over the ranks of a process group (world size > 1)."""
+
+    n_global: int  # N: rows over all ranks
+    offset: int  # global index of this rank's first row
+
+
 class _Solver:
     """State of one solve. Scalings are float64 logs; N x K work in ``dtype``.
 
@@ -366,19 +437,26 @@ class _Solver:
     i.e. Q[i, k] = exp(a_shift) * w[i] * G[i, k] * exp(d[k]). Only w and m2
     are stored per sample; log_alpha is formed on demand (at the stopping
     checks and at the end), keeping per-iteration O(N) work to one op.
+
+    With ``shards`` (sharded solve, world size > 1), ``log_p`` and every (N,)
+    vector hold this rank's rows only (``self.n`` of them); N in the numerics
+    and the marginals is the global ``n_global``, and the column sums, the
+    stopping statistic and the final totals are all-reduced (module docstring).
     """
 
-    def __init__(self, log_p, lam, dtype, device, rows, streaming):
+    def __init__(self, log_p, lam, dtype, device, rows, streaming, shards: Optional[_Shards] = None):
         self.log_p = log_p  # (N, K) on device, any float dtype
         self.lam2 = lam * _LOG2E  # lambda in base-2 units
         self.dtype = dtype
         self.device = device
         self.n, self.k = log_p.shape
+        self.shards = shards
+        self.n_global = self.n if shards is None else shards.n_global
         self.rows = rows
         self.streaming = streaming
-        self.num = _numerics(dtype, self.n, self.k)
+        self.num = _numerics(dtype, self.n_global, self.k)
         self.floor2 = self.num.floor * _LOG2E
-        self.log_n = math.log(self.n)
+        self.log_n = math.log(self.n_global)
         self.log_k = math.log(self.k)
         self.log_beta = torch.zeros(self.k, dtype=torch.float64, device=device)  # (K,)
         self.f: Optional[torch.Tensor] = None  # (K,) float64, absorbed into G
@@ -418,7 +496,15 @@ class _Solver:
             # NaN and +inf propagate through amax; a row of -inf gives -inf.
             bad_rows += (~torch.isfinite(x2.amax(dim=1))).sum()
             lse.add(x2)
-        if int(bad_rows) > 0:
+        local_bad = int(bad_rows)
+        if self.shards is not None:  # every rank raises, or none does
+            if int(_dist.all_reduce(bad_rows.reshape(1), "sum")) > 0:
+                if local_bad == 0:
+                    raise ValueError("log_p (sharded) has a row without a finite entry, or NaN / +inf, "
+                                     "on another rank")
+                self._raise_bad_rows()
+            lse.all_reduce()
+        elif local_bad > 0:
             self._raise_bad_rows()
         col = lse.result()  # (K,)
         if not bool(torch.isfinite(col).all()):
@@ -440,6 +526,8 @@ class _Solver:
             rm = (self.log_p[i0:i1].to(self.dtype) * self.lam2).amax(dim=1)  # (c,)
             if not bool(torch.isfinite(rm).all()):
                 i_bad = i0 + int(torch.nonzero(~torch.isfinite(rm))[0])
+                if self.shards is not None:
+                    i_bad += self.shards.offset  # the global sample index
                 raise ValueError(
                     f"sample {i_bad} has no finite log-probability (all -inf, or lam * log_p "
                     "overflowed): its 1/N mass cannot be placed"
@@ -499,6 +587,10 @@ class _Solver:
         if colsum is None:
             colsum = torch.mv(self.G.t(), self.w).double()  # (K,)
         self.colsum = None
+        if self.shards is not None:
+            # partial sums of every rank are in the same scale (a_shift, f, d are
+            # replicated; row shifts live in w): a plain sum is stable, see module doc
+            _dist.all_reduce(colsum, "sum")
         # sum_i exp(lam*log_p[i,k] + log_alpha[i]) = exp(a_shift - f[k]) * colsum[k],
         # colsum[k] >= 1/K (see _numerics), so the log is safe and accurate.
         self.log_beta = self.f - self.log_k - self.a_shift - _sliced(torch.log, colsum)  # (K,)
@@ -541,15 +633,41 @@ class _Solver:
             colmass += torch.mv(e.t(), u).double()  # (K,)
             if log_q is not None:
                 torch.add(off.to(dt)[:, None], x2, alpha=_LN2, out=x2)  # (c, K) natural log Q
-        log_total = torch.logsumexp(log_rowmass, dim=0)  # ~0: rows were just normalised
+        if self.shards is None:
+            log_total = torch.logsumexp(log_rowmass, dim=0)  # ~0: rows were just normalised
+        else:
+            log_total = self._global_logsumexp(log_rowmass)
+            _dist.all_reduce(colmass, "sum")  # (K,) same scale on every rank (u in ~[1/K, 1])
         log_rowmass -= log_total
         log_colmass = _sliced(torch.log, colmass) - self.log_n - log_total  # (K,)
         if log_q is not None:
             log_q.sub_(log_total.to(dt))
         self.final_log_alpha = log_alpha - log_total
-        row_err = float((torch.exp(log_rowmass + self.log_n) - 1.0).abs().max())
+        if self.shards is None:
+            row_err = float((torch.exp(log_rowmass + self.log_n) - 1.0).abs().max())
+        else:
+            row_dev = (torch.exp(log_rowmass + self.log_n) - 1.0).abs()  # (n,) this rank's rows
+            row_max = row_dev.max().reshape(1) if self.n > 0 else torch.zeros(1, dtype=torch.float64,
+                                                                              device=self.device)
+            row_err = float(_dist.all_reduce(row_max, "max"))
         col_err = float((torch.exp(log_colmass + self.log_k) - 1.0).abs().max())
         return labels, log_q, row_err, col_err
+
+    def _global_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """log sum_i exp(x[i]) over the rows of all ranks (x: (n,) float64 local), as a 0-d
+        tensor: all-reduce the max, then the sums of exp(x - max) (each term <= 1)."""
+        mx = x.max().reshape(1) if x.numel() else torch.full((1,), -math.inf, dtype=x.dtype, device=x.device)
+        _dist.all_reduce(mx, "max")  # finite: the global N >= 1 rows all have finite mass
+        s = torch.exp(x - mx).sum().reshape(1)
+        _dist.all_reduce(s, "sum")
+        return (mx + torch.log(s))[0]
+
+    def mean_over_rows(self, v: torch.Tensor) -> float:
+        """mean of a per-row quantity over all N rows (all ranks)."""
+        if self.shards is None:
+            return float(v.mean())
+        s = v.sum().reshape(1)
+        return float(_dist.all_reduce(s, "sum")) / self.n_global
 
 
 def sinkhorn_knopp(
@@ -562,6 +680,7 @@ def sinkhorn_knopp(
     dtype: torch.dtype = torch.float32,
     chunk_size: Optional[int] = None,
     return_q: Optional[bool] = None,
+    sharded: bool = False,
 ) -> SinkhornResult:
     """Solve SeLa's label assignment (sec. 3.1, Eq. 4-7) by Sinkhorn-Knopp.
 
@@ -585,7 +704,18 @@ def sinkhorn_knopp(
             An int -> streaming mode: rows are processed chunk_size at a time
             and nothing N x K is allocated beyond ``log_p`` (and log Q if
             requested); slower, one exp per entry per iteration.
-        return_q: materialise log Q (N, K)? None -> only if N*K <= 2**25.
+        return_q: materialise log Q (N, K)? None -> only if N*K <= 2**25
+            (sharded: this rank's rows).
+        sharded: ``log_p`` is this rank's contiguous shard of the rows of the
+            global (N, K) problem, the shards of ranks 0, 1, ... in order (e.g.
+            ``selfsup.dist.shard(N)``; a rank may hold 0 rows). Every rank of
+            the default process group must call with the same lam, tol,
+            max_iters and dtype (checked); the column sums are all-reduced
+            every iteration (see the module docstring). labels / log_q /
+            log_alpha come back for this rank's rows; the scalars are global and
+            equal on every rank. The tensors communicated live on ``device``,
+            so the backend must support it (gloo: CPU, NCCL: CUDA). With world
+            size 1 this is the unsharded solve, bit for bit.
 
     Returns:
         SinkhornResult (labels, log_q, log scalings, iterations, converged,
@@ -600,7 +730,11 @@ def sinkhorn_knopp(
     t_start = time.perf_counter()
     if not isinstance(log_p, torch.Tensor):
         raise ValueError(f"log_p must be a torch.Tensor, got {type(log_p).__name__}")
-    n, k = _check_shape(tuple(log_p.shape), "log_p")
+    sharded = bool(sharded) and _dist.world() > 1
+    if sharded and log_p.dim() == 2 and log_p.shape[0] == 0 and log_p.shape[1] >= 1:
+        n, k = 0, int(log_p.shape[1])  # an empty shard is fine, an empty problem is not
+    else:
+        n, k = _check_shape(tuple(log_p.shape), "log_p")
     if not log_p.is_floating_point():
         raise ValueError(f"log_p must be a floating-point tensor, got {log_p.dtype}")
     lam = _check_scalars(lam, tol, max_iters)
@@ -614,10 +748,28 @@ def sinkhorn_knopp(
     if return_q is None:
         return_q = n * k <= _AUTO_RETURN_Q_MAX_ELEMS
 
+    shards = _exchange_shards(n, k, lam, tol, max_iters, dtype, dev) if sharded else None
     streaming = chunk_size is not None
     rows = _block_rows(n, k, dev, chunk_size)
     with torch.no_grad():  # pure function of its inputs: never build an autograd graph
-        return _solve(_Solver(log_p, lam, dtype, dev, rows, streaming), tol, max_iters, return_q, t_start)
+        return _solve(_Solver(log_p, lam, dtype, dev, rows, streaming, shards), tol, max_iters, return_q, t_start)
+
+
+def _exchange_shards(n: int, k: int, lam: float, tol: float, max_iters: int, dtype: torch.dtype,
+                     dev: torch.device) -> _Shards:
+    """All-gather every rank's row count and settings (one collective): the global N, this
+    rank's row offset, and a check (raised on every rank alike) that the ranks agree on K,
+    lam, tol, max_iters and dtype and hold at least one row in all."""
+    mine = torch.tensor([n, k, lam, tol, max_iters, dtype == torch.float64], dtype=torch.float64, device=dev)
+    every = _dist.all_gather(mine).reshape(_dist.world(), -1).cpu()  # (W, 6)
+    for j, what in enumerate(("K", "lam", "tol", "max_iters", "dtype"), start=1):
+        if not bool((every[:, j] == every[0, j]).all()):
+            raise ValueError(f"sharded sinkhorn_knopp: the ranks disagree on {what}: {every[:, j].tolist()}")
+    counts = [int(c) for c in every[:, 0].tolist()]
+    n_global = sum(counts)
+    if n_global < 1:
+        raise ValueError(f"log_p must be non-empty: every rank's shard has 0 rows (K = {k})")
+    return _Shards(n_global=n_global, offset=sum(counts[: _dist.rank()]))
 
 
 def _solve(s: _Solver, tol: float, max_iters: int, return_q: bool, t_start: float) -> SinkhornResult:
@@ -638,7 +790,7 @@ def _solve(s: _Solver, tol: float, max_iters: int, return_q: bool, t_start: floa
         iterations = t + 1
         if check:
             # mean_i |c_old[i]/c_new[i] - 1| = mean_i |expm1(log c_old - log c_new)|
-            stat = float(_sliced(lambda a, b: torch.expm1(a - b).abs_(), alpha_prev, s.log_alpha()).mean())
+            stat = s.mean_over_rows(_sliced(lambda a, b: torch.expm1(a - b).abs_(), alpha_prev, s.log_alpha()))
             if stat <= tol:
                 converged = True
                 break

@@ -49,8 +49,12 @@ class Paths:
         return self.root / "reports"
 
 
-def setup(params: str | Path = "params.yaml", parse_methods: bool = True) -> Config:
-    logging.basicConfig(level=os.environ.get("SELFSUP_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = True) -> Config:
+    """Logging (under torchrun only rank 0 logs at INFO), threads, the config. The training and
+    feature stages then call ``selfsup.launch.distributed(cfg)``."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = os.environ.get("SELFSUP_LOG", "INFO") if rank == 0 else "WARNING"
+    logging.basicConfig(level=level, format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if "SELFSUP_THREADS" in os.environ:
         import torch

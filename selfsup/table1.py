@@ -42,12 +42,14 @@ def row_config(cfg: Config, row: Table1Row, n_train: int) -> tuple[Any, int]:
     return mcfg, m
 
 
-def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[str, Any]:
+def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[str, Any] | None:
     """Pretrain + extract + weighted kNN + linear probe for Table 1 row ``name`` (``data``: a
-    ``selfsup.data.Data``)."""
+    ``selfsup.data.Data``). Several processes: training and extraction are shared, the evaluation
+    runs on rank 0 (the other ranks return None)."""
     # torch, faiss and the method registry: imported here so that the report stage needs none
+    from selfsup import dist
     from selfsup.evaluate import knn_protocols, linear_eval
-    from selfsup.features import extract_features
+    from selfsup.features import extract_sharded
     from selfsup.train import pretrain
 
     t0 = time.perf_counter()
@@ -59,8 +61,10 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
     device = resolve_device(cfg.device)
     bb, meta, bs = method.backbone, data.meta, cfg.extract.batch_size
     geo = {"workers": cfg.workers, "resize": cfg.dataset.resize_size, "crop": cfg.dataset.crop_size}
-    tr = extract_features(bb, data.train, meta, device, bs, desc=f"table1 {name} train", **geo)
-    te = extract_features(bb, data.test, meta, device, bs, desc=f"table1 {name} test", **geo)
+    tr = extract_sharded(bb, data.train, meta, device, bs, desc=f"table1 {name} train", **geo)
+    te = extract_sharded(bb, data.test, meta, device, bs, desc=f"table1 {name} test", **geo)
+    if not dist.is_main():
+        return None
     ytr, yte, k = data.train.y, data.test.y, len(meta["classes"])
     knn = knn_protocols(tr, ytr, te, yte, ks=[cfg.instdisc_table1.knn_k], temperature=mcfg.temperature,
                         num_classes=k)

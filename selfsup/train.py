@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from selfsup import dist
 from selfsup.augment import ViewSpec, augment, make_views
 from selfsup.codedeps import closure, code_hash
 from selfsup.config import Config, ConfigError, config_hash
@@ -51,7 +54,10 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_key(cfg: Config, method: str, meta: dict[str, Any]) -> str:
     # what changes the numbers: not workers, log_every or checkpoint_minutes (every draw is seeded
-    # by position, not by worker; logging and checkpoints do not touch the state)
+    # by position, not by worker; logging and checkpoints do not touch the state). The number of
+    # processes is not in the key but checked beside it: an unfinished run resumes with another
+    # number (a lost node; the position is global), a finished one is not reused by another number
+    # (a new global batch is a new experiment: `dvc exp run -S dist.nproc_per_node=2` trains anew)
     shared = {"seed": cfg.seed, "device": cfg.device, "model": cfg.model, "extract": cfg.extract,
               "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
               "crop": [cfg.dataset.crop_size, cfg.dataset.resize_size]}
@@ -137,7 +143,8 @@ def pretrain(
     ``on_step(epoch, batch)`` is called after every batch (tests kill runs there);
     ``tracker`` (``selfsup.tracking.LiveRun``) is started once the loop knows whether it resumes
     (``tracker_params``: what it logs as params), then receives the step and epoch logs live."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device)  # several processes: this rank's GPU
+    rank, world, main = dist.rank(), dist.world(), dist.is_main()
     method = build_method(cfg, name, data).to(device)
     key = run_key(cfg, name, data.meta)
     ckpt_path = Path(ckpt_path)
@@ -146,9 +153,10 @@ def pretrain(
         method.skipped = f"{name}: skipped, the training split has no labels (the backbone stays at its init)"
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
-        save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": method.checkpoint_state(),
-                               "config": cfg.to_dict()})
-        if tracker is not None:
+        if main:
+            save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": method.checkpoint_state(),
+                                   "world": world, "config": cfg.to_dict()})
+        if tracker is not None and main:
             tracker.start(params=tracker_params, dataset=data.meta)
         return method, []
     mcfg = method.cfg
@@ -157,16 +165,27 @@ def pretrain(
     if cfg.compile:
         method.backbone.compile()  # in place: state_dict keys unchanged
 
+    model: torch.nn.Module = method  # what the loop calls: the method, or its DDP wrapper
+    if world > 1:
+        if mcfg.sync_bn:
+            method = dist.sync_batch_norm(method, device)
+        # buffers (queue, memory bank, pseudo-labels) are kept identical by the methods' own
+        # gathered updates, not re-broadcast every step (a bank of 1.28M x 128 is 650 MB)
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+
     size = train_image_size(cfg, data)
     views = ViewMaker(resolve_specs(method.view_specs(), size), data, device, cfg.channels_last)
     loader = TrainLoader(data.train, mcfg.batch_size, mcfg.drop_last, cfg.workers, views.crops(),
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", rank=rank, world=world)
     n_epoch = method.samples_per_epoch(data.n_train)
     batches_per_epoch = loader.num_batches(n_epoch)
     if batches_per_epoch < 1:
-        raise ConfigError(f"{name}.batch_size: {mcfg.batch_size} leaves no batch in an epoch of {n_epoch} images")
+        raise ConfigError(f"{name}.batch_size: {mcfg.batch_size} x {world} processes leaves no batch in an epoch "
+                          f"of {n_epoch} images")
     steps_per_epoch = -(-batches_per_epoch // mcfg.accumulate)
-    sched = lr_schedule(mcfg, steps_per_epoch)
+    global_batch = mcfg.batch_size * world * mcfg.accumulate
+    sched = lr_schedule(mcfg, steps_per_epoch, global_batch)
     opt = build_optimizer(method.param_groups(), mcfg)
     amp = AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
@@ -176,11 +195,12 @@ def pretrain(
             opt.state.pop(p, None)
 
     def make_batches(specs: list[ViewSpec], seed: int, batch_size: int) -> Iterator[Batch]:
+        # every sample once: each rank takes its contiguous share of the shuffled order
         vm = ViewMaker(resolve_specs(specs, size), data, device, cfg.channels_last)
         ld = TrainLoader(data.train, batch_size, False, cfg.workers, vm.crops())
-        order = np.random.default_rng(seed).permutation(data.n_train)
+        order = np.random.default_rng(seed).permutation(data.n_train)[dist.shard(data.n_train)]
         for b, (x, y, idx) in enumerate(ld.epoch(order, seed)):
-            yield vm(x, y, idx, derive_seed(seed, "views", b))
+            yield vm(x, y, idx, derive_seed(seed, "views", b, *((rank,) if world > 1 else ())))
 
     up = cfg.upstream(name)
     ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
@@ -188,7 +208,7 @@ def pretrain(
                        resize_size=cfg.dataset.resize_size, crop_size=cfg.dataset.crop_size,
                        make_batches=make_batches, reset_optimizer_state=reset_optimizer_state)
 
-    start_epoch, start_batch, history, step = 0, 0, [], 0
+    start_epoch, start_batch, history, step, sums_from = 0, 0, [], 0, 0
     saved_plan: dict[str, Any] | None = None
     sums: dict[str, torch.Tensor] = {}
     if ckpt_path.is_file():
@@ -197,22 +217,39 @@ def pretrain(
         except InputError as e:
             log.warning("%s; starting fresh", e)
             ck = {}
-        if ck.get("key") == key:
+        unfinished = ck.get("epoch", 0) < mcfg.epochs or ck.get("batch", 0) > 0
+        if ck.get("key") == key and ck.get("world", 1) != world and not unfinished:
+            log.warning("%s: %s is a finished run of %d processes; training anew with %d", name, ckpt_path,
+                        ck.get("world", 1), world)
+        elif ck.get("key") == key:
             method.load_checkpoint_state(ck["method"])
             opt.load_state_dict(ck["optimizer"])
             if scaler is not None:
                 scaler.load_state_dict(ck["scaler"])
             start_epoch, start_batch, history, step = ck["epoch"], ck["batch"], ck["history"], ck["step"]
             saved_plan, sums = ck.get("plan"), {k: v.to(device) for k, v in ck.get("sums", {}).items()}
+            sums_from = ck.get("sums_from", 0)
+            if ck.get("world", 1) != world:  # another number of processes: continue at the same sample
+                pos = start_batch * ck.get("global_batch", mcfg.batch_size)
+                start_batch = pos // (mcfg.batch_size * world)
+                step = start_epoch * steps_per_epoch + start_batch // mcfg.accumulate
+                sums, sums_from = {}, start_batch  # this epoch's running means restart from here
+                log.warning("%s: checkpoint written by %d processes, resuming with %d at sample %d of epoch %d",
+                            name, ck.get("world", 1), world, pos, start_epoch + 1)
             method.on_resume(ctx)
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
             log.warning("%s: resuming from %s after %s/%d", name, ckpt_path, where, mcfg.epochs)
         elif ck:
             log.warning("%s: %s was written by another config or code version; starting fresh", name, ckpt_path)
-    if tracker is not None:  # a resumed training continues its MLflow run
+    if tracker is not None and main:  # a resumed training continues its MLflow run
         tracker.start(params=tracker_params, dataset=data.meta, resume=bool(history) or bool(start_batch))
+    else:
+        tracker = None
 
     last_ckpt = time.monotonic()
+    # "rank,epoch,batch" (0-based epoch, batches done): tests kill one process of a run there
+    kill_at = tuple(int(v) for v in os.environ["SELFSUP_KILL_AT"].split(",")) if "SELFSUP_KILL_AT" in os.environ \
+        else None
     for epoch in range(start_epoch, mcfg.epochs):
         t0 = time.perf_counter()
         resumed_mid = bool(start_batch) and saved_plan is not None
@@ -239,41 +276,56 @@ def pretrain(
         n_batches = batches_per_epoch
         epoch_seed = derive_seed(cfg.seed, name, "crops", epoch)
         bar = tqdm(total=n_batches, initial=start_batch, desc=f"{name} ep {epoch + 1}/{mcfg.epochs}", unit="batch",
-                   leave=False, mininterval=2)
+                   leave=False, mininterval=2, disable=not main)
 
         def sync(b: int) -> dict[str, float]:
-            """Host sync: NaN check, then the epoch's running means."""
-            if int(bad_at) >= 0:
+            """Host sync: NaN check (any rank's NaN stops every rank), then the epoch's running means
+            over the batches (and the ranks)."""
+            bad = dist.all_reduce((bad_at >= 0).float(), "max")
+            if float(bad) > 0:
+                where = f"step {int(bad_at) + 1}" if int(bad_at) >= 0 else "another rank"
                 raise FloatingPointError(
-                    f"{name}: loss is {float(bad_val)} at epoch {epoch + 1}, step {int(bad_at) + 1}; training "
-                    f"stopped (lower {name}.lr, check the data)")
-            return {k: float(v) / max(b, 1) for k, v in sums.items()}
+                    f"{name}: loss is {float(bad_val) if int(bad_at) >= 0 else 'not finite'} at epoch {epoch + 1}, "
+                    f"{where}; training stopped (lower {name}.lr, check the data)")
+            names = sorted(sums)
+            vals = dist.all_reduce(torch.stack([sums[k] for k in names]), "mean") if names else None
+            return {k: float(v) / max(b - start_b, 1) for k, v in zip(names, vals if vals is not None else [])}
 
         def save(done_epochs: int, b: int) -> None:
-            """A checkpoint after ``done_epochs`` epochs and ``b`` batches of the next (b = 0: an epoch end)."""
+            """A checkpoint after ``done_epochs`` epochs and ``b`` batches of the next (b = 0: an epoch
+            end); rank 0 writes it (every rank holds the same state)."""
+            if not main:
+                return
             save_torch(ckpt_path, {
                 "key": key, "epoch": done_epochs, "batch": b, "step": step, "history": history,
+                "world": world, "global_batch": mcfg.batch_size * world,
                 "plan": plan_state if b else None, "sums": {k: v.cpu() for k, v in sums.items()} if b else {},
+                "sums_from": start_b if b else 0,
                 "method": method.checkpoint_state(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "config": cfg.to_dict()})
 
         lr = sched(step)
+        start_b = sums_from if resumed_mid else 0
+        sums_from = 0
+        per_rank = (rank,) if world > 1 else ()  # draws that must differ by rank (augmentations, dropout)
         for b, (x, y, idx) in enumerate(loader.epoch(order, epoch_seed, start_batch), start=start_batch):
-            torch.manual_seed(derive_seed(cfg.seed, name, "step", epoch, b))  # global-RNG users (shuffle-BN, dropout)
-            batch = views(x, y, idx, derive_seed(cfg.seed, name, "views", epoch, b))
-            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                out = method(batch)
-            loss = out.loss.float()
-            finite = torch.isfinite(loss)
-            newly = (bad_at < 0) & ~finite
-            bad_at = torch.where(newly, torch.full_like(bad_at, b), bad_at)
-            bad_val = torch.where(newly, loss.detach(), bad_val)
-            scaled = loss / mcfg.accumulate
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            for k, v in {"loss": loss, **out.logs}.items():
-                v = v.detach().float()
-                sums[k] = sums[k] + v if k in sums else v.clone()
+            torch.manual_seed(derive_seed(cfg.seed, name, "step", epoch, b, *per_rank))  # global-RNG users
+            batch = views(x, y, idx, derive_seed(cfg.seed, name, "views", epoch, b, *per_rank))
             stepped = (b + 1) % mcfg.accumulate == 0 or b + 1 == n_batches
+            # DDP: all-reduce the gradients only on the batch that steps (accumulation)
+            no_sync = model.no_sync() if world > 1 and not stepped else contextlib.nullcontext()
+            with no_sync:
+                with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                    out = model(batch)
+                loss = out.loss.float()
+                newly = (bad_at < 0) & ~torch.isfinite(loss)
+                bad_at = torch.where(newly, torch.full_like(bad_at, b), bad_at)
+                bad_val = torch.where(newly, loss.detach(), bad_val)
+                scaled = loss / mcfg.accumulate
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            for k, v in {"loss": loss, **out.logs}.items():
+                v = v.detach().float().to(device)
+                sums[k] = sums[k] + v if k in sums else v.clone()
             if stepped:
                 lr = sched(step)
                 for g in opt.param_groups:
@@ -303,8 +355,15 @@ def pretrain(
                     last_ckpt = time.monotonic()
             if on_step is not None:
                 on_step(epoch, b + 1)
+            if kill_at == (rank, epoch, b + 1):  # fault injection (SELFSUP_KILL_AT): this process dies here
+                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         means = sync(n_batches)
+        if world > 1:  # every rank's batch-norm running statistics saw its own batches: average them
+            for mod in method.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                    dist.all_reduce(mod.running_mean, "mean")
+                    dist.all_reduce(mod.running_var, "mean")
         train_s = time.perf_counter() - t_train
         record = {"epoch": epoch + 1, **means, **plan_metrics, "lr": lr,
                   "train_images_per_s": seen / max(train_s, 1e-9),

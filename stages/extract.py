@@ -1,4 +1,5 @@
-"""extract@<method>: final features of the train and test splits (eval mode, eval transform)."""
+"""extract@<method>: final features of the train and test splits (eval mode, eval transform); with
+several processes each extracts its share of the rows and rank 0 writes them."""
 import sys
 import time
 from pathlib import Path
@@ -6,13 +7,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.data import load_prepared  # noqa: E402
-from selfsup.features import extract_features  # noqa: E402
+from selfsup.dist import is_main  # noqa: E402
+from selfsup.features import extract_sharded  # noqa: E402
 from selfsup.io import resolve_device, write_features, write_json  # noqa: E402
+from selfsup.launch import distributed  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
 from selfsup.models import load_backbone  # noqa: E402
 
 name = sys.argv[1]
 cfg = setup(parse_methods=False)
+distributed(cfg)
 P = Paths()
 data = load_prepared(P.dataset)
 device = resolve_device(cfg.device)
@@ -21,9 +25,12 @@ t0 = time.perf_counter()
 n = 0
 for split in ("train", "test"):
     s = getattr(data, split)
-    feats = extract_features(net, s, data.meta, device, cfg.extract.batch_size, desc=f"extract {name} {split}",
-                             workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
-    write_features(P.features(name, split), feats, s.y)
+    feats = extract_sharded(net, s, data.meta, device, cfg.extract.batch_size, desc=f"extract {name} {split}",
+                            workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
+    if is_main():
+        write_features(P.features(name, split), feats, s.y)
     n += len(feats)
+if not is_main():
+    sys.exit(0)
 dt = time.perf_counter() - t0
 write_json(P.metrics("extract", name), {"seconds": dt, "images_per_s": n / dt, "dim": int(feats.shape[1])})

@@ -8,13 +8,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 from selfsup.data import load_prepared  # noqa: E402
+from selfsup.dist import is_main  # noqa: E402
 from selfsup.io import atomic_path, repo_root, write_json  # noqa: E402
+from selfsup.launch import distributed  # noqa: E402
 from selfsup.stage import Paths, check_stage_upstream, setup  # noqa: E402
 from selfsup.tracking import LiveRun, run_params  # noqa: E402
 from selfsup.train import pretrain, save_backbone  # noqa: E402
 
 name = sys.argv[1]
 cfg = setup(parse_methods=[name])
+distributed(cfg)  # under torchrun when dist asks for several processes
 P = Paths()
 check_stage_upstream(P.root / "dvc.yaml", name, cfg.methods[name])
 data = load_prepared(P.dataset)
@@ -23,6 +26,8 @@ t0 = time.perf_counter()
 # through the report
 tracker = LiveRun(repo_root(), cfg.mlflow.experiment, name, cfg.mlflow.enabled)
 method, history = pretrain(cfg, name, data, P.ckpt(name), tracker=tracker, tracker_params=run_params(cfg, name))
+if not is_main():  # rank 0 writes the outputs; every rank holds the same weights
+    sys.exit(0)
 save_backbone(P.model(name), method, cfg, data.meta)
 hist = pd.DataFrame(history, columns=None if history else ["epoch", "loss", "seconds"])
 with atomic_path(P.history(name)) as tmp:

@@ -13,17 +13,21 @@ import pandas as pd  # noqa: E402
 
 from selfsup.detection import run_voc  # noqa: E402
 from selfsup.io import atomic_path, derive_seed, read_json, resolve_device, write_json  # noqa: E402
+from selfsup.launch import distributed  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
 from selfsup.models import load_backbone  # noqa: E402
 
 name = sys.argv[1]
 cfg = setup(parse_methods=False)
+distributed(cfg)  # several processes: DDP fine-tuning (voc.bn: sync synchronises BN), rank 0 evaluates
 P = Paths()
 t0 = time.perf_counter()
 meta = read_json(P.dataset / "meta.json")  # the pre-training normalisation the backbone expects
 device = resolve_device(cfg.device)
 out = run_voc(load_backbone(P.model(name), device), P.voc, meta["mean"], meta["std"], cfg.voc,
               derive_seed(cfg.seed, "voc", name), device)
+if out is None:  # not rank 0
+    sys.exit(0)
 with atomic_path(P.voc_classes(name)) as tmp:
     pd.DataFrame(out["per_class"]).to_csv(tmp, index=False, float_format="%.4f")
 write_json(P.metrics("voc", name), {**out["summary"], "seconds": time.perf_counter() - t0})

@@ -12,12 +12,18 @@ from selfsup.sources import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    """The embedded digits dataset in the uniform on-disk format."""
+def digits_folder(tmp_path_factory):
+    """The embedded digits dataset in the uniform on-disk format: its folder."""
     out = tmp_path_factory.mktemp("digits") / "dataset"
     cfg = load_config({"methods": ["random"]})
     prepare(cfg.dataset, 0, out)
-    return load_prepared(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits(digits_folder):
+    """The embedded digits dataset, loaded (memory-mapped)."""
+    return load_prepared(digits_folder)
 
 
 def make_cfg(**over):

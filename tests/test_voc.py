@@ -240,3 +240,15 @@ def test_xml_writer_roundtrip(tmp_path):
     write_voc_xml(tmp_path / "x.xml", a)
     assert parse_voc_xml(tmp_path / "x.xml") == a
     assert "<difficult>1</difficult>" in textwrap.dedent((tmp_path / "x.xml").read_text())
+
+
+@pytest.mark.parametrize("n,b", [(10, 4), (9, 3), (3, 4), (4, 4)])
+def test_one_process_batches_are_the_dataloader_shuffle(n, b):
+    """The rank-aware sampler draws exactly what DataLoader(shuffle=True, generator) drew before it
+    (so one process fine-tunes as before), epoch after epoch."""
+    from selfsup.detection import _RankBatches
+
+    dl = torch.utils.data.DataLoader(list(range(n)), batch_size=b, shuffle=True, drop_last=n > b,
+                                     generator=torch.Generator().manual_seed(5))
+    rb = _RankBatches(n, b, 5)
+    assert [x.tolist() for _ in range(3) for x in dl] == [x for _ in range(3) for x in rb]

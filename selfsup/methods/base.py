@@ -82,11 +82,12 @@ class TrainContext:
     reset_optimizer_state: Callable[[list[nn.Parameter]], None] | None = None
 
     def extract(self, model: Callable[[torch.Tensor], torch.Tensor], desc: str = "features") -> np.ndarray:
-        """(N, D) float32 features of the whole training split in index order (eval geometry)."""
-        from selfsup.features import extract_features
+        """(N, D) float32 features of the whole training split in index order (eval geometry); with
+        several processes each extracts its share and every rank gets all of them."""
+        from selfsup.features import extract_sharded
 
-        return extract_features(model, self.data.train, self.data.meta, self.device, self.extract_batch_size,
-                                desc=desc, workers=self.workers, resize=self.resize_size, crop=self.crop_size)
+        return extract_sharded(model, self.data.train, self.data.meta, self.device, self.extract_batch_size,
+                               desc=desc, workers=self.workers, resize=self.resize_size, crop=self.crop_size)
 
     def augmented_batches(self, specs: list[ViewSpec], seed: int, batch_size: int | None = None) -> Iterator[Batch]:
         """The whole training split once, shuffled (seeded by ``seed``), with the train augmentations of

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.data import Data
 from selfsup.io import derive_seed
-from selfsup.kmeans import kmeans
+from selfsup.kmeans import faiss_gpu, kmeans
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
@@ -97,11 +98,14 @@ class DeepCluster(Method):
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         cfg = self.cfg
         t0 = time.perf_counter()
-        feats = ctx.extract(self.backbone, desc=f"deepcluster features ep{epoch}")  # (N, D)
-        x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
+        feats = ctx.extract(self.backbone, desc=f"deepcluster features ep{epoch}")  # (N, D), sharded extraction
         t1 = time.perf_counter()
-        km = kmeans(x, cfg.k, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "deepcluster-kmeans", epoch),
-                    init=cfg.kmeans_init)
+        km = None
+        if dist.is_main():  # PCA-whitening and k-means on the gathered features, the result broadcast
+            x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
+            km = kmeans(x, cfg.k, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "deepcluster-kmeans", epoch),
+                        init=cfg.kmeans_init, gpu=ctx.device.type == "cuda" and faiss_gpu())
+        km = dist.broadcast_object(km)
         t2 = time.perf_counter()
         order = uniform_cluster_indices(km.assign, self.samples_per_epoch(len(km.assign)),
                                         seed=derive_seed(ctx.seed, "deepcluster-sampler", epoch))
@@ -125,7 +129,7 @@ class DeepCluster(Method):
             "cluster_size_max": float(sizes.max()),
             "cluster_size_std": float(sizes.std()),
             "features_seconds": t1 - t0,
-            "kmeans_seconds": t2 - t1,
+            "kmeans_seconds": t2 - t1,  # PCA + k-means
         }
         if self.prev_assign is not None:
             metrics["nmi_prev"] = nmi(self.prev_assign, km.assign)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup import dist
 from selfsup.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.heads import l2n, projection_head
@@ -136,8 +137,9 @@ class InstDisc(Method):
             ids = torch.cat([idx[:, None], noise], dim=1)  # (B, 1 + m), column 0 the positive
             logits = torch.einsum("bkd,bd->bk", mem[ids], f) / c.temperature  # (B, 1 + m)
             if not self._z_known:  # official: Z from the first batch, then constant (one host sync per run)
-                if float(self.z) <= 0.0:
-                    self.z.fill_(estimate_z(logits, self.bank.n))
+                if float(self.z) <= 0.0:  # several processes: the mean of the ranks' estimates, one Z for all
+                    z = torch.tensor([estimate_z(logits, self.bank.n)], dtype=torch.float64, device=logits.device)
+                    self.z.fill_(float(dist.all_reduce(z, "mean")))
                 self._z_known = True
             loss = nce_loss(logits, self.z.log().float(), self.bank.n)
             logs["z"] = self.z.float()
@@ -149,8 +151,9 @@ class InstDisc(Method):
         return StepOut(loss, logs)
 
     def on_after_step(self, stepped: bool) -> None:
-        # the bank entries of the batch become normalise(m v + (1 - m) f) after the step's loss
+        # the bank entries of the batch become normalise(m v + (1 - m) f) after the step's loss;
+        # several processes: the (index, embedding) pairs of all ranks, so every bank stays the same
         if self._pending is not None and self.bank is not None:
             idx, f = self._pending
-            self.bank.update(idx, f, self.cfg.memory_momentum)
+            self.bank.update(dist.all_gather(idx), dist.all_gather(f), self.cfg.memory_momentum)
         self._pending = None

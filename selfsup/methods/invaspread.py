@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from selfsup import dist
 from selfsup.config import TrainCfg, one_of, positive
 from selfsup.contrastive import invaspread_loss
 from selfsup.heads import HEADS, l2n, projection_head
@@ -74,7 +75,9 @@ class InvaSpread(Method):
         b = len(x1)
         z = l2n(self.head(self.backbone(torch.cat([x1, x2]))).float())  # (2B, dim), one pass as the official code
         z1, z2 = z[:b], z[b:]
-        loss = invaspread_loss(z1, z2, self.cfg.temperature, self.cfg.loss_form, self.cfg.detach)
+        # several processes: the code form's candidates are the views of all ranks (the paper form stays per rank)
+        loss = invaspread_loss(z1, z2, self.cfg.temperature, self.cfg.loss_form, self.cfg.detach,
+                               gather=dist.world() > 1)
         with torch.no_grad():
             pos_sim = (z1 * z2).sum(1).mean()
         return StepOut(loss, {"pos_sim": pos_sim})

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.io import InputError, atomic_path, derive_seed
@@ -49,7 +50,7 @@ from selfsup.metrics import nmi
 from selfsup.models import load_backbone
 from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
                                soft_label_loss, soft_targets)
-from selfsup.pca import pca_whiten
+from selfsup.pca import PCAWhitening
 
 ASSIGNMENT = "assignment.parquet"
 
@@ -175,21 +176,32 @@ class MLCD(Method):
         except RuntimeError as e:  # e.g. an upstream encoder built for other channels / sizes
             raise InputError(f"{ctx.upstream}: upstream encoder of mlcd does not take this dataset's images ({e})") \
                 from e
-        if cfg.pca_dim:
+        # several processes: the whitening and k-means on rank 0 (broadcast), the top-l assignment
+        # sharded (each rank its rows against the centroids), gathered
+        pca = None
+        if cfg.pca_dim and dist.is_main():
             try:
-                x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
+                pca = PCAWhitening.fit(feats, cfg.pca_dim)
             except ValueError as e:
                 raise ConfigError(f"mlcd.pca_dim: {e}") from e
-        else:
-            x = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)  # (N, D')
+        pca = dist.broadcast_object(pca)
+        sl = dist.shard(len(feats))
+        x = pca.transform(feats) if pca is not None else \
+            feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)  # (N, d), unit rows
         t1 = time.perf_counter()
-        km = kmeans(x, cfg.centres, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "mlcd-kmeans", epoch),
-                    init=cfg.kmeans_init)
-        ids, sims = topk_centroids(x, km.centroids, cfg.positives)  # (N, l) each
+        km = None
+        if dist.is_main():
+            km = kmeans(x, cfg.centres, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "mlcd-kmeans", epoch),
+                        init=cfg.kmeans_init)
+        km = dist.broadcast_object(km)
+        ids, sims = topk_centroids(x[sl], km.centroids, cfg.positives)  # (n_r, l) each, this rank's rows
+        if dist.world() > 1:
+            ids = dist.all_gather_varlen(torch.from_numpy(ids).to(ctx.device)).cpu().numpy()
+            sims = dist.all_gather_varlen(torch.from_numpy(sims).to(ctx.device)).cpu().numpy()
         t2 = time.perf_counter()
         self.digest = assignment_digest(ids, sims)
         self.clustered_at = epoch
-        if ctx.work_dir is not None:
+        if ctx.work_dir is not None and dist.is_main():
             write_assignment(Path(ctx.work_dir) / ASSIGNMENT, ids, sims, epoch, self.digest)
         self._set_assignment(ids, sims, ctx.device)
 

@@ -15,10 +15,14 @@ one-GPU CIFAR-10 demo notebook) do it.
   enqueued after the step (``on_after_step``).
 - v2: an MLP head (Linear -> ReLU -> Linear, no BN, as the official ``--mlp``),
   temperature 0.2, cosine lr, blur augmentation ("aug+"), on ImageNet.
-- Shuffle-BN (sec. 3.3) needs several devices; on one device we do what the official
-  CIFAR demo does: ``bn_splits`` sub-batch BN (``selfsup.momentum.SplitBatchNorm``)
-  in both encoders plus a random permutation of the key batch (``shuffle_bn``).
-  ``bn_splits: 1`` is plain BN (the demo: "analogous to SyncBatchNorm").
+- Shuffle-BN (sec. 3.3): with several processes, as the official ``_batch_shuffle_ddp``: the
+  key views of all ranks are gathered, permuted by a permutation drawn on rank 0 and broadcast,
+  each rank encodes its slice of the shuffled batch (so its BN statistics mix images of other
+  ranks), the keys are gathered and un-shuffled, and each rank keeps its own; the queue is fed
+  with the gathered keys, so it is identical on every rank (``bn_splits`` is ignored there).
+  On one device we do what the official CIFAR demo does: ``bn_splits`` sub-batch BN
+  (``selfsup.momentum.SplitBatchNorm``) in both encoders plus a random permutation of the key
+  batch (``shuffle_bn``). ``bn_splits: 1`` is plain BN (the demo: "analogous to SyncBatchNorm").
 - ``symmetric`` (demo option, off by default as in the paper): also the loss with the
   views swapped, summed (the demo's loss_12 + loss_21), both key batches enqueued.
 - Everything needed to resume exactly (key encoder, queue and its pointer) lives in
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import info_nce
 from selfsup.heads import HEADS, l2n, projection_head
@@ -90,7 +95,7 @@ class MoCo(Method):
     views = 2
 
     def __init__(self, backbone: Any, cfg: MoCoCfg, num_classes: int):
-        if cfg.bn_splits > 1:  # same weights and state_dict keys: the saved backbone is a plain one
+        if cfg.bn_splits > 1 and dist.world() == 1:  # same weights and keys: the saved backbone is a plain one
             split_batch_norm(backbone, cfg.bn_splits)
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim)
@@ -110,7 +115,15 @@ class MoCo(Method):
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
-        return shuffled(self._key_net, x) if self.cfg.shuffle_bn else self._key_net(x)
+        if not self.cfg.shuffle_bn:
+            return self._key_net(x)
+        if dist.world() == 1:
+            return shuffled(self._key_net, x)
+        b, r = len(x), dist.rank()
+        x_all = dist.all_gather(x)  # (W B, C, H, W), rank order
+        perm = dist.broadcast(torch.randperm(len(x_all), device=x.device))  # rank 0's permutation
+        k = dist.all_gather(self._key_net(x_all[perm[r * b:(r + 1) * b]]))  # (W B, D), in shuffled order
+        return k[torch.argsort(perm)][r * b:(r + 1) * b]  # un-shuffled: this rank's keys
 
     def forward(self, batch: Batch) -> StepOut:
         c = self.cfg
@@ -124,7 +137,7 @@ class MoCo(Method):
             k1 = self._keys(x1).float()
             loss = loss + info_nce(self._query(x2).float(), k1, queue, c.temperature)
             keys = torch.cat([k1, k2])  # the demo enqueues both key batches
-        self._pending = keys
+        self._pending = dist.all_gather(keys)  # every rank enqueues the keys of all ranks
         with torch.no_grad():
             pos_sim = (q1 * k2).sum(1).mean()
         return StepOut(loss, {"pos_sim": pos_sim})

@@ -23,6 +23,10 @@
   (``relabel_features: train``; the batches are shuffled as the official loader's, so each
   batch mixes classes whatever the storage order, and the activations are put back in index
   order); ``eval`` uses the eval-mode model and eval transform, like DeepCluster.
+- Several processes: each rank computes the activations of its share of the samples and holds
+  those rows of log P; Sinkhorn-Knopp runs sharded, the cluster marginals all-reduced every
+  iteration (``sinkhorn_knopp(..., sharded=True)``, as SwAV's ``distributed_sinkhorn``), and the
+  labels of all ranks are gathered, so every rank holds the same labels.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.data import Data
 from selfsup.io import derive_seed
@@ -98,15 +103,20 @@ class SeLa(Method):
 
     # ------------------------------------------------------------------ labels
     @torch.no_grad()
-    def _features(self, epoch: int, ctx: TrainContext) -> torch.Tensor:
-        """(N, D) backbone features of the whole training split, in index order."""
+    def _features(self, epoch: int, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the training split: (n_r,) indices, ascending, and their (n_r, D)
+        backbone features (one process: all N, in index order)."""
         if self.cfg.relabel_features == "eval":
-            return torch.from_numpy(ctx.extract(self.backbone, desc="sela features")).to(ctx.device)
+            sl = dist.shard(ctx.data.n_train)
+            f = torch.from_numpy(ctx.extract(self.backbone, desc="sela features")[sl]).to(ctx.device)
+            return torch.arange(sl.start, sl.stop, device=ctx.device), f
         self.backbone.train()  # official: activations from the (shuffled) training loader, train mode
-        out = torch.zeros(ctx.data.n_train, self.backbone.out_dim, device=ctx.device)
+        idx, out = [], []
         for batch in ctx.augmented_batches(self.view_specs(), derive_seed(ctx.seed, "sela-relabel", epoch)):
-            out[batch.idx] = self.backbone(batch.x).float()
-        return out
+            idx.append(batch.idx)
+            out.append(self.backbone(batch.x).float())
+        order = torch.argsort(torch.cat(idx))
+        return torch.cat(idx)[order], torch.cat(out)[order]
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         cfg = self.cfg
@@ -119,7 +129,7 @@ class SeLa(Method):
             return EpochPlan()
 
         t0 = time.perf_counter()
-        feats = self._features(epoch, ctx)  # (N, D)
+        rows, feats = self._features(epoch, ctx)  # (n_r,), (n_r, D): this rank's samples
         t1 = time.perf_counter()
         todo = range(cfg.heads) if cfg.relabel_heads == "all" else [epoch % cfg.heads]
         iters, errs, nmi_prev, nmi_true, spread = [], [], [], [], []
@@ -127,10 +137,12 @@ class SeLa(Method):
         labelled = y >= 0
         for h in todo:
             with torch.no_grad():
-                log_p = torch.log_softmax(self.heads[h](feats).float(), dim=1)  # (N, clusters)
+                log_p = torch.log_softmax(self.heads[h](feats).float(), dim=1)  # (n_r, clusters)
+            # several processes: each rank holds its rows, the cluster marginals are all-reduced
             res = sinkhorn_knopp(log_p, cfg.lam, tol=cfg.sk_tol, max_iters=cfg.sk_max_iters, device=ctx.device,
-                                 return_q=False)
-            new = res.labels.to(ctx.device)
+                                 return_q=False, sharded=dist.world() > 1)
+            new = torch.empty(n, dtype=torch.long, device=ctx.device)
+            new[dist.all_gather_varlen(rows)] = dist.all_gather_varlen(res.labels.to(ctx.device))
             old = self.labels[h].cpu().numpy().copy()  # copy: on a CPU .numpy() shares memory with labels
             self.labels[h] = new
             new_np = new.cpu().numpy()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from selfsup import dist
 from selfsup.config import TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import nt_xent
 from selfsup.heads import HEADS, l2n, projection_head
@@ -74,7 +75,7 @@ class SimCLR(Method):
         b = len(x1)
         z = l2n(self.head(self.backbone(torch.cat([x1, x2]))).float())  # (2B, dim); BN statistics over all 2B views
         z1, z2 = z[:b], z[b:]
-        loss = nt_xent(z1, z2, self.cfg.temperature)
+        loss = nt_xent(z1, z2, self.cfg.temperature, gather=dist.world() > 1)
         with torch.no_grad():
             pos_sim = (z1 * z2).sum(1).mean()
         return StepOut(loss, {"pos_sim": pos_sim})
