@@ -218,25 +218,31 @@ class _RankBatches(torch.utils.data.Sampler):
     """Global batches of ``batch`` images from a seeded shuffle, the same on every rank (one epoch per
     pass); rank r takes its contiguous ``batch / world`` of each (one process: all of it)."""
 
-    def __init__(self, n: int, batch: int, seed: int):
+    def __init__(self, n: int, batch: int, generator: torch.Generator):
         self.n, self.batch, self.world, self.rank = n, batch, dist.world(), dist.rank()
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = generator
         self.full = n >= batch  # drop a short last batch when there is a full one (as drop_last)
 
     def __len__(self) -> int:
         return self.n // self.batch if self.full else 1
 
     def __iter__(self) -> Any:
-        # the draws of DataLoader(shuffle=True, generator=g), which this replaces, so that one process
-        # trains exactly as before: an int64 for the workers' base seed, the permutation, and the
-        # RandomSampler's trailing (empty) slice of a second permutation when it is exhausted
-        torch.empty((), dtype=torch.int64).random_(generator=self.g)
         perm = torch.randperm(self.n, generator=self.g).tolist()
         per = self.batch // self.world
         for s in range(len(self)):
             glob = perm[s * self.batch:(s + 1) * self.batch]
             yield glob[self.rank * per:(self.rank + 1) * per] if self.world > 1 else glob
-        torch.randperm(self.n, generator=self.g)
+        torch.randperm(self.n, generator=self.g)  # RandomSampler's trailing (empty) slice, see voc_loader
+
+
+def voc_loader(ds: Any, batch: int, seed: int) -> torch.utils.data.DataLoader:
+    """This rank's training batches. With one process it draws exactly what the earlier
+    DataLoader(shuffle=True, generator=g, drop_last) drew: the loader's own int64 (its workers'
+    base seed, from the generator it is given, not the global RNG the detector samples RoIs with),
+    the permutation, and the sampler's trailing permutation when it is exhausted."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_sampler=_RankBatches(len(ds), batch, g), generator=g,
+                                       collate_fn=_collate, num_workers=0)
 
 
 def train_detector(model: FasterRCNN, ds: VocDetection, cfg: VocCfg, seed: int,
@@ -246,8 +252,7 @@ def train_detector(model: FasterRCNN, ds: VocDetection, cfg: VocCfg, seed: int,
     the ranks; with ``voc.bn: sync`` the batch norm is synchronised over them."""
     if cfg.batch_size % dist.world():
         raise ValueError(f"voc.batch_size: {cfg.batch_size} images do not split over {dist.world()} processes")
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=_RankBatches(len(ds), cfg.batch_size, seed),
-                                         collate_fn=_collate, num_workers=0)
+    loader = voc_loader(ds, cfg.batch_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.to(device).train()

@@ -244,11 +244,17 @@ def test_xml_writer_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("n,b", [(10, 4), (9, 3), (3, 4), (4, 4)])
 def test_one_process_batches_are_the_dataloader_shuffle(n, b):
-    """The rank-aware sampler draws exactly what DataLoader(shuffle=True, generator) drew before it
-    (so one process fine-tunes as before), epoch after epoch."""
-    from selfsup.detection import _RankBatches
+    """The rank-aware loader draws exactly what DataLoader(shuffle=True, generator) drew before it
+    (so one process fine-tunes as before), epoch after epoch, and leaves the global RNG (which the
+    detector samples its RoIs with) as that did."""
+    from selfsup.detection import _collate, voc_loader
 
-    dl = torch.utils.data.DataLoader(list(range(n)), batch_size=b, shuffle=True, drop_last=n > b,
-                                     generator=torch.Generator().manual_seed(5))
-    rb = _RankBatches(n, b, 5)
-    assert [x.tolist() for _ in range(3) for x in dl] == [x for _ in range(3) for x in rb]
+    def run(make):
+        torch.manual_seed(0)
+        dl = make()
+        return [x for _ in range(3) for x in dl], torch.rand(3).tolist()
+
+    ds = [(i,) for i in range(n)]
+    old = run(lambda: torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, drop_last=n > b, collate_fn=_collate,
+                                                  generator=torch.Generator().manual_seed(5)))
+    assert run(lambda: voc_loader(ds, b, 5)) == old
