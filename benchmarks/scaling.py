@@ -47,20 +47,15 @@ def worker(a: argparse.Namespace) -> None:
     from selfsup import dist
     from selfsup.config import load_config
     from selfsup.train import pretrain
-    from throughput import synthetic
+    from throughput import bench_block, synthetic
 
     dist.init_from_env("auto", 300)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     data = synthetic(a.batch * a.steps * dist.world(), a.size, seed=0)
     out = {}
     for m in a.methods.split(","):
-        block = {**(raw.get(m) or {}), "epochs": 2, "batch_size": a.batch, "warmup_epochs": 0}
-        for k, v in {"k": 10, "clusters": 10, "centres": 20, "pca_dim": 8, "nce_m": 64, "queue_size": 4 * a.batch,
-                     "bn_splits": 2}.items():
-            if k in block:
-                block[k] = v
-        cfg = load_config({"methods": [m], m: block, "device": a.device, "model": {"backbone": a.backbone},
-                           "log_every": 10_000})
+        cfg = load_config({"methods": [m], m: bench_block(raw, m, a.batch), "device": a.device,
+                           "model": {"backbone": a.backbone}, "log_every": 10_000})
         with tempfile.TemporaryDirectory() as tmp:
             _, hist = pretrain(cfg, m, data, Path(tmp) / f"ck{dist.rank()}.pt")
         out[m] = hist[-1]["train_images_per_s"] * dist.world()  # every rank trains batch x steps

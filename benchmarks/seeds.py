@@ -2,6 +2,7 @@
 change of the numbers is compared against.
 
     python benchmarks/seeds.py --methods deepcluster,mlcd,instdisc,moco,invaspread --seeds 0,1,2,3
+    python benchmarks/seeds.py --methods deepcluster,instdisc,moco,simclr --seeds 0 --batch-factor 2
 
 Each seed trains the methods of params.yaml with that run seed (the data split stays seed 0), MLCD
 on the DeepCluster encoder of the same seed, and prints each kNN-200 top-1 (weighted, T 0.07) and
@@ -38,6 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="deepcluster,mlcd,instdisc,moco,invaspread")
     ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--batch-factor", type=int, default=1,
+                    help="multiply each method's batch_size (one process at the global batch of N processes)")
     a = ap.parse_args()
     methods, seeds = a.methods.split(","), [int(s) for s in a.seeds.split(",")]
     raw = yaml.safe_load(Path("params.yaml").read_text())
@@ -47,6 +50,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as t:
             tmp = Path(t)
             run = dict(raw, seed=seed, device="cpu")
+            for m in methods:
+                if a.batch_factor != 1 and "batch_size" in (raw.get(m) or {}):
+                    run[m] = {**raw[m], "batch_size": raw[m]["batch_size"] * a.batch_factor}
             run["methods"] = {m: str(tmp / "deepcluster.pt") if m == "mlcd" else "data/dataset" for m in methods}
             prepare(load_config({**run, "methods": ["random"]}).dataset, 0, tmp / "ds")
             data = load_prepared(tmp / "ds")

@@ -50,6 +50,17 @@ def synthetic(n: int, size: int, classes: int = 10, seed: int = 0) -> Data:
     return Data(Split(x, y), Split(x[:0], y[:0]), meta)
 
 
+def bench_block(raw: dict, m: str, batch: int) -> dict:
+    """Method ``m``'s params block sized for a two-epoch benchmark on synthetic data: its digits
+    settings, ``batch`` per process, small clustering / bank / queue sizes, no warm-up."""
+    block = {**(raw.get(m) or {}), "epochs": 2, "batch_size": batch, "warmup_epochs": 0}
+    for k, v in {"k": 10, "clusters": 10, "centres": 20, "pca_dim": 8, "nce_m": 64, "queue_size": 4 * batch,
+                 "bn_splits": 2}.items():
+        if k in block:
+            block[k] = v
+    return block
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -130,13 +141,9 @@ def main() -> None:
     print(f"{'method':<12} {'views':>5} {'train img/s':>11} {'bare img/s':>10} {'ratio':>6} "
           f"{'aug batched':>11} {'aug per-img':>11}")
     for m in a.methods.split(","):
-        block = {**(raw.get(m) or {}), "epochs": 2, "batch_size": a.batch, "warmup_epochs": 0}
-        for k, v in {"k": 10, "clusters": 10, "centres": 20, "pca_dim": 8, "nce_m": 64, "queue_size": 4 * a.batch,
-                     "bn_splits": 2}.items():
-            if k in block:
-                block[k] = v
         cfg = load_config({**{k: v for k, v in raw.items() if k not in METHODS + ["random"]},
-                           "methods": [m], m: block, "device": str(dev), "precision": a.precision,
+                           "methods": [m], m: bench_block(raw, m, a.batch), "device": str(dev),
+                           "precision": a.precision,
                            "channels_last": a.channels_last, "model": {"backbone": a.backbone},
                            "log_every": 10_000, "workers": a.workers})
         with tempfile.TemporaryDirectory() as tmp:

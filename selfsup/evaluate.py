@@ -67,10 +67,10 @@ def cluster_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarra
                  nredo: int, seed: int, init: str = "kmeans++") -> dict[str, Any]:
     """k-means on the training features (all of them, labelled or not); metrics against the
     labels on train, and on test via nearest centroid. The headline numbers are train's."""
-    from selfsup.kmeans import assign_to_centroids, kmeans
+    from selfsup.kmeans import assign_to_centroids, faiss_gpu, kmeans
     from selfsup.metrics import ari, hungarian_accuracy, nmi
 
-    km = kmeans(tr, k, niter=niter, seed=seed, nredo=nredo, init=init)
+    km = kmeans(tr, k, niter=niter, seed=seed, nredo=nredo, init=init, gpu=faiss_gpu())
     out: dict[str, Any] = {"k": k, "objective": km.objective}
     if (s := _skip("cluster", ytr, yte)) is not None:
         return {**out, **s}

@@ -44,12 +44,17 @@ import contextlib
 import io
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import faiss
 import numpy as np
-import torch
 from faiss.contrib import clustering as faiss_clustering
 
-from selfsup import dist
+if TYPE_CHECKING:
+    import torch
+
+# torch and selfsup.dist are imported inside the sharded functions only: the kNN and cluster stages
+# use the one-process k-means and should not pay torch's start-up (~2-7 s per stage)
 
 
 @dataclass
@@ -135,8 +140,12 @@ def topk_centroids(x: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.nda
 # --------------------------------------------------------------------------------------------- #
 # Sharded k-means (see the module docstring)
 # --------------------------------------------------------------------------------------------- #
-def _comm_device() -> torch.device:
+def _comm_device() -> "torch.device":
     """Where collective buffers live: the GPU with NCCL, the CPU otherwise (gloo)."""
+    import torch
+
+    from selfsup import dist
+
     if dist.is_dist() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -144,12 +153,20 @@ def _comm_device() -> torch.device:
 
 def _gather_rows(a: np.ndarray) -> np.ndarray:
     """Every rank's (n_r, ...) array -> (N, ...) concatenated in rank order."""
+    import torch
+
+    from selfsup import dist
+
     if dist.world() == 1:
         return a
     return dist.all_gather_varlen(torch.from_numpy(np.ascontiguousarray(a)).to(_comm_device())).cpu().numpy()
 
 
 def _all_reduce_np(a: np.ndarray, op: str) -> np.ndarray:
+    import torch
+
+    from selfsup import dist
+
     if dist.world() == 1:
         return a
     return dist.all_reduce(torch.from_numpy(np.ascontiguousarray(a)).to(_comm_device()), op).cpu().numpy()
@@ -176,6 +193,8 @@ class ShardedDatasetAssign(faiss_clustering.DatasetAssign):
             raise ValueError(f"x_shard: the ranks disagree on the dimension d: {sizes[:, 1].tolist()}")
         self.sizes = sizes[:, 0]  # (W,) rows per rank
         self.n = int(self.sizes.sum())  # global N
+        from selfsup import dist
+
         self.offset = int(self.sizes[: dist.rank()].sum())  # global index of this rank's first row
         self._grid = None  # fixed-point exponents for the unweighted sums (global, cached)
 

@@ -2,12 +2,14 @@
 
 Cosine similarity of L2-normalised features; the top-k training neighbours vote
 for their class with weight exp(sim / T). faiss does the search (exact inner
-product).
+product; on the GPUs when faiss has GPU support: the ``gpu`` install extra).
 """
 from __future__ import annotations
 
 import faiss
 import numpy as np
+
+from selfsup.kmeans import faiss_gpu
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -23,6 +25,8 @@ def knn_predict_scores(
     tr, te = l2n(train), l2n(test)  # (Ntr, D), (Nte, D)
     k = min(k, len(tr))
     index = faiss.IndexFlatIP(tr.shape[1])
+    if faiss_gpu():
+        index = faiss.index_cpu_to_all_gpus(index)
     index.add(tr)
     scores = np.zeros((len(te), num_classes), np.float64)
     for s in range(0, len(te), batch):
