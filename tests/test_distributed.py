@@ -200,7 +200,8 @@ def _stage(tmp, *args, env=None, timeout=600):
 def test_a_lost_rank_stops_the_run_and_it_resumes(tmp_path):
     """Rank 1 is killed (SIGKILL) in the middle of epoch 2: the stage exits non-zero, torchrun names
     the lost rank, within the collective timeout; the same command (what `dvc repro` runs) then
-    resumes from the last checkpoint and finishes."""
+    resumes from the last checkpoint and finishes, here with one process instead of two (a lost
+    node): it continues at the same sample of the epoch."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["methods"] = {"moco": "data/dataset"}
     params["dataset"].update(max_train=256, max_test=64)
@@ -217,8 +218,12 @@ def test_a_lost_rank_stops_the_run_and_it_resumes(tmp_path):
     assert "rank: 1" in err and ("Signal 9" in err or "SIGKILL" in err or "exitcode: -9" in err), err[-3000:]
     ck = torch.load(tmp_path / "data" / "pretrain" / "moco" / "ckpt.pt", weights_only=False)
     assert (ck["epoch"], ck["world"]) == (1, 2) and ck["batch"] >= 1  # mid-epoch 2, written by rank 0
+    params["dist"]["nproc_per_node"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r, _ = _stage(tmp_path, "pretrain.py", "moco")
     assert r.returncode == 0, r.stderr[-3000:]
+    pos = ck["batch"] * 2 * 32
+    assert f"written by 2 processes, resuming with 1 at sample {pos} of epoch 2" in r.stderr, r.stderr[-3000:]
     assert "resuming" in r.stderr, r.stderr[-3000:]
     out = json.loads((tmp_path / "metrics" / "pretrain" / "moco.json").read_text())
     assert out["epochs"] == 3 and (tmp_path / "data" / "models" / "moco.pt").is_file()
