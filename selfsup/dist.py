@@ -100,18 +100,32 @@ def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([full[i * big: i * big + s] for i, s in enumerate(sizes)])
 
 
+_GROUP: Any = None
+
+
+def _grad_group() -> Any:
+    """A second process group for the collectives inside autograd (the gradient-carrying gather and
+    all-reduce), so that they are ordered apart from DDP's asynchronous all-reduces of gradient
+    buckets on the default group during the same backward pass. Created on first use (a collective
+    call: every rank reaches it at the same point of the same forward)."""
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = dist.new_group()
+    return _GROUP
+
+
 class _GatherGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.b = x.shape[0]
         out = [torch.empty_like(x) for _ in range(world())]
-        dist.all_gather(out, x.contiguous())
+        dist.all_gather(out, x.contiguous(), group=_grad_group())
         return torch.cat(out)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss, back to the rank that computed each row
+        dist.all_reduce(grad, group=_grad_group())  # every rank's loss, back to the rank that computed each row
         r = rank()
         return grad[r * ctx.b:(r + 1) * ctx.b]
 
@@ -121,6 +135,13 @@ def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     if world() == 1:
         return x
     return _GatherGrad.apply(x)
+
+
+def all_reduce_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable: every rank's input gets the sum of the ranks' output gradients."""
+    if world() == 1:
+        return x
+    return _AllReduceGrad.apply(x)
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -157,8 +178,10 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    global _GROUP
     if is_dist():
         dist.destroy_process_group()
+    _GROUP = None
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -167,13 +190,13 @@ class _AllReduceGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_grad_group())
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=_grad_group())
         return grad
 
 

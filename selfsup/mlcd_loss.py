@@ -104,3 +104,45 @@ def soft_label_loss(cos: torch.Tensor, pcol: torch.Tensor, weights: torch.Tensor
     sampled centres. cos (B, M), pcol (B, l), weights (B, l) -> (B,)."""
     logp = torch.log_softmax(scale * cos, dim=1)  # (B, M)
     return -(weights * logp.gather(1, pcol)).sum(1)
+
+
+def _dist_logsumexp1p(z: torch.Tensor) -> torch.Tensor:
+    """log(1 + sum_j exp(z_j)) per row over the entries of all ranks: z (R, M_r) this rank's part
+    (-inf: absent) -> (R,), identical on every rank. Shifted by the all-reduced row max (a constant
+    for the gradient), the shifted sums all-reduced with their gradient."""
+    from selfsup import dist
+
+    with torch.no_grad():
+        m = dist.all_reduce(z.max(1).values.clamp(min=0.0), "max")  # (R,) >= 0: the "1" term is exp(0)
+    s = torch.exp(z - m[:, None]).sum(1)  # (R,) this rank's share; exp(-inf) = 0
+    s = dist.all_reduce_grad(s) + torch.exp(-m)  # + the 1, once
+    return m + torch.log(s)
+
+
+def sharded_multilabel_loss(emb: torch.Tensor, pos: torch.Tensor, centres: torch.Tensor, lo: int, num_centres: int,
+                            ratio: float, scale: float, margin: float, margin_type: str = "arc") -> torch.Tensor:
+    """MLCD's loss with the class centres sharded over the ranks (PartialFC's model parallelism):
+    rank r holds centres [lo, lo + C_r) of ``num_centres``. The embeddings and positives of all ranks
+    are gathered (the embeddings with their gradient); each rank samples negatives from its own
+    shard (every positive of the global batch that falls in it kept, ``ratio`` of the others) and
+    computes its share of each image's two sums; the log(1 + sum) of all shards is a distributed
+    log-sum-exp. emb (B, D), pos (B, l) global centre ids -> (W B,) the per-image losses of the
+    global batch, the same on every rank (mean them; the centres' gradient is that of the global
+    mean, the backbone's that of the global mean times W, which DDP's averaging divides back)."""
+    from selfsup import dist
+
+    e = dist.all_gather_grad(emb)  # (W B, D)
+    p = dist.all_gather(pos)  # (W B, l) global centre ids
+    c_r = centres.shape[0]
+    local = (p >= lo) & (p < lo + c_r)  # (W B, l) positives in this shard
+    index = sample_centres((p[local] - lo).view(-1, 1), c_r, ratio)  # (M_r,) local ids, sorted
+    m_r = index.numel()
+    # columns of the positives in the sampled set; off-shard positives point at a dummy column m_r
+    pcol = torch.where(local, positive_columns(index, (p - lo).clamp(0, c_r - 1)), torch.full_like(p, m_r))
+    cos = cosine_logits(e, centres, index)  # (W B, M_r)
+    cos_x = torch.cat([cos, cos.new_zeros(len(cos), 1)], 1)  # (W B, M_r + 1)
+    neg = torch.ones_like(cos_x, dtype=torch.bool).scatter_(1, pcol, False)[:, :m_r]  # (W B, M_r)
+    z_neg = torch.where(neg, scale * cos, torch.full_like(cos, -math.inf))
+    pos_logit = apply_margin(cos_x.gather(1, pcol), margin, margin_type)  # (W B, l)
+    z_pos = torch.where(local, -scale * pos_logit, torch.full_like(pos_logit, -math.inf))
+    return _dist_logsumexp1p(z_neg) + _dist_logsumexp1p(z_pos)

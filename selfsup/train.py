@@ -96,6 +96,15 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
     return cls.from_data(backbone, mcfg, data)
 
 
+def ddp_ignore(method: Method) -> list[str]:
+    """The names DDP must leave alone: the rank-local parameters (e.g. MLCD's sharded centres). A
+    top-level parameter is listed twice: DDP filters its parameter list by ``name`` but its reducer
+    by ``module_name + "." + name``, which is ``".name"`` at the top level (torch 2.14: with the
+    plain name only, the reducer still averaged the shard's gradient over the ranks)."""
+    names = method.rank_local_params()
+    return [*names, *(f".{n}" for n in names if "." not in n)]
+
+
 def resolve_specs(specs: list[ViewSpec], size: int) -> list[ViewSpec]:
     """Views with size 0 take ``size`` (the dataset's view side)."""
     return [s if s.size else dataclasses.replace(s, size=size) for s in specs]
@@ -153,9 +162,10 @@ def pretrain(
         method.skipped = f"{name}: skipped, the training split has no labels (the backbone stays at its init)"
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
+        state = method.checkpoint_state()
         if main:
-            save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": method.checkpoint_state(),
-                                   "world": world, "config": cfg.to_dict()})
+            save_torch(ckpt_path, {"key": key, "epoch": 0, "history": [], "method": state, "world": world,
+                                   "config": cfg.to_dict()})
         if tracker is not None and main:
             tracker.start(params=tracker_params, dataset=data.meta)
         return method, []
@@ -171,6 +181,7 @@ def pretrain(
             method = dist.sync_batch_norm(method, device)
         # buffers (queue, memory bank, pseudo-labels) are kept identical by the methods' own
         # gathered updates, not re-broadcast every step (a bank of 1.28M x 128 is 650 MB)
+        method._ddp_params_and_buffers_to_ignore = ddp_ignore(method)
         model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
@@ -189,6 +200,12 @@ def pretrain(
     opt = build_optimizer(method.param_groups(), mcfg)
     amp = AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    named = dict(method.named_parameters())
+    local_params = [named[n] for n in method.rank_local_params()] if world > 1 else []
+
+    def rank_file(r: int) -> Path:
+        return ckpt_path.with_name(f"{ckpt_path.stem}.rank{r}.pt")
 
     def reset_optimizer_state(params: list[torch.nn.Parameter]) -> None:
         for p in params:
@@ -223,7 +240,13 @@ def pretrain(
                         ck.get("world", 1), world)
         elif ck.get("key") == key:
             method.load_checkpoint_state(ck["method"])
-            opt.load_state_dict(ck["optimizer"])
+            same = ck.get("world", 1) == world and (not local_params or rank_file(rank).is_file())
+            opt.load_state_dict(load_torch(rank_file(rank)) if local_params and same else ck["optimizer"])
+            if local_params and not same:  # another sharding: the shards' momentum starts afresh
+                for p in local_params:
+                    opt.state.pop(p, None)
+                log.warning("%s: resumed with another number of processes: the optimiser state of the "
+                            "rank-local parameters restarts", name)
             if scaler is not None:
                 scaler.load_state_dict(ck["scaler"])
             start_epoch, start_batch, history, step = ck["epoch"], ck["batch"], ck["history"], ck["step"]
@@ -293,7 +316,10 @@ def pretrain(
 
         def save(done_epochs: int, b: int) -> None:
             """A checkpoint after ``done_epochs`` epochs and ``b`` batches of the next (b = 0: an epoch
-            end); rank 0 writes it (every rank holds the same state)."""
+            end); every rank builds the method's state (it may gather), rank 0 writes it."""
+            state = method.checkpoint_state()
+            if local_params:  # each rank's optimiser state of its shard (rank 0's is in the checkpoint)
+                save_torch(rank_file(rank), opt.state_dict())
             if not main:
                 return
             save_torch(ckpt_path, {
@@ -301,7 +327,7 @@ def pretrain(
                 "world": world, "global_batch": mcfg.batch_size * world,
                 "plan": plan_state if b else None, "sums": {k: v.cpu() for k, v in sums.items()} if b else {},
                 "sums_from": start_b if b else 0,
-                "method": method.checkpoint_state(), "optimizer": opt.state_dict(),
+                "method": state, "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "config": cfg.to_dict()})
 
         lr = sched(step)

@@ -56,6 +56,15 @@ def _train_all(folder, tmp):
     for name in METHODS:
         m, hist = pretrain(small_cfg(name), name, data, Path(tmp) / f"{name}-{dist.rank()}" / "ck.pt")
         out[name] = {"state": state_digest(m), "loss": [h["loss"] for h in hist]}
+    # MLCD with its centres sharded over the ranks: the rest of the state in step, the checkpoint
+    # holds all the centres (written by rank 0, gathered from both)
+    ck = Path(tmp) / "mlcd-sharded" / "ck.pt"
+    m, hist = pretrain(small_cfg("mlcd", shard_centres=True), "mlcd", data, ck)
+    dist.barrier()
+    state = torch.load(ck, weights_only=False)["method"]["module"]
+    out["mlcd_sharded"] = {"state": {k: v for k, v in state_digest(m).items() if k != "centres"},
+                           "loss": [h["loss"] for h in hist], "shard": tuple(m.centres.shape),
+                           "saved": tuple(state["centres"].shape)}
     return out
 
 
@@ -66,6 +75,9 @@ def test_every_method_keeps_the_ranks_in_step(digits_folder, tmp_path):
         assert r0[name]["loss"] == r1[name]["loss"], name  # the logged means are all-reduced
         if name != "random":
             assert len(r0[name]["loss"]) == 1 and np.isfinite(r0[name]["loss"]).all(), name
+    sh0, sh1 = r0["mlcd_sharded"], r1["mlcd_sharded"]
+    assert sh0["state"] == sh1["state"] and sh0["loss"] == sh1["loss"] and np.isfinite(sh0["loss"]).all()
+    assert sh0["shard"] == sh1["shard"] == (10, 128) and sh0["saved"] == (20, 128)
     # the state that only the methods' own gathers keep equal (DDP does not broadcast buffers)
     assert any(k.startswith("queue.") for k in r0["moco"]["state"])
     assert "bank.memory" in r0["instdisc"]["state"] and "labels" in r0["sela"]["state"]
@@ -80,11 +92,13 @@ def _frozen(m):
     return m
 
 
-def _method_for_grads(name, folder):
+def _method_for_grads(name, folder, shard=False):
     from selfsup.methods import Batch  # noqa: F401
     from selfsup.train import build_method
 
     over = {"nce_m": 0} if name == "instdisc" else {"negative_ratio": 1.0} if name == "mlcd" else {}
+    if shard:
+        over["shard_centres"] = True
     if name == "moco":
         over["bn_splits"] = 1
     cfg = small_cfg(name, **over)
@@ -113,21 +127,28 @@ def _batch(name, m, lo, hi):
     return Batch([v[lo:hi] for v in views], y[lo:hi], idx[lo:hi])
 
 
-def _grads_ddp(name, folder):
+def _grads_ddp(name, folder, shard=False):
     from selfsup import dist
 
-    m = _method_for_grads(name, folder)
+    m = _method_for_grads(name, folder, shard)
+    from selfsup.train import ddp_ignore
+
+    m._ddp_params_and_buffers_to_ignore = ddp_ignore(m)  # as the engine: DDP leaves the shard alone
     ddp = nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False)
     r = dist.rank()
     ddp(_batch(name, m, 8 * r, 8 * (r + 1))).loss.backward()
-    return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    out = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    if shard:
+        out["centre_rows"] = (m.centre_lo, m.centre_lo + m.centres.shape[0])
+    return out
 
 
 GRAD_METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "supervised"]
 
 
 def _grads_all(folder):
-    return {name: _grads_ddp(name, folder) for name in GRAD_METHODS}
+    return {**{name: _grads_ddp(name, folder) for name in GRAD_METHODS},
+            "mlcd_sharded": _grads_ddp("mlcd", folder, shard=True)}
 
 
 def test_two_ranks_of_half_batches_give_the_one_process_gradients(digits_folder):
@@ -143,6 +164,18 @@ def test_two_ranks_of_half_batches_give_the_one_process_gradients(digits_folder)
         for k, g in ref.items():
             torch.testing.assert_close(r0[name][k], g, rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
             assert torch.equal(r0[name][k], r1[name][k]), (name, k)  # all-reduced: the same on every rank
+    # MLCD with its centres sharded over the ranks (PartialFC's model parallelism): the backbone
+    # gradient and each rank's rows of the centres' gradient are the one-process ones
+    m = _method_for_grads("mlcd", str(digits_folder))
+    m(_batch("mlcd", m, 0, 16)).loss.backward()
+    for r in (r0, r1):
+        sh = r["mlcd_sharded"]
+        lo, hi = sh["centre_rows"]
+        assert hi - lo == 10  # 20 centres over 2 ranks
+        torch.testing.assert_close(sh["centres"], m.centres.grad[lo:hi], rtol=1e-4, atol=1e-7)
+        for k, p in m.named_parameters():
+            if k != "centres" and p.grad is not None:
+                torch.testing.assert_close(sh[k], p.grad, rtol=1e-4, atol=1e-6, msg=f"mlcd sharded {k}")
 
 
 # ----------------------------------------------------------------- sharded extraction

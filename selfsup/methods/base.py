@@ -158,7 +158,13 @@ class Method(nn.Module):
         """The network saved as the result (``data/models/<m>.pt``)."""
         return self.backbone
 
-    # what goes into the checkpoint besides the optimiser: default the whole state
+    def rank_local_params(self) -> list[str]:
+        """Names of parameters each rank holds its own part of (model parallelism, e.g. MLCD's
+        sharded centres): DDP does not average them; the method makes their gradient right."""
+        return []
+
+    # what goes into the checkpoint besides the optimiser: default the whole state. Called on every
+    # rank (it may gather rank-local state); rank 0 writes it
     def checkpoint_state(self) -> dict[str, Any]:
         return {"module": self.state_dict()}
 

@@ -49,7 +49,7 @@ from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
 from selfsup.models import load_backbone
 from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
-                               soft_label_loss, soft_targets)
+                               sharded_multilabel_loss, soft_label_loss, soft_targets)
 from selfsup.pca import PCAWhitening
 
 ASSIGNMENT = "assignment.parquet"
@@ -71,6 +71,9 @@ class MLCDCfg(TrainCfg):
     negative_ratio: float = 0.1  # r, fraction of negative centres sampled per step (paper: 0.1)
     soft_temperature: float = 0.1  # loss soft: target weights softmax(sim / T) over the top-l
     recluster_every: int = 0  # 0: cluster once (paper); n: re-cluster the current model every n epochs
+    # several processes: each rank holds 1/W of the class centres and the loss's sums over them are
+    # distributed (PartialFC's model parallelism, for a million centres); false: replicated centres
+    shard_centres: bool = False
 
     def check(self, p: str) -> None:
         super().check(p)
@@ -84,6 +87,9 @@ class MLCDCfg(TrainCfg):
             raise ConfigError(f"{p}.negative_ratio: a fraction in (0, 1], got {self.negative_ratio}")
         if self.positives > self.centres:
             raise ConfigError(f"{p}.positives: {self.positives} positives but only {self.centres} centres")
+        if self.shard_centres and self.loss != "mlcd":
+            raise ConfigError(f"{p}.shard_centres: sharded centres implement the paper's loss (loss: mlcd), "
+                              f"got loss: {self.loss}")
 
 
 def write_assignment(path: Path, ids: np.ndarray, sims: np.ndarray, epoch: int, digest: str) -> None:
@@ -143,8 +149,15 @@ class MLCD(Method):
     def __init__(self, backbone: Any, cfg: MLCDCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
         # (centres, D) learnable class centres; PartialFC's init N(0, 0.01), drawn right after the
-        # seeded backbone init (so reproducible)
-        self.centres = nn.Parameter(torch.randn(cfg.centres, backbone.out_dim) * 0.01)
+        # seeded backbone init (so reproducible). Sharded: this rank's rows [lo, lo + C_r) of the
+        # same draw (the full draw once: a million x 512 floats is 2 GB for a moment)
+        full = torch.randn(cfg.centres, backbone.out_dim) * 0.01
+        self.sharded = cfg.shard_centres and dist.world() > 1
+        sl = dist.shard(cfg.centres) if self.sharded else slice(0, cfg.centres)
+        self.centre_lo = sl.start
+        self.centres = nn.Parameter(full[sl].clone())
+        if self.sharded:  # DDP leaves this rank-local parameter alone; the loss gives it W x its gradient
+            self.centres.register_hook(lambda g: g / dist.world())
         self.pos = torch.zeros(0, 0, dtype=torch.long)  # (N, l) positive centre ids per image
         self.sims = torch.zeros(0, 0)  # (N, l) their cosine similarities (k-means space)
         self.digest = ""  # of the assignment in use; checked against the parquet on resume
@@ -208,13 +221,13 @@ class MLCD(Method):
         with torch.no_grad():
             if cfg.centre_init == "kmeans":
                 c = torch.from_numpy(km.centroids)  # (centres, d)
-                if c.shape != self.centres.shape:
+                if c.shape[1] != self.centres.shape[1]:
                     raise ConfigError(f"mlcd.centre_init: kmeans centroids are {c.shape[1]}-d but the embedding is "
                                       f"{self.centres.shape[1]}-d (the upstream encoder differs); use random")
-                self.centres.copy_(nn.functional.normalize(c, dim=1))
+                self.centres.copy_(nn.functional.normalize(c, dim=1)[self._rows()])
             elif epoch > 0:  # re-clustering: the old centres stand for other clusters
                 g = torch.Generator().manual_seed(derive_seed(ctx.seed, "mlcd-centres", epoch))
-                self.centres.copy_(torch.randn(self.centres.shape, generator=g) * 0.01)
+                self.centres.copy_((torch.randn(cfg.centres, self.centres.shape[1], generator=g) * 0.01)[self._rows()])
         top1 = ids[:, 0]
         metrics = {
             "kmeans_objective": km.objective,
@@ -230,6 +243,13 @@ class MLCD(Method):
             # label is its own label (how clean the multi-labels are)
             metrics["positive_label_purity"] = positive_label_purity(ids[y >= 0], y[y >= 0], cfg.centres)
         return metrics
+
+    def _rows(self) -> slice:
+        """This rank's rows of the centres (all of them unless sharded)."""
+        return slice(self.centre_lo, self.centre_lo + self.centres.shape[0])
+
+    def rank_local_params(self) -> list[str]:
+        return ["centres"] if self.sharded else []
 
     def _set_assignment(self, ids: np.ndarray, sims: np.ndarray, device: torch.device) -> None:
         self.pos = torch.from_numpy(ids).to(device)
@@ -264,6 +284,12 @@ class MLCD(Method):
         cfg = self.cfg
         emb = self.embed(batch.x).float()  # (B, D)
         pos = self.pos[batch.idx]  # (B, l)
+        if self.sharded:  # the global batch against this rank's centres; distributed sums
+            per = sharded_multilabel_loss(emb, pos, self.centres, self.centre_lo, cfg.centres, cfg.negative_ratio,
+                                          cfg.scale, cfg.margin, cfg.margin_type)  # (W B,)
+            with torch.no_grad():
+                hit = self._pos_in_topl_sharded(emb, pos)
+            return StepOut(per.mean(), {"pos_in_topl": hit})
         index = sample_centres(pos, cfg.centres, cfg.negative_ratio)  # (M,) sorted
         cos = cosine_logits(emb, self.centres, index)  # (B, M)
         pcol = positive_columns(index, pos)  # (B, l)
@@ -276,10 +302,31 @@ class MLCD(Method):
             hit = (top[:, :, None] == pos[:, None, :]).any(2).float().mean()
         return StepOut(per.mean(), {"pos_in_topl": hit, "centres_sampled": torch.tensor(float(index.numel()))})
 
+    def _pos_in_topl_sharded(self, emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """pos_in_topl over the shards: each rank's top-l of its centres, merged."""
+        l, b = self.cfg.positives, len(emb)
+        e = dist.all_gather(emb)  # (W B, D): every rank scores every image against its centres
+        k = min(l, self.cfg.centres // dist.world())  # the same on every rank (shards differ by one)
+        v, i = cosine_logits(e, self.centres).topk(k, dim=1)  # (W B, k)
+        v_all = dist.all_gather(v[None]).reshape(dist.world(), len(e), -1)  # (W, W B, k)
+        i_all = dist.all_gather((i + self.centre_lo)[None]).reshape(dist.world(), len(e), -1)
+        top = torch.gather(i_all.permute(1, 0, 2).reshape(len(e), -1), 1,
+                           v_all.permute(1, 0, 2).reshape(len(e), -1).topk(l, dim=1).indices)  # (W B, l)
+        r = dist.rank()
+        top = top[r * b:(r + 1) * b]
+        return (top[:, :, None] == pos[:, None, :]).any(2).float().mean()
+
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"module": self.state_dict(), "digest": self.digest, "clustered_at": self.clustered_at}
+        # called on every rank: sharded centres are gathered, so the checkpoint holds all of them
+        # (a run resumes with any number of processes, sharded or not)
+        sd = self.state_dict()
+        if self.sharded:
+            sd["centres"] = dist.all_gather_varlen(self.centres.detach())
+        return {"module": sd, "digest": self.digest, "clustered_at": self.clustered_at}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["module"])
+        sd = dict(state["module"])
+        sd["centres"] = sd["centres"][self._rows()]
+        self.load_state_dict(sd)
         self.digest, self.clustered_at = state["digest"], state["clustered_at"]
         self.pos = torch.zeros(0, 0, dtype=torch.long)  # reloaded at the next epoch start
