@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder", "imagenet")
-BACKBONES = ("smallcnn", "resnet18_cifar", "resnet18", "resnet50", "alexnet_bn")
+BACKBONES = ("smallcnn", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn")
 AUGMENTS = ("none", "crop", "crop_flip")
 
 
@@ -356,7 +356,11 @@ class VocCfg:
     # evaluation: AP of the COCO-style mean over IoU 0.5:0.95 and AP75 use this VOC AP
     # (detectron2's PascalVOCDetectionEvaluator, which MoCo reports: 11-point on VOC2007)
     ap_metric: str = "11point"
-    score_thresh: float = 0.0  # keep low-score detections: they only add to the PR curve
+    # detections below this score are dropped before evaluation: detectron2's 0.05 (its
+    # MODEL.ROI_HEADS.SCORE_THRESH_TEST, the setting of MoCo's table); 0 keeps all (low-score
+    # detections only add to the end of the PR curve)
+    score_thresh: float = 0.05
+    iou_compare: str = "gt"  # gt: IoU > threshold (Python devkit port, detectron2) | ge: >= (MATLAB devkit)
 
     def check(self, p: str) -> None:
         one_of(p, "dataset", self.dataset, VOC_DATASETS)
@@ -365,6 +369,7 @@ class VocCfg:
         one_of(p, "arch", self.arch, VOC_ARCHS)
         one_of(p, "bn", self.bn, VOC_BN)
         one_of(p, "ap_metric", self.ap_metric, VOC_AP)
+        one_of(p, "iou_compare", self.iou_compare, ("gt", "ge"))
         positive(p, self, "min_size", "max_size", "roi_batch", "detections", "representation", "steps", "batch_size", "lr")
         non_negative(p, self, "rpn_channels", "freeze_at", "momentum", "weight_decay", "warmup_steps", "score_thresh")
         if self.min_size > self.max_size:

@@ -324,7 +324,7 @@ def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], im
         gts.append({"boxes": np.array([o.bbox for o in ann.objects], np.float64).reshape(-1, 4),
                     "labels": np.array([cidx[o.name] for o in ann.objects], np.int64),
                     "difficult": np.array([bool(o.difficult) for o in ann.objects], bool)})
-    summary, rows = evaluate_detections(dets, gts, classes, cfg.ap_metric)
+    summary, rows = evaluate_detections(dets, gts, classes, cfg.ap_metric, cfg.iou_compare)
     summary.update({
         "n_trainval": len(train), "n_test": len(test), "classes": len(classes), "steps": len(history),
         "final_loss": float(np.mean([h["loss"] for h in history[-10:]])) if history else float("nan"),

@@ -4,6 +4,10 @@ Features are standardised with the *training* split's mean/std (a BN without
 affine, as MoCo's and SimCLR's linear protocols effectively do), then trained
 with SGD + momentum and a cosine learning rate for a fixed number of epochs.
 The test split is touched once, at the end.
+
+A feature that is constant on the training split (std <= ``CONSTANT``, e.g. a channel a ReLU keeps
+at 0) carries nothing a classifier trained there can use; it is set to 0 on both splits. Dividing
+by std + 1e-6 instead blew any test-time variation of it up a million-fold.
 """
 from __future__ import annotations
 
@@ -15,12 +19,21 @@ from tqdm import tqdm
 from selfsup.knn import topk_accuracy
 
 
+CONSTANT = 1e-6  # a training-split std at or below this: the feature is constant there
+
+
+def standardisation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of each feature on the training split; constant features get std inf (-> 0)."""
+    mu, sd = train.mean(0), train.std(0)
+    return mu, np.where(sd > CONSTANT, sd, np.inf)
+
+
 def linear_probe(
     train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, num_classes: int,
     epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int, device: torch.device,
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
-    mu, sd = train.mean(0), train.std(0) + 1e-6
+    mu, sd = standardisation(train)
     xtr = torch.from_numpy((train - mu) / sd).float().to(device)  # (N, D)
     xte = torch.from_numpy((test - mu) / sd).float().to(device)  # (M, D)
     ytr = torch.from_numpy(train_y).long().to(device)

@@ -63,10 +63,19 @@ def positive_columns(index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(index, pos)
 
 
-def apply_margin(cos: torch.Tensor, margin: float, margin_type: str) -> torch.Tensor:
-    """The positives' logit before scaling: cos(theta + m) (``arc``) or cos - m (``cosine``)."""
+MARGIN_GRADS = ("straight_through", "exact")
+
+
+def apply_margin(cos: torch.Tensor, margin: float, margin_type: str, grad: str = "exact") -> torch.Tensor:
+    """The positives' logit before scaling: cos(theta + m) (``arc``) or cos - m (``cosine``).
+
+    ``grad``: ``exact`` differentiates the margin function; ``straight_through`` is what UNICOM's /
+    PartialFC's CombinedMarginLoss does (arccos, + m and cos applied in place under no_grad on the
+    cosine tensor): the forward value is the margin logit, the gradient that of the plain cosine."""
     if margin == 0.0:
         return cos
+    if grad == "straight_through":
+        return cos + (apply_margin(cos.detach(), margin, margin_type) - cos.detach())
     if margin_type == "arc":
         # clamp off +-1: the derivative of arccos is infinite there (PartialFC clamps to [-1, 1]
         # and does arccos under no_grad); theta + m is capped at pi so the logit stays monotone
@@ -78,7 +87,7 @@ def apply_margin(cos: torch.Tensor, margin: float, margin_type: str) -> torch.Te
 
 
 def multilabel_loss(cos: torch.Tensor, pcol: torch.Tensor, scale: float, margin: float,
-                    margin_type: str = "arc") -> torch.Tensor:
+                    margin_type: str = "arc", margin_grad: str = "exact") -> torch.Tensor:
     """MLCD's loss per image (sec. 3.2). cos (B, M) similarities with the sampled centres,
     pcol (B, l) the columns of each image's positives -> (B,).
 
@@ -87,7 +96,7 @@ def multilabel_loss(cos: torch.Tensor, pcol: torch.Tensor, scale: float, margin:
     zero = cos.new_zeros(b, 1)
     neg_mask = torch.ones_like(cos, dtype=torch.bool).scatter_(1, pcol, False)  # (B, M)
     z_neg = torch.where(neg_mask, scale * cos, torch.full_like(cos, -math.inf))  # (B, M)
-    pos_logit = apply_margin(cos.gather(1, pcol), margin, margin_type)  # (B, l)
+    pos_logit = apply_margin(cos.gather(1, pcol), margin, margin_type, margin_grad)  # (B, l)
     l_neg = torch.logsumexp(torch.cat([zero, z_neg], 1), dim=1)  # (B,)
     l_pos = torch.logsumexp(torch.cat([zero, -scale * pos_logit], 1), dim=1)  # (B,)
     return l_neg + l_pos
@@ -120,7 +129,8 @@ def _dist_logsumexp1p(z: torch.Tensor) -> torch.Tensor:
 
 
 def sharded_multilabel_loss(emb: torch.Tensor, pos: torch.Tensor, centres: torch.Tensor, lo: int, num_centres: int,
-                            ratio: float, scale: float, margin: float, margin_type: str = "arc") -> torch.Tensor:
+                            ratio: float, scale: float, margin: float, margin_type: str = "arc",
+                            margin_grad: str = "exact") -> torch.Tensor:
     """MLCD's loss with the class centres sharded over the ranks (PartialFC's model parallelism):
     rank r holds centres [lo, lo + C_r) of ``num_centres``. The embeddings and positives of all ranks
     are gathered (the embeddings with their gradient); each rank samples negatives from its own
@@ -143,6 +153,6 @@ def sharded_multilabel_loss(emb: torch.Tensor, pos: torch.Tensor, centres: torch
     cos_x = torch.cat([cos, cos.new_zeros(len(cos), 1)], 1)  # (W B, M_r + 1)
     neg = torch.ones_like(cos_x, dtype=torch.bool).scatter_(1, pcol, False)[:, :m_r]  # (W B, M_r)
     z_neg = torch.where(neg, scale * cos, torch.full_like(cos, -math.inf))
-    pos_logit = apply_margin(cos_x.gather(1, pcol), margin, margin_type)  # (W B, l)
+    pos_logit = apply_margin(cos_x.gather(1, pcol), margin, margin_type, margin_grad)  # (W B, l)
     z_pos = torch.where(local, -scale * pos_logit, torch.full_like(pos_logit, -math.inf))
     return _dist_logsumexp1p(z_neg) + _dist_logsumexp1p(z_pos)

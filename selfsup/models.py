@@ -3,7 +3,8 @@
 - ``smallcnn``: three conv-BN-ReLU blocks and global average pooling, sized for
   the embedded 8x8 digits on a CPU (128-d).
 - ``resnet18_cifar``: torchvision ResNet-18 with the CIFAR stem (3x3 stride-1
-  conv, no max-pool), as in InstDisc / MoCo's CIFAR demo (512-d).
+  conv, no max-pool), as in InstDisc / MoCo's CIFAR demo (512-d); ``resnet50_cifar`` the same
+  for ResNet-50 (2048-d: SimCLR's CIFAR-10 number is a ResNet-50 with this stem).
 - ``resnet18`` / ``resnet50``: torchvision ResNets, ImageNet stem (512 / 2048-d).
 - ``alexnet_bn``: DeepCluster's AlexNet (conv 96-256-384-384-256 with batch norm,
   fc 4096-4096), optional fixed Sobel front end. torchvision has no BN AlexNet,
@@ -23,7 +24,7 @@ from selfsup.io import InputError, load_torch, save_torch
 
 # smallest input side each backbone accepts (AlexNet's stride-4 stem and three
 # 3x3/2 max-pools need >= 63 px)
-MIN_SIZE = {"smallcnn": 4, "resnet18_cifar": 8, "resnet18": 32, "resnet50": 32, "alexnet_bn": 63}
+MIN_SIZE = {"smallcnn": 4, "resnet18_cifar": 8, "resnet50_cifar": 8, "resnet18": 32, "resnet50": 32, "alexnet_bn": 63}
 
 
 class Sobel(nn.Module):

@@ -136,6 +136,24 @@ class ViewMaker:
         return Batch(views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
 
 
+def batch_maker(cfg: Config, data: Data, device: torch.device) -> Callable[..., Iterator[Batch]]:
+    """``make(specs, seed, batch_size)``: the whole training split once in a shuffled order (seeded),
+    with the augmentations of ``specs`` (``TrainContext.augmented_batches``: SeLa's re-labelling
+    pass, as the official code runs it on the training loader). Several processes: each rank takes
+    its contiguous share of the shuffled order, so every sample is seen once."""
+    size = train_image_size(cfg, data)
+    per_rank = (dist.rank(),) if dist.world() > 1 else ()
+
+    def make(specs: list[ViewSpec], seed: int, batch_size: int) -> Iterator[Batch]:
+        vm = ViewMaker(resolve_specs(specs, size), data, device, cfg.channels_last)
+        ld = TrainLoader(data.train, batch_size, False, cfg.workers, vm.crops())
+        order = np.random.default_rng(seed).permutation(data.n_train)[dist.shard(data.n_train)]
+        for b, (x, y, idx) in enumerate(ld.epoch(order, seed)):
+            yield vm(x, y, idx, derive_seed(seed, "views", b, *per_rank))
+
+    return make
+
+
 def pretrain(
     cfg: Config,
     name: str,
@@ -211,19 +229,11 @@ def pretrain(
         for p in params:
             opt.state.pop(p, None)
 
-    def make_batches(specs: list[ViewSpec], seed: int, batch_size: int) -> Iterator[Batch]:
-        # every sample once: each rank takes its contiguous share of the shuffled order
-        vm = ViewMaker(resolve_specs(specs, size), data, device, cfg.channels_last)
-        ld = TrainLoader(data.train, batch_size, False, cfg.workers, vm.crops())
-        order = np.random.default_rng(seed).permutation(data.n_train)[dist.shard(data.n_train)]
-        for b, (x, y, idx) in enumerate(ld.epoch(order, seed)):
-            yield vm(x, y, idx, derive_seed(seed, "views", b, *((rank,) if world > 1 else ())))
-
     up = cfg.upstream(name)
     ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
                        workers=cfg.workers, upstream=Path(up) if up else None, work_dir=ckpt_path.parent,
                        resize_size=cfg.dataset.resize_size, crop_size=cfg.dataset.crop_size,
-                       make_batches=make_batches, reset_optimizer_state=reset_optimizer_state)
+                       make_batches=batch_maker(cfg, data, device), reset_optimizer_state=reset_optimizer_state)
 
     start_epoch, start_batch, history, step, sums_from = 0, 0, [], 0, 0
     saved_plan: dict[str, Any] | None = None

@@ -5,9 +5,12 @@ detectron2's ``pascal_voc_evaluation.py``) computes it.
   recall thresholds 0, 0.1, ..., 1 of the best precision at recall >= t), or the area
   under the monotone precision envelope (VOC2010+).
 - ``voc_eval_class``: detections of one class sorted by score; each one is matched to the
-  unmatched ground-truth box of its image with the highest IoU. IoU > threshold (strictly)
-  with a non-difficult box: true positive, unless that box was already matched (a
-  duplicate: false positive). Matched to a difficult box: neither (ignored). Otherwise a
+  ground-truth box of its image with the highest IoU. IoU above the threshold with a
+  non-difficult box: true positive, unless that box was already matched (a duplicate: false
+  positive). "Above" is ``iou_compare``: ``gt``, IoU > threshold, as the Python port
+  (py-faster-rcnn's ``voc_eval.py``, detectron2's evaluator, which MoCo's table reports:
+  the default), or ``ge``, IoU >= threshold, as the MATLAB devkit's ``VOCevaldet.m``
+  (``ovmax>=VOCopts.minoverlap``); they differ only for an IoU exactly at the threshold. Matched to a difficult box: neither (ignored). Otherwise a
   false positive. Recall is over the non-difficult boxes only.
   IoU uses the devkit's inclusive pixel convention (``x2 - x1 + 1``), boxes 1-based.
 - ``evaluate_detections``: per-class AP50 (11-point and area), the COCO-style AP (the mean
@@ -59,6 +62,7 @@ def voc_eval_class(
     dets: Sequence[tuple[int, float, Sequence[float]]],
     gts: dict[int, tuple[np.ndarray, np.ndarray]],
     iou_thresh: float = 0.5,
+    iou_compare: str = "gt",
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Recall and precision curves of one class.
 
@@ -83,7 +87,7 @@ def voc_eval_class(
             ov = box_iou_devkit(box, np.asarray(gts[img][0], np.float64))
             jmax = int(ov.argmax())
             ovmax = float(ov[jmax])
-        if ovmax > iou_thresh:
+        if ovmax > iou_thresh or (iou_compare == "ge" and ovmax == iou_thresh):
             if not gts[img][1][jmax]:
                 if not matched[img][jmax]:
                     tp[d] = 1.0
@@ -104,6 +108,7 @@ def evaluate_detections(
     ground_truth: list[dict[str, np.ndarray]],
     classes: Sequence[str],
     ap_metric: str = "11point",
+    iou_compare: str = "gt",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Dataset-level VOC metrics (percent) and a per-class table.
 
@@ -126,7 +131,7 @@ def evaluate_detections(
         row: dict[str, Any] = {"class": name}
         aps: dict[float, float] = {}
         for t in IOU_THRESHOLDS:
-            rec, prec, npos = voc_eval_class(dets, gts, float(t))
+            rec, prec, npos = voc_eval_class(dets, gts, float(t), iou_compare)
             aps[t] = 100.0 * voc_ap(rec, prec, use07) if npos else np.nan
             if t == 0.5:
                 row["ap50"] = 100.0 * voc_ap(rec, prec, True) if npos else np.nan

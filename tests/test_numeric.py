@@ -2,6 +2,7 @@
 uniform sampler, clustering metrics, weighted kNN."""
 import numpy as np
 import pytest
+import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
@@ -144,3 +145,17 @@ def test_knn_paper_protocol_beside_the_common_one():
     assert out["paper_top1"] == knn_eval(tr, ytr, te, yte, 10, 0.1, 6)["top1"]
     assert out["k200_k_used"] == 120 and out["top1"] == out["k200_top1"]
     assert "paper_top1" not in knn_protocols(tr, ytr, te, yte, [20], 0.07, 6)
+
+
+def test_linear_probe_ignores_a_feature_constant_on_the_training_split():
+    """Issue 12.5: a feature constant on train but not on test must not swamp the probe (dividing by
+    std + 1e-6 blew it up a million-fold: 25 % top-1 on this set)."""
+    from selfsup.linear import linear_probe
+
+    rng = np.random.default_rng(0)
+    ytr, yte = rng.integers(0, 2, 400), rng.integers(0, 2, 200)
+    tr = np.c_[ytr * 4.0 + rng.normal(0, 0.3, 400), rng.normal(0, 1, 400), np.full(400, 0.5)].astype(np.float32)
+    te = np.c_[yte * 4.0 + rng.normal(0, 0.3, 200), rng.normal(0, 1, 200), rng.normal(0.5, 0.2, 200)]
+    out = linear_probe(tr, ytr, te.astype(np.float32), yte, 2, epochs=20, batch_size=64, lr=0.1,
+                       weight_decay=0.0, seed=0, device=torch.device("cpu"))
+    assert out["top1"] == 100.0, out

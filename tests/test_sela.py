@@ -33,16 +33,20 @@ def knn_top1(backbone, data):
 
 
 def test_sela_epochs_on_digits(digits, tmp_path):
+    # 8 epochs: with the official head init (N(0, 0.01)) the first labels come from a nearly flat P,
+    # and 6 epochs (enough with PyTorch's default init) end at 76.7 against random init's 79.7
     cfg = make_cfg(methods=["sela", "random"], sela={
-        "epochs": 6, "batch_size": 32, "lr": 0.1, "crop_scale": [0.5, 1.0], "heads": 2, "clusters": 30,
-        "lam": 10.0, "relabel_times": 7, "weight_decay": 5e-4})
+        "epochs": 8, "batch_size": 32, "lr": 0.1, "crop_scale": [0.5, 1.0], "heads": 2, "clusters": 30,
+        "lam": 10.0, "relabel_times": 9, "weight_decay": 5e-4})
     sela, hist = pretrain(cfg, "sela", digits, tmp_path / "sela.pt")
     rand, _ = pretrain(cfg, "random", digits, tmp_path / "r.pt")
     relabelled = [h for h in hist if "sk_iterations" in h and not np.isnan(h.get("sk_iterations", np.nan))]
     assert len(relabelled) >= 4
-    for h in relabelled:
+    for i, h in enumerate(relabelled):
         assert h["sk_marginal_error"] < 1e-2
-        assert h["cluster_size_cv"] < 0.5  # equal partition: sizes near N / K
+        # equal partition: sizes near N / K. Not the first: the heads start as the official code's,
+        # N(0, 0.01), so P is nearly flat there and the argmax of the (balanced) Q is not
+        assert i == 0 or h["cluster_size_cv"] < 0.5, (i, h["cluster_size_cv"])
         assert 0.0 <= h["nmi_prev"] <= 1.0
     # the first re-labelling replaces the random initial partition: little in common with it
     assert relabelled[0]["nmi_prev"] < 0.5

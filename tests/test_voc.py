@@ -258,3 +258,19 @@ def test_one_process_batches_are_the_dataloader_shuffle(n, b):
     old = run(lambda: torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, drop_last=n > b, collate_fn=_collate,
                                                   generator=torch.Generator().manual_seed(5)))
     assert run(lambda: voc_loader(ds, b, 5)) == old
+
+
+def test_iou_exactly_at_the_threshold_follows_iou_compare():
+    """Issue 12.10: the Python devkit port (detectron2) counts IoU > 0.5, the MATLAB devkit >= 0.5."""
+    from selfsup.voc_eval import voc_eval_class
+
+    # ground truth 1..10 x 1..10 (100 px, inclusive); a detection 1..10 x 1..5 covers exactly half: IoU 0.5
+    g = {0: (np.array([[1.0, 1.0, 10.0, 10.0]]), np.array([False]))}
+    d = [(0, 0.9, [1.0, 1.0, 10.0, 5.0])]
+    rec_gt, _, _ = voc_eval_class(d, g, 0.5, "gt")
+    rec_ge, _, _ = voc_eval_class(d, g, 0.5, "ge")
+    assert rec_gt[-1] == 0.0 and rec_ge[-1] == 1.0
+
+
+def test_the_default_score_threshold_is_detectron2s():
+    assert small_cfg().score_thresh == 0.05 and small_cfg().iou_compare == "gt"

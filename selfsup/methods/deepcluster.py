@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.io import derive_seed
 from selfsup.kmeans import faiss_gpu, kmeans
@@ -44,6 +44,10 @@ from selfsup.sampler import uniform_cluster_indices
 class DeepClusterCfg(TrainCfg):
     k: int = 100  # paper (ImageNet): 10,000 = 10x the classes
     pca_dim: int = 256  # paper: 256
+    # an epoch whose features have rank below pca_dim (a collapsing network) would stop a long run:
+    # eigenvalues under pca_eig_floor x the largest are whitened as if they were that (faiss'
+    # PCAMatrix has the same kind of epsilon; the official code runs faiss' PCA with none); 0 stops
+    pca_eig_floor: float = 1e-6
     kmeans_iters: int = 20  # official: 20
     kmeans_init: str = "random"  # official: faiss' random seeding; kmeans++ as an option
     reassign: float = 1.0  # official --reassign: epochs of data between two clusterings
@@ -52,6 +56,7 @@ class DeepClusterCfg(TrainCfg):
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "k", "pca_dim", "kmeans_iters", "reassign", "head_std")
+        non_negative(p, self, "pca_eig_floor")
         one_of(p, "kmeans_init", self.kmeans_init, ("random", "kmeans++"))
 
 
@@ -102,7 +107,7 @@ class DeepCluster(Method):
         t1 = time.perf_counter()
         km = None
         if dist.is_main():  # PCA-whitening and k-means on the gathered features, the result broadcast
-            x = pca_whiten(feats, cfg.pca_dim)  # (N, pca_dim), unit rows
+            x = pca_whiten(feats, cfg.pca_dim, eig_floor=cfg.pca_eig_floor)  # (N, pca_dim), unit rows
             km = kmeans(x, cfg.k, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "deepcluster-kmeans", epoch),
                         init=cfg.kmeans_init, gpu=ctx.device.type == "cuda" and faiss_gpu())
         km = dist.broadcast_object(km)

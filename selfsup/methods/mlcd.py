@@ -48,11 +48,12 @@ from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.metrics import nmi
 from selfsup.models import load_backbone
-from selfsup.mlcd_loss import (MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
+from selfsup.mlcd_loss import (MARGIN_GRADS, MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
                                sharded_multilabel_loss, soft_label_loss, soft_targets)
 from selfsup.pca import PCAWhitening
 
 ASSIGNMENT = "assignment.parquet"
+LOG_IMAGES = 8  # images of a batch the per-step pos_in_topl diagnostic looks at
 
 
 @dataclass
@@ -68,6 +69,9 @@ class MLCDCfg(TrainCfg):
     scale: float = 64.0  # s (PartialFC / UNICOM default)
     margin: float = 0.3  # m on the positives (UNICOM's ArcFace margin)
     margin_type: str = "arc"  # arc: cos(theta + m) (UNICOM's CombinedMarginLoss m2) | cosine: cos - m
+    # the margin's gradient: straight_through as UNICOM's code (margin applied under no_grad: the
+    # gradient of the plain cosine) | exact (the derivative of the margin function)
+    margin_grad: str = "straight_through"
     negative_ratio: float = 0.1  # r, fraction of negative centres sampled per step (paper: 0.1)
     soft_temperature: float = 0.1  # loss soft: target weights softmax(sim / T) over the top-l
     recluster_every: int = 0  # 0: cluster once (paper); n: re-cluster the current model every n epochs
@@ -83,6 +87,7 @@ class MLCDCfg(TrainCfg):
         one_of(p, "centre_init", self.centre_init, ("random", "kmeans"))
         one_of(p, "loss", self.loss, ("mlcd", "soft"))
         one_of(p, "margin_type", self.margin_type, MARGINS)
+        one_of(p, "margin_grad", self.margin_grad, MARGIN_GRADS)
         if self.negative_ratio > 1.0:
             raise ConfigError(f"{p}.negative_ratio: a fraction in (0, 1], got {self.negative_ratio}")
         if self.positives > self.centres:
@@ -220,6 +225,11 @@ class MLCD(Method):
 
         with torch.no_grad():
             if cfg.centre_init == "kmeans":
+                if epoch == 0 and ctx.upstream is not None:
+                    raise ConfigError(
+                        f"mlcd.centre_init: kmeans copies the k-means centroids into the class centres, but they are "
+                        f"in the upstream encoder's feature space ({ctx.upstream}), not the trained embedding's; "
+                        f"use centre_init: random, or methods.mlcd: data/dataset (cluster the model's own features)")
                 c = torch.from_numpy(km.centroids)  # (centres, d)
                 if c.shape[1] != self.centres.shape[1]:
                     raise ConfigError(f"mlcd.centre_init: kmeans centroids are {c.shape[1]}-d but the embedding is "
@@ -286,7 +296,7 @@ class MLCD(Method):
         pos = self.pos[batch.idx]  # (B, l)
         if self.sharded:  # the global batch against this rank's centres; distributed sums
             per = sharded_multilabel_loss(emb, pos, self.centres, self.centre_lo, cfg.centres, cfg.negative_ratio,
-                                          cfg.scale, cfg.margin, cfg.margin_type)  # (W B,)
+                                          cfg.scale, cfg.margin, cfg.margin_type, cfg.margin_grad)  # (W B,)
             with torch.no_grad():
                 hit = self._pos_in_topl_sharded(emb, pos)
             return StepOut(per.mean(), {"pos_in_topl": hit})
@@ -294,18 +304,21 @@ class MLCD(Method):
         cos = cosine_logits(emb, self.centres, index)  # (B, M)
         pcol = positive_columns(index, pos)  # (B, l)
         if cfg.loss == "mlcd":
-            per = multilabel_loss(cos, pcol, cfg.scale, cfg.margin, cfg.margin_type)  # (B,)
+            per = multilabel_loss(cos, pcol, cfg.scale, cfg.margin, cfg.margin_type, cfg.margin_grad)  # (B,)
         else:
             per = soft_label_loss(cos, pcol, soft_targets(self.sims[batch.idx], cfg.soft_temperature), cfg.scale)
-        with torch.no_grad():  # fraction of the positives among the model's top-l of all centres
-            top = cosine_logits(emb, self.centres).topk(cfg.positives, dim=1).indices  # (B, l)
-            hit = (top[:, :, None] == pos[:, None, :]).any(2).float().mean()
+        with torch.no_grad():  # fraction of the positives among the model's top-l of all centres, on the
+            # batch's first LOG_IMAGES images: a diagnostic, not worth B x C cosines a step at a million centres
+            e, p = emb[:LOG_IMAGES], pos[:LOG_IMAGES]
+            top = cosine_logits(e, self.centres).topk(cfg.positives, dim=1).indices  # (b, l)
+            hit = (top[:, :, None] == p[:, None, :]).any(2).float().mean()
         return StepOut(per.mean(), {"pos_in_topl": hit, "centres_sampled": torch.tensor(float(index.numel()))})
 
     def _pos_in_topl_sharded(self, emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """pos_in_topl over the shards: each rank's top-l of its centres, merged."""
-        l, b = self.cfg.positives, len(emb)
-        e = dist.all_gather(emb)  # (W B, D): every rank scores every image against its centres
+        l, b = self.cfg.positives, min(len(emb), LOG_IMAGES)
+        emb, pos = emb[:b], pos[:b]
+        e = dist.all_gather(emb)  # (W b, D): every rank scores every image against its centres
         k = min(l, self.cfg.centres // dist.world())  # the same on every rank (shards differ by one)
         v, i = cosine_logits(e, self.centres).topk(k, dim=1)  # (W B, k)
         v_all = dist.all_gather(v[None]).reshape(dist.world(), len(e), -1)  # (W, W B, k)

@@ -3,7 +3,8 @@
 (yukimasano/self-label) do it.
 
 - ``heads`` linear heads of ``clusters`` outputs on the backbone features (the
-  paper's "10x3k" for ImageNet; 10 x 128 in the official CIFAR script). The loss is
+  paper's "10x3k" for ImageNet; 10 x 128 in the official CIFAR script), initialised as the
+  official code's top layers: weights N(0, 0.01), zero bias. The loss is
   the mean cross-entropy over heads against each head's own labels (sec. 3.1, 3.4).
 - Labels start as a random equal partition per head (official init), and are
   re-assigned ``relabel_times`` times over training by Sinkhorn-Knopp under the
@@ -90,6 +91,9 @@ class SeLa(Method):
         self.heads = nn.ModuleList(
             nn.Sequential(*act, nn.Linear(backbone.out_dim, cfg.clusters)) for _ in range(cfg.heads)
         )
+        for h in self.heads:  # the official init of the top layers: N(0, 0.01), zero bias
+            nn.init.normal_(h[-1].weight, 0.0, 0.01)
+            nn.init.zeros_(h[-1].bias)
         self.register_buffer("labels", torch.zeros(cfg.heads, n_train, dtype=torch.long))  # (heads, N) self-labels
         
     @classmethod

@@ -1,0 +1,134 @@
+"""Fixes from the line-by-line comparison with the official code (issue 12's numbered list), each
+with a test that fails on the code before the fix."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_cfg
+from selfsup.data import Data, Split
+from selfsup.train import batch_maker, build_method, pretrain
+
+
+def synthetic(n, size, channels=3, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+    y = rng.integers(0, classes, n).astype(np.int64)
+    meta = {"name": "synthetic", "classes": [str(i) for i in range(classes)], "n_train": n, "n_test": 0,
+            "image_size": [size, size], "channels": channels, "mean": [0.5] * channels, "std": [0.29] * channels}
+    return Data(Split(x, y), Split(x[:0], y[:0]), meta)
+
+
+# ----------------------------------------------------------------- 1. AlexNet-BN, Sobel, several heads
+@pytest.mark.parametrize("name,over,sobel", [
+    ("sela", {"heads": 3, "clusters": 4}, False),  # the shared features feed 3 heads: no in-place ReLU
+    ("deepcluster", {"k": 4, "pca_dim": 4}, True),  # DeepCluster's own setting: AlexNet-BN + Sobel
+])
+def test_clustering_methods_train_on_alexnet_bn(tmp_path, name, over, sobel):
+    data = synthetic(24, 64)
+    cfg = make_cfg(methods=[name], model={"backbone": "alexnet_bn", "sobel": sobel},
+                   **{name: {"epochs": 1, "batch_size": 8, "relabel_times": 1, **over} if name == "sela" else
+                      {"epochs": 1, "batch_size": 8, **over}})
+    m, hist = pretrain(cfg, name, data, tmp_path / "ck.pt")
+    assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+
+
+# ----------------------------------------------------------------- 2. re-labelling and storage order
+def test_sela_relabels_from_shuffled_batches(digits, tmp_path):
+    """The official code re-labels from the shuffled training loader. Stored class by class, batches
+    taken in storage order are one class each, and batch norm (train mode) removes the class signal
+    the labels are computed from; shuffled, the labels carry it whatever the storage order."""
+    from selfsup.methods.base import TrainContext
+    from selfsup.metrics import nmi
+
+    sup, _ = pretrain(make_cfg(supervised={"epochs": 2}), "supervised", digits, tmp_path / "s.pt")
+    order = np.argsort(digits.train.y, kind="stable")  # class by class
+    by_class = Data(Split(np.asarray(digits.train.x)[order], digits.train.y[order]), digits.test,
+                    {**digits.meta})
+    cfg = make_cfg(methods=["sela"], sela={"epochs": 1, "heads": 1, "clusters": 10, "relabel_times": 1,
+                                           "crop_scale": [1.0, 1.0]})
+    nmis = []
+    for data in (digits, by_class):
+        m = build_method(cfg, "sela", data)
+        m.backbone.load_state_dict(sup.backbone.state_dict())
+        ctx = TrainContext(data=data, device=torch.device("cpu"), seed=0, extract_batch_size=64,
+                           make_batches=batch_maker(cfg, data, torch.device("cpu")))
+        m.on_epoch_start(0, ctx)
+        nmis.append(nmi(data.train.y, m.labels[0].numpy()))
+    assert nmis[1] > 0.8 * nmis[0] and nmis[0] > 0.3, nmis
+
+
+# ----------------------------------------------------------------- 3. SeLa's heads
+def test_sela_heads_start_as_the_official_code():
+    m = build_method(make_cfg(methods=["sela"], sela={"heads": 2, "clusters": 30}), "sela", synthetic(40, 8, 1))
+    for h in m.heads:
+        w = h[-1].weight
+        assert torch.all(h[-1].bias == 0) and abs(float(w.detach().std()) - 0.01) < 0.002
+
+
+# ----------------------------------------------------------------- 6. InstDisc follows the run seed
+def test_instdisc_bank_and_noise_follow_the_run_seed(tmp_path):
+    data = synthetic(64, 8, 1)
+
+    def run(seed):
+        cfg = make_cfg(methods=["instdisc"], seed=seed, instdisc={"epochs": 1, "batch_size": 16, "nce_m": 8})
+        bank0 = build_method(cfg, "instdisc", data).bank.memory.clone()
+        m, _ = pretrain(cfg, "instdisc", data, tmp_path / f"s{seed}" / "ck.pt")
+        return bank0, m.bank.memory
+
+    a0, a = run(0)
+    b0, b = run(1)
+    c0, c = run(0)
+    assert torch.equal(a0, c0) and torch.equal(a, c)  # reproducible
+    assert not torch.equal(a0, b0) and not torch.equal(a, b)  # but the run seed's own
+
+
+# ----------------------------------------------------------------- 8. rank-deficient features
+def test_rank_deficient_features_whiten_with_a_floor_instead_of_stopping():
+    from selfsup.pca import PCAWhitening
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))  # rank 3 in 16-d
+    x = x.astype(np.float32)
+    with pytest.raises(ValueError, match="numerical rank"):
+        PCAWhitening.fit(x, 8)
+    y = PCAWhitening.fit(x, 8, eig_floor=1e-6).transform(x)
+    assert np.isfinite(y).all() and np.allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-4)
+    full = rng.normal(size=(200, 16)).astype(np.float32)  # full rank: the floor changes nothing
+    np.testing.assert_array_equal(PCAWhitening.fit(full, 8).transform(full),
+                                  PCAWhitening.fit(full, 8, eig_floor=1e-6).transform(full))
+    assert make_cfg().method("deepcluster").pca_eig_floor == 1e-6
+
+
+# ----------------------------------------------------------------- 9. MLCD
+def test_mlcd_margin_gradient_is_straight_through_as_unicom():
+    from selfsup.mlcd_loss import apply_margin
+
+    cos = torch.tensor([0.3, 0.7, -0.2], requires_grad=True)
+    st = apply_margin(cos, 0.3, "arc", "straight_through")
+    ex = apply_margin(cos, 0.3, "arc", "exact")
+    assert torch.allclose(st, ex)  # the same forward value, cos(theta + m)
+    st.sum().backward()
+    assert torch.equal(cos.grad, torch.ones(3))  # the gradient of the plain cosine
+    assert make_cfg(methods=["mlcd"]).method("mlcd").margin_grad == "straight_through"
+
+
+def test_mlcd_refuses_kmeans_centres_from_another_encoder(digits, tmp_path):
+    from selfsup.config import ConfigError
+    from selfsup.train import save_backbone
+
+    rcfg = make_cfg(methods=["random"])
+    rand, _ = pretrain(rcfg, "random", digits, tmp_path / "r.pt")
+    save_backbone(tmp_path / "up.pt", rand, rcfg, digits.meta)
+    cfg = make_cfg(methods={"mlcd": str(tmp_path / "up.pt")},
+                   mlcd={"epochs": 1, "centres": 20, "positives": 4, "centre_init": "kmeans"})
+    with pytest.raises(ConfigError, match="upstream encoder's feature space"):
+        pretrain(cfg, "mlcd", digits, tmp_path / "m" / "ck.pt")
+
+
+# ----------------------------------------------------------------- 7. the CIFAR-stem ResNet-50
+def test_resnet50_cifar_keeps_32px_resolution():
+    from selfsup.models import build_backbone
+
+    net = build_backbone("resnet50_cifar", 3, image_size=32)
+    assert net.out_dim == 2048 and net.trunk.conv1.stride == (1, 1)
+    assert isinstance(net.trunk.maxpool, torch.nn.Identity)
