@@ -30,7 +30,6 @@ decay 1e-4, flip on.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
