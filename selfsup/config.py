@@ -74,8 +74,7 @@ class DatasetCfg:
 
 @dataclass
 class ModelCfg:
-    backbone: str = "smallcnn"
-    sobel: bool = False  # DeepCluster's fixed grayscale+Sobel front end (sec. 4 of the paper)
+    backbone: str = "smallcnn"  # the fixed Sobel front end is per method (<method>.sobel)
 
     def check(self, p: str) -> None:
         one_of(p, "backbone", self.backbone, BACKBONES)
@@ -105,6 +104,9 @@ class TrainCfg:
     # no weight decay (and no LARS adaptation) on biases and normalisation weights (SimCLR's LARS,
     # BYOL, DINO); False: every parameter decays (the older papers' code)
     exclude_norm_bias: bool = False
+    # DeepCluster's fixed grayscale + Sobel front end (sec. 4; its code's default), per method: SeLa's
+    # and the instance methods' code run without it
+    sobel: bool = False
     augment: str = "crop"  # train-time augmentation preset, one of AUGMENTS (see selfsup/augment.py)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     # learning rate (selfsup/schedules.py), evaluated per optimiser step (schedule_unit: step, e.g.
@@ -207,10 +209,15 @@ class ClusterCfg:
 @dataclass
 class KnnProtocol:
     k: int = 200
-    temperature: float = 0.07
+    # 0: the method's training temperature, saved with its encoder (a sweep of <m>.temperature
+    # moves it too), as InstDisc / InvaSpread / the MoCo demo evaluate
+    temperature: float = 0.0
+    features: str = "backbone"  # backbone | head (the method's eval head: e.g. the normalised 128-d embedding)
 
     def check(self, p: str) -> None:
-        positive(p, self, "k", "temperature")
+        positive(p, self, "k")
+        non_negative(p, self, "temperature")
+        one_of(p, "features", self.features, ("backbone", "head"))
 
 
 @dataclass
@@ -420,6 +427,19 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
+class ReportCfg:
+    # method -> the id of the published number its row is compared with (selfsup/paper_results.yaml,
+    # each with its source); a preset sets these. A method left out gets paper_note instead
+    paper: dict[str, str] = field(default_factory=dict)
+    paper_note: str = "digits: a pipeline check at 8x8 px; no paper reports it"
+
+    def check(self, p: str) -> None:
+        for m, pid in self.paper.items():
+            if not pid:
+                raise ConfigError(f"{p}.paper.{m}: empty id; leave the method out for no paper number")
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -454,6 +474,7 @@ class Config:
     instdisc_table1: InstDiscTable1Cfg = field(default_factory=InstDiscTable1Cfg)
     voc: VocCfg = field(default_factory=VocCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    report: ReportCfg = field(default_factory=ReportCfg)
     # method name -> that method's config object (class registered by the method)
     method_cfgs: dict[str, Any] = field(default_factory=dict)
 
@@ -615,6 +636,9 @@ def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool |
     for name in raw.get("methods", {}) or {}:
         if not isinstance(name, str) or name not in names:
             raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(sorted(names))}")
+    if isinstance(raw.get("model"), dict) and "sobel" in raw["model"]:
+        raise ConfigError("model.sobel: the Sobel front end is set per method now (<method>.sobel: DeepCluster's "
+                          "code on, SeLa's off); move it into the method blocks")
     blocks = {k: raw.pop(k) for k in list(raw) if k not in known}
     cfg = build(Config, raw)
     if parse_methods is False:

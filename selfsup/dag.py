@@ -36,7 +36,9 @@ PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "m
 
 
 def is_code(dep: str) -> bool:
-    return dep.startswith(("stages/", "selfsup/"))
+    """A Python file of the package or a stage script (regenerated); data files such as
+    selfsup/paper_results.yaml are kept as written."""
+    return dep.startswith(("stages/", "selfsup/")) and dep.endswith(".py")
 
 
 def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:

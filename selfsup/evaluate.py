@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from selfsup.config import ConfigError
 from selfsup.knn import knn_eval
 
 # scikit-learn/scipy (selfsup.metrics, ~1.3 s to import) and torch (selfsup.linear) are
@@ -29,10 +30,12 @@ def _skip(what: str, ytr: np.ndarray, yte: np.ndarray) -> dict[str, Any] | None:
 
 
 def knn_protocols(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, ks: list[int],
-                  temperature: float, num_classes: int, paper: tuple[int, float] | None = None) -> dict[str, Any]:
+                  temperature: float, num_classes: int, paper: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weighted kNN for every k in ``ks`` at one temperature (the common protocol):
     {"k200_top1": .., "k200_top5": .., "top1": <first k>, "protocol": ...}; and, when
-    ``paper`` = (k, T) is given, the method's own paper protocol as "paper_top1" (+ "paper_protocol")."""
+    ``paper`` is given (``paper_protocol``'s dict, with "features" = (train, ytrain, test, ytest) when the
+    protocol reads other features than ``tr`` / ``te``), the method's own protocol as "paper_top1"
+    (+ "paper_protocol")."""
     if (s := _skip("knn", ytr, yte)) is not None:
         return s
     mtr, mte = ytr >= 0, yte >= 0
@@ -45,11 +48,33 @@ def knn_protocols(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarr
             out["top1"] = r["top1"]
             out["protocol"] = f"weighted kNN k={r['k_used']} T={temperature}"
     if paper is not None:
-        k, t = paper
+        k, t, where = paper["k"], paper["temperature"], paper["where"]
+        if "features" in paper:  # the eval head's features: (train, train labels, test, test labels)
+            tr, ytr, te, yte = paper["features"]
+            mtr, mte = ytr >= 0, yte >= 0
         r = knn_eval(tr[mtr], ytr[mtr], te[mte], yte[mte], k, t, num_classes)
         out["paper_top1"] = r["top1"]
-        out["paper_protocol"] = f"weighted kNN k={r['k_used']} T={t}"
+        out["paper_protocol"] = f"weighted kNN k={r['k_used']} T={t:g} on {where}"
     return out
+
+
+def paper_protocol(key: str, k: int, temperature: float, features: str, protocol: dict[str, Any]) -> dict[str, Any]:
+    """A method's paper kNN protocol (``knn.paper.<m>``, named ``key``) resolved against what its
+    encoder file carries (``protocol``: the extract stage's protocol.json): temperature 0 = the
+    training temperature; ``features: head`` needs the method to have an eval head."""
+    t = temperature or protocol.get("temperature")
+    if not t:
+        raise ConfigError(f"{key}.temperature: 0 asks for the method's training temperature, but its encoder "
+                          f"has none; set a number")
+    head = protocol.get("head")
+    if features == "head" and head is None:
+        raise ConfigError(f"{key}.features: head, but the method saved no eval head; use backbone")
+    where = "backbone"
+    if features == "head":
+        parts = (["ReLU"] if head.get("relu") else []) + ([f"{head['proj']['kind']} head {head['proj']['out_dim']}-d"]
+                                                        if head.get("proj") else []) + (["L2"] if head.get("l2") else [])
+        where = " + ".join(parts) or "backbone"
+    return {"k": k, "temperature": float(t), "where": where}
 
 
 def linear_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, num_classes: int, epochs: int,

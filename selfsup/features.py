@@ -75,3 +75,13 @@ def extract_sharded(model: Callable[[torch.Tensor], torch.Tensor], split: Split 
     f = extract_features(model, split, meta, device, batch_size, desc, workers, resize, crop,
                          indices=np.arange(sl.start, sl.stop))
     return dist.all_gather_varlen(torch.from_numpy(f).to(device)).cpu().numpy()
+
+
+@torch.no_grad()
+def apply_head(head: torch.nn.Module, feats: np.ndarray, device: torch.device, batch_size: int = 4096) -> np.ndarray:
+    """(N, D) backbone features -> (N, D') through ``head`` (eval mode), a batch at a time: the
+    head of a paper's protocol costs no second pass through the backbone."""
+    head.eval()
+    out = [head(torch.from_numpy(feats[s:s + batch_size]).to(device)).float().cpu().numpy()  # (b, D')
+           for s in range(0, len(feats), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

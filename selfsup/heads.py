@@ -34,3 +34,31 @@ def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, b
 def l2n(x: torch.Tensor) -> torch.Tensor:
     """Rows of (B, D) scaled to unit L2 norm."""
     return F.normalize(x, dim=1)
+
+
+class EvalHead(nn.Module):
+    """The features a method's own paper evaluates with, computed from the backbone output:
+    ``[ReLU] -> [projection head] -> [L2 norm]``. InstDisc, InvaSpread and the MoCo CIFAR demo
+    run their kNN on the L2-normalised 128-d head output (lemniscate ``test.py``, InvaSpread's
+    ``utils.kNN``, the demo's ``test()``); SeLa on post-ReLU fc7. ``spec`` (JSON) rebuilds it with
+    no method code, so ``data/models/<m>.pt`` carries it (``selfsup.models.save_backbone``)."""
+
+    def __init__(self, spec: dict, proj: nn.Module | None = None):
+        super().__init__()
+        self.spec = dict(spec)
+        p = spec.get("proj")
+        if proj is None and p is not None:
+            proj = projection_head(p["kind"], p["in_dim"], p["out_dim"], p.get("hidden_dim", 0), p.get("bn", False))
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D')
+        if self.spec.get("relu"):
+            x = F.relu(x)
+        if self.proj is not None:
+            x = self.proj(x)
+        return l2n(x) if self.spec.get("l2") else x
+
+
+def proj_spec(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False) -> dict:
+    """The JSON description of ``projection_head(kind, in_dim, out_dim, hidden_dim, bn)``."""
+    return {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim, "bn": bn}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfsup.heads import EvalHead
 from selfsup.io import InputError, load_torch, save_torch
 
 # smallest input side each backbone accepts (AlexNet's stride-4 stem and three
@@ -152,10 +153,17 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
 
 def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
     """A method's backbone weights + what rebuilds its architecture (no method code needed to load)."""
+    head = method.eval_head()
+    t = getattr(method.cfg, "temperature", None)
     save_torch(path, {
         "backbone": {k: v.cpu() for k, v in method.encoder().state_dict().items()},
-        "arch": {"name": cfg.model.backbone, "sobel": cfg.model.sobel, "in_channels": meta["channels"]},
+        "arch": {"name": cfg.model.backbone, "sobel": bool(getattr(method.cfg, "sobel", False)),
+                 "in_channels": meta["channels"]},
         "method": method.name,
+        # the paper protocol's features (``EvalHead``) and the training temperature its kNN uses
+        "eval_head": None if head is None else {"spec": head.spec,
+                                                "state": {k: v.cpu() for k, v in head.state_dict().items()}},
+        "temperature": None if t is None else float(t),
     })
 
 
@@ -169,3 +177,17 @@ def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
     except (KeyError, RuntimeError, TypeError, IndexError) as e:  # TypeError / IndexError: not a dict at all
         raise InputError(f"{path}: not a backbone file of this version ({e})") from e
     return net.to(device).eval()
+
+
+def load_eval_head(path: str | Path, device: torch.device) -> tuple[torch.nn.Module | None, float | None]:
+    """(the saved ``EvalHead`` in eval mode or None, the method's training temperature or None)."""
+    ck = load_torch(path)
+    h = ck.get("eval_head")
+    if h is None:
+        return None, ck.get("temperature")
+    try:
+        head = EvalHead(h["spec"])
+        head.load_state_dict(h["state"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise InputError(f"{path}: eval_head does not load ({e})") from e
+    return head.to(device).eval(), ck.get("temperature")

@@ -137,19 +137,81 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
     return "\n".join([*out, "", *[f"- {n}" for n in notes], ""])
 
 
+# --------------------------------------------------------------------------- paper numbers
+PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
+# which of our columns meets a published number of each protocol / metric
+OURS_FOR = {("knn", "top1"): "knn_paper_top1", ("linear", "top1"): "linear_top1",
+            ("linear_svm", "top1"): "linear_top1", ("linear_per_layer", "top1"): "linear_top1",
+            ("finetune", "top1"): "linear_top1", ("detection", "ap50"): "voc_ap50",
+            ("detection", "ap"): "voc_ap", ("detection", "ap75"): "voc_ap75"}
+
+
+def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict[str, dict[str, Any]]:
+    """id -> row of the sourced table of published numbers (each with its source and whether the
+    number was checked against a text)."""
+    import yaml
+
+    rows = yaml.safe_load(Path(path).read_text()) or []
+    out = {r["id"]: r for r in rows}
+    if len(out) != len(rows):
+        raise InputError(f"{path}: duplicate ids")
+    return out
+
+
+def paper_columns(table: pd.DataFrame, paper: dict[str, str], note: str,
+                  results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """``table`` + paper, ours (the column of the same protocol), diff (ours - paper), and what the
+    paper's number is (protocol, source, checked), for each method with an id in ``paper``
+    (``report.paper``); the others get ``note`` (why there is no paper number)."""
+    t = table.copy()
+    cols: dict[str, list[Any]] = {k: [] for k in ("paper", "ours", "diff", "paper_protocol", "paper_source")}
+    for m in t.index:
+        pid = paper.get(m)
+        if pid is None:
+            for k, v in (("paper", math.nan), ("ours", math.nan), ("diff", math.nan), ("paper_protocol", note),
+                         ("paper_source", "")):
+                cols[k].append(v)
+            continue
+        if pid not in results:
+            raise InputError(f"report.paper.{m}: {pid!r} is not an id of {PAPER_RESULTS.name}")
+        r = results[pid]
+        key = (r["protocol"], r["metric"])
+        if key not in OURS_FOR:
+            raise InputError(f"report.paper.{m}: no column of ours for protocol {key} of {pid}")
+        ours = float(t.at[m, OURS_FOR[key]])
+        if key == ("knn", "top1") and math.isnan(ours):
+            ours = float(t.at[m, next(c for c in t.columns if c.startswith("knn") and c.endswith("_top1"))])
+        value = math.nan if r["value"] is None else float(r["value"])
+        ours_pct = ours  # percent, as the papers
+        layer = f" {r['layer']}" if r.get("layer") else ""
+        cols["paper"].append(value)
+        cols["ours"].append(ours_pct)
+        cols["diff"].append(ours_pct - value)
+        cols["paper_protocol"].append(f"{r['protocol']}{layer} {r['metric']}, {r['backbone']}, {r['setting']}"
+                                      + ("" if r.get("checked") else " (UNVERIFIED)"))
+        cols["paper_source"].append(r["source"])
+    for k, v in cols.items():
+        t[k] = v
+    return t
+
+
 # --------------------------------------------------------------------------- InstDisc Table 1
-# Wu et al. 2018, Table 1 (CIFAR-10, ResNet-18): (softmax, m) -> (linear SVM top-1, kNN top-1).
-# From the brief; consistent with the paper as we remember it (the text reports the
-# non-parametric softmax ~15 points above the parametric one), not re-checked against the
-# PDF here (no copy of the paper was reachable from this environment).
-PAPER = {
-    ("parametric", 0): (60.3, 63.0),
-    ("nonparametric", 0): (75.4, 80.4),
-    ("nonparametric", 1): (44.3, 42.5),
-    ("nonparametric", 10): (60.2, 63.4),
-    ("nonparametric", 512): (64.3, 78.4),
-    ("nonparametric", 4096): (70.2, 80.4),
+# Wu et al. 2018, Table 1 (CIFAR-10, ResNet-18): (softmax, m) -> ids of its linear SVM and kNN
+# top-1 in paper_results.yaml (the numbers, their source and whether they were checked live there)
+TABLE1_IDS = {
+    ("parametric", 0): "parametric", ("nonparametric", 0): "nonparametric", ("nonparametric", 1): "nce1",
+    ("nonparametric", 10): "nce10", ("nonparametric", 512): "nce512", ("nonparametric", 4096): "nce4096",
 }
+
+
+def table1_paper(softmax: str, m: int, results: dict[str, dict[str, Any]] | None = None) -> tuple[float, float]:
+    """(linear SVM, kNN) top-1 of InstDisc's Table 1 row, NaN where the paper has no such row."""
+    row = TABLE1_IDS.get((softmax, m))
+    if row is None:
+        return math.nan, math.nan
+    results = results if results is not None else load_paper_results()
+    get = [results[f"instdisc/cifar10/resnet18/{row}/{p}"]["value"] for p in ("linear_svm", "knn")]
+    return tuple(math.nan if v is None else float(v) for v in get)  # type: ignore[return-value]
 
 
 def row_label(softmax: str, m: int) -> str:
@@ -161,8 +223,9 @@ def row_label(softmax: str, m: int) -> str:
 def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per Table 1 setting: ours beside the paper's CIFAR-10 figures."""
     rows = []
+    published = load_paper_results()
     for name, r in results.items():
-        paper = PAPER.get((r["softmax"], r["nce_m"]), (math.nan, math.nan))
+        paper = table1_paper(r["softmax"], r["nce_m"], published)
         m = r["nce_m"]
         label = row_label(r["softmax"], m)
         if r["nce_m_used"] != m:

@@ -49,7 +49,7 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
     # torch, faiss and the method registry: imported here so that the report stage needs none
     from selfsup import dist
     from selfsup.evaluate import knn_protocols, linear_eval
-    from selfsup.features import extract_sharded
+    from selfsup.features import apply_head, extract_sharded
     from selfsup.train import pretrain
 
     t0 = time.perf_counter()
@@ -66,7 +66,10 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
     if not dist.is_main():
         return None
     ytr, yte, k = data.train.y, data.test.y, len(meta["classes"])
-    knn = knn_protocols(tr, ytr, te, yte, ks=[cfg.instdisc_table1.knn_k], temperature=mcfg.temperature,
+    # the paper's kNN: on the normalised 128-d embedding (lemniscate's test.py), at the training temperature
+    head = method.eval_head()
+    htr, hte = apply_head(head, tr, device), apply_head(head, te, device)
+    knn = knn_protocols(htr, ytr, hte, yte, ks=[cfg.instdisc_table1.knn_k], temperature=mcfg.temperature,
                         num_classes=k)
     c = cfg.linear
     lin = linear_eval(tr, ytr, te, yte, num_classes=k, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,

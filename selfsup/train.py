@@ -88,7 +88,7 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
         raise InputError(f"{up}: upstream encoder of {name} (methods.{name}) not found")
     torch.manual_seed(derive_seed(cfg.seed, "backbone-init"))
     try:
-        backbone = build_backbone(cfg.model.backbone, data.meta["channels"], cfg.model.sobel,
+        backbone = build_backbone(cfg.model.backbone, data.meta["channels"], bool(getattr(mcfg, "sobel", False)),
                                   train_image_size(cfg, data))
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -6,7 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.io import atomic_path, repo_root  # noqa: E402
-from selfsup.report import collect, load_histories, plot_curves, results_table, to_markdown, voc_markdown  # noqa: E402
+from selfsup.report import (  # noqa: E402
+    collect, load_histories, load_paper_results, paper_columns, plot_curves, results_table, to_markdown, voc_markdown)
 from selfsup.stage import Paths, setup  # noqa: E402
 from selfsup.tracking import flatten, log_runs, run_params  # noqa: E402
 
@@ -14,11 +15,17 @@ cfg = setup(parse_methods=False)
 P = Paths()
 t0 = time.perf_counter()
 allm = collect(P.root / "metrics", cfg.methods)
-table = results_table(allm, cfg.knn.k)
+# ours beside the published number each method's row meets (report.paper: ids in selfsup/paper_results.yaml)
+table = paper_columns(results_table(allm, cfg.knn.k), cfg.report.paper, cfg.report.paper_note, load_paper_results())
 notes = [
     f"Dataset: {cfg.dataset.name}, backbone: {cfg.model.backbone}; test-split numbers except NMI/ARI/cluster_acc.",
     f"knn<k>_top1: weighted kNN (cosine, votes exp(sim/{cfg.knn.temperature})), k capped at the training-set size;"
     " knn_top5 for the first k. knn_paper_top1: the method's own paper protocol (knn_paper_protocol), where set.",
+    "paper / ours / diff: the published number (paper_protocol: its protocol, backbone and setting; "
+    "UNVERIFIED: not checked against the paper's text; paper_source: table, row, column) beside ours under the "
+    "same protocol (knn: knn_paper_top1; linear, linear SVM, per-layer and fine-tune rows: linear_top1, "
+    "the frozen-feature probe on the final features), diff = ours - paper; where no paper reports the setting, "
+    "paper_protocol says why.",
     f"linear_top1: linear probe on frozen features, {cfg.linear.epochs} epochs, fixed schedule, no model selection.",
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",

@@ -25,11 +25,28 @@ def synthetic(n, size, channels=3, classes=4, seed=0):
 ])
 def test_clustering_methods_train_on_alexnet_bn(tmp_path, name, over, sobel):
     data = synthetic(24, 64)
-    cfg = make_cfg(methods=[name], model={"backbone": "alexnet_bn", "sobel": sobel},
-                   **{name: {"epochs": 1, "batch_size": 8, "relabel_times": 1, **over} if name == "sela" else
-                      {"epochs": 1, "batch_size": 8, **over}})
+    cfg = make_cfg(methods=[name], model={"backbone": "alexnet_bn"},
+                   **{name: {"epochs": 1, "batch_size": 8, "relabel_times": 1, "sobel": sobel, **over}
+                      if name == "sela" else {"epochs": 1, "batch_size": 8, "sobel": sobel, **over}})
     m, hist = pretrain(cfg, name, data, tmp_path / "ck.pt")
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+    assert (m.backbone.sobel is not None) == sobel
+
+
+def test_sobel_is_per_method(tmp_path):
+    """DeepCluster's code runs Sobel, SeLa's does not: one global switch cannot express both."""
+    from selfsup.config import ConfigError, load_config
+    from selfsup.models import load_backbone, save_backbone
+
+    cfg = make_cfg(methods=["deepcluster", "sela"], deepcluster={"sobel": True, "k": 4, "pca_dim": 4},
+                   sela={"sobel": False, "clusters": 4})
+    data = synthetic(16, 8, 1)
+    dc, se = build_method(cfg, "deepcluster", data), build_method(cfg, "sela", data)
+    assert dc.backbone.sobel is not None and se.backbone.sobel is None
+    save_backbone(tmp_path / "dc.pt", dc, cfg, data.meta)
+    assert load_backbone(tmp_path / "dc.pt", torch.device("cpu")).sobel is not None
+    with pytest.raises(ConfigError, match="model.sobel"):
+        load_config({"methods": ["deepcluster"], "model": {"sobel": True}})
 
 
 # ----------------------------------------------------------------- 2. re-labelling and storage order
@@ -132,3 +149,62 @@ def test_resnet50_cifar_keeps_32px_resolution():
     net = build_backbone("resnet50_cifar", 3, image_size=32)
     assert net.out_dim == 2048 and net.trunk.conv1.stride == (1, 1)
     assert isinstance(net.trunk.maxpool, torch.nn.Identity)
+
+
+# ----------------------------------------------------------------- 4. the paper kNN: head features, training T
+@pytest.mark.parametrize("name,over", [
+    ("instdisc", {"temperature": 0.3, "nce_m": 16}),
+    ("moco", {"temperature": 0.15, "queue_size": 32, "batch_size": 32}),
+    ("invaspread", {"temperature": 0.2, "batch_size": 32}),
+])
+def test_paper_knn_reads_the_saved_head_at_the_training_temperature(digits, tmp_path, name, over):
+    """InstDisc, InvaSpread and the MoCo CIFAR demo run their kNN on the L2-normalised 128-d head
+    output at the training temperature: the encoder file carries the head and the temperature, so a
+    sweep of <m>.temperature moves the protocol's T with it."""
+    from selfsup.evaluate import knn_protocols, paper_protocol
+    from selfsup.features import apply_head, extract_features
+    from selfsup.models import load_backbone, load_eval_head, save_backbone
+
+    cfg = make_cfg(methods=[name], **{name: {"epochs": 1, **over}})
+    m, _ = pretrain(cfg, name, digits, tmp_path / "ck.pt")
+    save_backbone(tmp_path / "m.pt", m, cfg, digits.meta)
+    cpu = torch.device("cpu")
+    head, t = load_eval_head(tmp_path / "m.pt", cpu)
+    assert t == over["temperature"] and head.spec["l2"] and head.spec["proj"]["out_dim"] == 128
+    net = load_backbone(tmp_path / "m.pt", cpu)
+    tr = extract_features(net, digits.train, digits.meta, cpu)
+    htr = apply_head(head, tr, cpu)
+    m.eval()
+    with torch.no_grad():  # the saved head reproduces the trained model's normalised embedding
+        x = torch.from_numpy(tr[:64])
+        ref = torch.nn.functional.normalize(m.head(x), dim=1).numpy()
+    np.testing.assert_allclose(htr[:64], ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(htr, axis=1), 1.0, atol=1e-5)
+    spec = paper_protocol(f"knn.paper.{name}", 200, 0.0, "head", {"head": head.spec, "temperature": t})
+    assert spec["temperature"] == over["temperature"] and "128-d + L2" in spec["where"]
+    te = extract_features(net, digits.test, digits.meta, cpu)
+    spec["features"] = (htr, digits.train.y, apply_head(head, te, cpu), digits.test.y)
+    out = knn_protocols(tr, digits.train.y, te, digits.test.y, [200], 0.07, 10, paper=spec)
+    assert out["paper_protocol"].endswith(f"T={over['temperature']:g} on {spec['where']}")
+    assert out["paper_top1"] != out["top1"]  # other features: another number
+
+
+def test_paper_knn_refuses_head_features_a_method_does_not_save():
+    from selfsup.config import ConfigError
+    from selfsup.evaluate import paper_protocol
+
+    with pytest.raises(ConfigError, match="knn.paper.deepcluster.features"):
+        paper_protocol("knn.paper.deepcluster", 10, 0.1, "head", {"head": None, "temperature": None})
+    with pytest.raises(ConfigError, match="knn.paper.deepcluster.temperature"):
+        paper_protocol("knn.paper.deepcluster", 10, 0.0, "backbone", {"head": None, "temperature": None})
+
+
+def test_sela_paper_features_are_post_relu_fc7(tmp_path):
+    from selfsup.models import load_eval_head, save_backbone
+
+    cfg = make_cfg(methods=["sela"], model={"backbone": "alexnet_bn"}, sela={"heads": 2, "clusters": 4})
+    m = build_method(cfg, "sela", synthetic(8, 64))
+    save_backbone(tmp_path / "m.pt", m, cfg, synthetic(8, 64).meta)
+    head, t = load_eval_head(tmp_path / "m.pt", torch.device("cpu"))
+    x = torch.randn(5, 4096)
+    assert t is None and torch.equal(head(x), torch.relu(x))

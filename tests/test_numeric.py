@@ -140,8 +140,8 @@ def test_knn_paper_protocol_beside_the_common_one():
     rng = np.random.default_rng(3)
     tr, te = rng.normal(size=(120, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
     ytr, yte = rng.integers(0, 6, 120), rng.integers(0, 6, 40)
-    out = knn_protocols(tr, ytr, te, yte, [200, 20], 0.07, 6, paper=(10, 0.1))
-    assert out["paper_protocol"] == "weighted kNN k=10 T=0.1"
+    out = knn_protocols(tr, ytr, te, yte, [200, 20], 0.07, 6, paper={"k": 10, "temperature": 0.1, "where": "backbone"})
+    assert out["paper_protocol"] == "weighted kNN k=10 T=0.1 on backbone"
     assert out["paper_top1"] == knn_eval(tr, ytr, te, yte, 10, 0.1, 6)["top1"]
     assert out["k200_k_used"] == 120 and out["top1"] == out["k200_top1"]
     assert "paper_top1" not in knn_protocols(tr, ytr, te, yte, [20], 0.07, 6)

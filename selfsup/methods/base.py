@@ -158,6 +158,12 @@ class Method(nn.Module):
         """The network saved as the result (``data/models/<m>.pt``)."""
         return self.backbone
 
+    def eval_head(self) -> nn.Module | None:
+        """What the method's paper evaluates after the backbone (a ``selfsup.heads.EvalHead``: e.g. the
+        L2-normalised 128-d embedding InstDisc's kNN reads), saved with the encoder; None: the backbone
+        features themselves. ``knn.paper.<m>.features: head`` evaluates on it."""
+        return None
+
     def rank_local_params(self) -> list[str]:
         """Names of parameters each rank holds its own part of (model parallelism, e.g. MLCD's
         sharded centres): DDP does not average them; the method makes their gradient right."""

@@ -42,6 +42,7 @@ from selfsup.sampler import uniform_cluster_indices
 
 @dataclass
 class DeepClusterCfg(TrainCfg):
+    sobel: bool = True  # official: --sobel on AlexNet (digits params: off, see params.yaml)
     k: int = 100  # paper (ImageNet): 10,000 = 10x the classes
     pca_dim: int = 256  # paper: 256
     # an epoch whose features have rank below pca_dim (a collapsing network) would stop a long run:

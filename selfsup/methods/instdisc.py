@@ -40,7 +40,7 @@ from torch import nn
 from selfsup import dist
 from selfsup.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
-from selfsup.heads import l2n, projection_head
+from selfsup.heads import EvalHead, l2n, projection_head, proj_spec
 from selfsup.memory import MEMORY_INITS, MemoryBank, estimate_z, full_softmax_loss, nce_loss
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
@@ -114,6 +114,10 @@ class InstDisc(Method):
         if cfg.nce_m >= n:
             raise ConfigError(f"instdisc.nce_m: {cfg.nce_m} noise samples need more than {cfg.nce_m} training "
                               f"images, got {n} (use nce_m < {n}, or 0 for the exact softmax)")
+
+    def eval_head(self) -> EvalHead:
+        # lemniscate's kNN (test.py) compares the L2-normalised 128-d outputs (the memory bank's space)
+        return EvalHead({"proj": proj_spec("linear", self.backbone.out_dim, self.cfg.dim), "l2": True}, self.head)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return l2n(self.head(self.backbone(x)))  # (B, dim), unit rows

@@ -25,7 +25,7 @@ import torch
 from selfsup import dist
 from selfsup.config import TrainCfg, one_of, positive
 from selfsup.contrastive import invaspread_loss
-from selfsup.heads import HEADS, l2n, projection_head
+from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
 
@@ -69,6 +69,11 @@ class InvaSpread(Method):
     def __init__(self, backbone: Any, cfg: InvaSpreadCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim)
+
+    def eval_head(self) -> EvalHead:
+        # the official kNN (utils.kNN) runs on the L2-normalised low_dim output
+        c = self.cfg
+        return EvalHead({"proj": proj_spec(c.head, self.backbone.out_dim, c.dim), "l2": True}, self.head)
 
     def forward(self, batch: Batch) -> StepOut:
         x1, x2 = batch.views  # (B, C, H, W) each

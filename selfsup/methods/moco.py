@@ -46,7 +46,7 @@ import torch
 from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import info_nce
-from selfsup.heads import HEADS, l2n, projection_head
+from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
 from selfsup.momentum import KeyQueue, ema_update, shuffled, split_batch_norm
@@ -106,6 +106,12 @@ class MoCo(Method):
             p.requires_grad_(False)
         self.queue = KeyQueue(cfg.queue_size, cfg.dim)
         self._pending: torch.Tensor | None = None  # this step's keys, enqueued after the step
+
+    def eval_head(self) -> EvalHead:
+        # the official CIFAR demo's kNN monitor reads the query encoder's normalised output (fc included)
+        c = self.cfg
+        return EvalHead({"proj": proj_spec(c.head, self.backbone.out_dim, c.dim, c.hidden_dim), "l2": True},
+                        self.head)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return l2n(self.head(self.backbone(x)))  # (B, dim)

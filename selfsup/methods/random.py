@@ -9,6 +9,8 @@ from selfsup.methods.base import Method
 
 @dataclass
 class RandomCfg:
+    sobel: bool = False  # the Sobel front end of the method this baseline stands beside
+
     def check(self, p: str) -> None:
         pass
 

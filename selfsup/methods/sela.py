@@ -43,6 +43,7 @@ from torch import nn
 from selfsup import dist
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.data import Data
+from selfsup.heads import EvalHead
 from selfsup.io import derive_seed
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
@@ -95,7 +96,12 @@ class SeLa(Method):
             nn.init.normal_(h[-1].weight, 0.0, 0.01)
             nn.init.zeros_(h[-1].bias)
         self.register_buffer("labels", torch.zeros(cfg.heads, n_train, dtype=torch.long))  # (heads, N) self-labels
-        
+
+    def eval_head(self) -> EvalHead:
+        # SeLa's kNN reads post-ReLU fc7 (alexnet_bn keeps fc7's ReLU in the head; other backbones
+        # end in a ReLU / pooling already, so this is the backbone output)
+        return EvalHead({"relu": bool(self.backbone.relu_head)})
+
     @classmethod
     def from_data(cls, backbone: Any, cfg: SeLaCfg, data: Data) -> "SeLa":
         return cls(backbone, cfg, data.num_classes, n_train=data.n_train)

@@ -27,7 +27,7 @@ import torch
 from selfsup import dist
 from selfsup.config import TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import nt_xent
-from selfsup.heads import HEADS, l2n, projection_head
+from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
 
@@ -69,6 +69,12 @@ class SimCLR(Method):
     def __init__(self, backbone: Any, cfg: SimCLRCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim, bn=cfg.head_bn)
+
+    def eval_head(self) -> EvalHead:
+        # SimCLR evaluates h (before g, sec. 4.2); g's normalised output is offered for comparison
+        c = self.cfg
+        return EvalHead({"proj": proj_spec(c.head, self.backbone.out_dim, c.dim, c.hidden_dim, c.head_bn),
+                         "l2": True}, self.head)
 
     def forward(self, batch: Batch) -> StepOut:
         x1, x2 = batch.views  # (B, C, H, W) each

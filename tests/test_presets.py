@@ -1,0 +1,99 @@
+"""Presets (python -m selfsup.presets): the listing, every preset smoked on its stand-in, apply keeps
+params.yaml's comments, and the sourced table of published numbers the reports compare with."""
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from selfsup import presets
+from selfsup.config import ConfigError, load_config
+from selfsup.report import OURS_FOR, load_paper_results, paper_columns
+
+METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "random", "supervised")
+IMAGENET = ("deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
+            "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")
+
+
+def test_listing_has_a_cifar10_preset_per_method_and_the_imagenet_presets(capsys):
+    rows = presets.listing()
+    cifar = {m for r in rows if r["dataset"] == "cifar10" for m in r["methods"].split(", ")}
+    assert set(METHODS) <= cifar
+    assert set(IMAGENET) <= {r["name"] for r in rows if r["dataset"] == "imagenet"}
+    assert presets.main([]) == 0
+    out = capsys.readouterr().out
+    assert "moco_cifar10_demo" in out and "lemniscate" in out
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_smokes(name):
+    out = presets.smoke(name)
+    assert set(out) == set(presets.load(name)["params"]["methods"])
+    for m, r in out.items():
+        assert r["epochs"] == (0 if m == "random" else 1)
+        assert m == "random" or math.isfinite(r["loss"])
+        assert 0.0 <= r["knn"] <= 100.0
+
+
+def test_smoke_keeps_the_presets_own_keys():
+    p = presets.smoke_params("moco_v2_imagenet")
+    assert p["moco"]["queue_size"] == presets.SMOKE_CAPS["queue_size"]  # capped: 16 images
+    assert p["moco"]["m"] == 0.999 and p["moco"]["blur_p"] == 0.5 and p["model"]["backbone"] == "resnet50"
+    assert p["dataset"]["crop_size"] == 224 and list(p["methods"]) == ["moco"]
+
+
+def test_apply_writes_the_preset_and_keeps_the_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    presets.apply("moco_cifar10_demo", params, sets=["moco.epochs=3"])
+    text = params.read_text()
+    assert "# MoCo v2 (He et al. 2020; Chen et al. 2020)" in text  # comments kept
+    cfg = load_config(params)
+    assert list(cfg.methods) == ["moco"] and cfg.model.backbone == "resnet18_cifar"
+    assert cfg.method("moco").crop_scale == [0.08, 1.0] and cfg.method("moco").epochs == 3
+    assert cfg.knn.paper["moco"].features == "head" and list(cfg.knn.paper) == ["moco"]  # replaced, not merged
+    before = params.read_text()
+    with pytest.raises(ConfigError, match="moco.queue_size"):
+        presets.apply("moco_cifar10_demo", params, sets=["moco.queue_size=-1"])
+    assert params.read_text() == before  # a bad preset leaves the file as it was
+    with pytest.raises(ConfigError, match="nope"):
+        presets.load("nope")
+
+
+def test_paper_results_are_sourced_and_every_preset_id_exists():
+    res = load_paper_results()
+    keys = {"id", "method", "dataset", "backbone", "setting", "protocol", "layer", "metric", "value", "source",
+            "where_checked", "checked", "note"}
+    for pid, r in res.items():
+        assert set(r) == keys, pid
+        assert r["source"] and isinstance(r["checked"], bool), pid
+        assert not r["checked"] or r["where_checked"], f"{pid}: checked without saying where"
+        assert r["value"] is None or 0.0 < float(r["value"]) <= 100.0, pid
+    for name in presets.names():
+        for m, pid in presets.load(name)["params"]["report"]["paper"].items():
+            assert pid in res, (name, pid)
+            assert (res[pid]["protocol"], res[pid]["metric"]) in OURS_FOR, pid
+            assert res[pid]["method"] == m and res[pid]["value"] is not None, pid
+
+
+def test_report_puts_ours_beside_the_paper():
+    res = load_paper_results()
+    t = pd.DataFrame({"knn200_top1": [70.0, 60.0], "knn_paper_top1": [78.0, math.nan],
+                      "linear_top1": [80.0, 50.0], "voc_ap50": [math.nan] * 2, "voc_ap": [math.nan] * 2,
+                      "voc_ap75": [math.nan] * 2}, index=pd.Index(["instdisc", "random"], name="method"))
+    out = paper_columns(t, {"instdisc": "instdisc/cifar10/resnet18/nce4096/knn"}, "a baseline", res)
+    paper = res["instdisc/cifar10/resnet18/nce4096/knn"]["value"]
+    assert out.at["instdisc", "paper"] == paper and out.at["instdisc", "ours"] == 78.0
+    assert out.at["instdisc", "diff"] == pytest.approx(78.0 - paper)
+    assert "Table 1" in out.at["instdisc", "paper_source"]
+    assert math.isnan(out.at["random", "paper"]) and out.at["random", "paper_protocol"] == "a baseline"
+    with pytest.raises(Exception, match="report.paper.random"):
+        paper_columns(t, {"random": "no/such/id"}, "", res)
+
+
+def test_report_stage_reads_the_paper_table_as_a_dvc_dependency():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for s in ("report", "table1_report"):
+        assert "selfsup/paper_results.yaml" in stages[s]["deps"], s
+    assert "report" in stages["report"]["params"]
