@@ -22,7 +22,8 @@ exactly as a per-sample torchvision pipeline would draw them.
   datasets whose images differ in size (loader workers crop them to a common size before
   batching) and for evaluation.
 
-torchvision is imported only inside the functions that call it (~1.5 s at stage start-up).
+torchvision is imported only inside the functions that call it (~1.5 s at stage start-up over torch's:
+benchmarks/imports.py).
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class DatasetCfg:
     # resize_size and takes the central crop_size (the papers' 256 / 224)
     crop_size: int = 224
     resize_size: int = 256
-    stats_sample: int = 10_000  # images (fixed random sample) the channel mean / std are measured on
+    stats_sample: int = 10_000  # images (fixed random sample) the channel mean / std are computed on
     include_unlabeled: bool = False  # stl10: add the 100k unlabeled images (label -1)
     max_train: int = 0  # cap on training images (0: all); a stratified-free prefix after a seeded shuffle
     max_test: int = 0
@@ -236,14 +236,56 @@ class KnnCfg:
 
 @dataclass
 class LinearCfg:
+    # frozen: features extracted once, standardised, cosine schedule (fast); augmented: MoCo's
+    # main_lincls (random crops + flips every epoch through the frozen backbone, lr 30, x0.1 at
+    # lr_steps 60 / 80 of 100 epochs, weight decay 0; selfsup/lincls.py)
+    protocol: str = "frozen"
     epochs: int = 100
     batch_size: int = 256
     lr: float = 0.1
     weight_decay: float = 1e-4
+    lr_steps: list[int] = field(default_factory=list)  # augmented: x0.1 at each (MoCo: [60, 80])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # augmented: RandomResizedCrop's
+    flip: bool = True  # augmented: random horizontal flips
 
     def check(self, p: str) -> None:
+        one_of(p, "protocol", self.protocol, ("frozen", "augmented"))
         positive(p, self, "epochs", "batch_size", "lr")
         non_negative(p, self, "weight_decay")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class ProbeCfg:
+    # linear probes on every stage of the network (selfsup/probes.py; DeepCluster / SeLa / InstDisc:
+    # AlexNet conv1-conv5), run by the linear stage: [] off, [all] every stage, or stage names
+    # (conv1 ... for AlexNet, conv1 / layer1-4 for ResNets, block1-3 for smallcnn)
+    layers: list[str] = field(default_factory=list)
+    target_dim: int = 9216  # activations average-pooled to about this many dims (the papers' ~9k)
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    max_train: int = 0  # 0: every training image; else a seeded subset (ImageNet: a layer must fit in memory)
+
+    def check(self, p: str) -> None:
+        if "all" in self.layers and self.layers != ["all"]:
+            raise ConfigError(f"{p}.layers: 'all' stands alone, got {self.layers}")
+        positive(p, self, "target_dim", "epochs", "batch_size", "lr")
+        non_negative(p, self, "weight_decay", "max_train")
+
+
+@dataclass
+class SvmCfg:
+    # a linear SVM on frozen, L2-normalised features (liblinear through scikit-learn's LinearSVC,
+    # one-vs-rest, squared hinge): InstDisc Table 1's "linear" column, DeepCluster's VOC07
+    # classification. The papers pick C by validation; here it is a param
+    enabled: bool = True
+    c: float = 1.0
+
+    def check(self, p: str) -> None:
+        positive(p, self, "c")
 
 
 @dataclass
@@ -444,8 +486,8 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # DataLoader workers decoding images: -1 = the cores available to this process for image
-    # files, in-process (0) for memory-mapped arrays (a batch is one slice; measured faster than
-    # the inter-process copy on the digits default). Results do not depend on it: every random
+    # files, in-process (0) for memory-mapped arrays (a batch is one slice, cheaper than the
+    # inter-process copy of worker processes). Results do not depend on it: every random
     # draw is seeded by (run seed, epoch, position), not by worker.
     workers: int = -1
     # the engine (selfsup/train.py): autocast precision (losses, softmax / log-sum-exp, Sinkhorn and
@@ -470,6 +512,8 @@ class Config:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     knn: KnnCfg = field(default_factory=KnnCfg)
     linear: LinearCfg = field(default_factory=LinearCfg)
+    svm: SvmCfg = field(default_factory=SvmCfg)
+    probe: ProbeCfg = field(default_factory=ProbeCfg)
     mlflow: MlflowCfg = field(default_factory=MlflowCfg)
     instdisc_table1: InstDiscTable1Cfg = field(default_factory=InstDiscTable1Cfg)
     voc: VocCfg = field(default_factory=VocCfg)

@@ -14,7 +14,7 @@ import numpy as np
 from selfsup.config import ConfigError
 from selfsup.knn import knn_eval
 
-# scikit-learn/scipy (selfsup.metrics, ~1.3 s to import) and torch (selfsup.linear) are
+# scikit-learn/scipy (selfsup.metrics, ~1.3 s to import: benchmarks/imports.py) and torch (selfsup.linear) are
 # imported inside the protocols that need them: each DVC stage is a new process, and the
 # kNN stage needs neither.
 
@@ -107,3 +107,20 @@ def cluster_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarra
         out[f"{prefix}ari"] = ari(y[m], a[m])
         out[f"{prefix}acc"] = 100.0 * hungarian_accuracy(y[m], a[m])
     return out
+
+
+def svm_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, c: float, seed: int) -> dict[str, Any]:
+    """Linear SVM (scikit-learn's LinearSVC = liblinear, one-vs-rest, squared hinge, cost ``c``) on
+    L2-normalised frozen features: {"svm_top1": percent on the labelled test rows, "svm_c": c}."""
+    if (s := _skip("svm", ytr, yte)) is not None:
+        return {"svm_" + k: v for k, v in s.items()}
+    from sklearn.svm import LinearSVC
+
+    mtr, mte = ytr >= 0, yte >= 0
+
+    def l2(x: np.ndarray) -> np.ndarray:  # (N, D) rows to unit length
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    clf = LinearSVC(C=c, dual="auto", max_iter=10_000, random_state=seed).fit(l2(tr[mtr]), ytr[mtr])
+    acc = float((clf.predict(l2(te[mte])) == yte[mte]).mean())
+    return {"svm_top1": 100.0 * acc, "svm_c": c}

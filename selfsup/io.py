@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported inside the functions that need it: the kNN, whiten, cluster and
-# report stages never load it (torch + torchvision cost ~7 s of start-up per stage).
+# report stages never load it (torch + torchvision cost ~3 s of start-up per stage: benchmarks/imports.py).
 
 
 class InputError(RuntimeError):

@@ -24,8 +24,8 @@ from the global max |x| and N, leaving >= 62 - log2 N bits below the max) and su
 int64, so the sums, and the centroids, do not depend on how the rows are split or in which
 order they are added (float32 sums, as the contrib class does them, would). The search is
 per row: faiss' BLAS path (taken for every shard, see ``_search``) accumulates each row's dot
-products in an order that does not depend on where the row sits in its batch (measured
-bit-identical on this OpenBLAS; not a documented BLAS guarantee, and where it fails only rows
+products in an order that does not depend on where the row sits in its batch (bit-identical on
+this OpenBLAS: tests/test_distributed.py checks it; not a documented BLAS guarantee, and where it fails only rows
 with a near-exact tie between two centroids could flip). So with W ranks the centroids, the
 assignment (concatenated in rank order) and the objective are those of W = 1 on the
 concatenated rows, bit for bit in the tests' runs.
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch and selfsup.dist are imported inside the sharded functions only: the kNN and cluster stages
-# use the one-process k-means and should not pay torch's start-up (~2-7 s per stage)
+# use the one-process k-means and should not pay torch's start-up (~1.6 s per stage: benchmarks/imports.py)
 
 
 @dataclass

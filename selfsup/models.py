@@ -116,7 +116,7 @@ class Backbone(nn.Module):
 
 
 def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
-    # imported here: torchvision's import costs ~1.5 s per stage start, and the
+    # imported here: torchvision's import costs ~1.5 s per stage start (benchmarks/imports.py), and the
     # smallcnn / alexnet_bn stages never need it
     import torchvision
 

@@ -36,6 +36,9 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["knn_paper_top1"] = knn.get("paper_top1", math.nan)
         row["knn_paper_protocol"] = knn.get("paper_protocol", "")
         row["linear_top1"] = lin.get("top1", math.nan)
+        row["svm_top1"] = lin.get("svm_top1", math.nan)
+        for layer, r in (lin.get("probes") or {}).get("layers", {}).items():  # per-layer probes, when run
+            row[f"probe_{layer}_top1"] = r.get("top1", math.nan)
         row["nmi"] = clu.get("nmi", math.nan)
         row["ari"] = clu.get("ari", math.nan)
         row["cluster_acc"] = clu.get("acc", math.nan)
@@ -141,7 +144,7 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 # which of our columns meets a published number of each protocol / metric
 OURS_FOR = {("knn", "top1"): "knn_paper_top1", ("linear", "top1"): "linear_top1",
-            ("linear_svm", "top1"): "linear_top1", ("linear_per_layer", "top1"): "linear_top1",
+            ("linear_svm", "top1"): "svm_top1", ("linear_per_layer", "top1"): "linear_top1",
             ("finetune", "top1"): "linear_top1", ("detection", "ap50"): "voc_ap50",
             ("detection", "ap"): "voc_ap", ("detection", "ap75"): "voc_ap75"}
 
@@ -178,7 +181,10 @@ def paper_columns(table: pd.DataFrame, paper: dict[str, str], note: str,
         key = (r["protocol"], r["metric"])
         if key not in OURS_FOR:
             raise InputError(f"report.paper.{m}: no column of ours for protocol {key} of {pid}")
-        ours = float(t.at[m, OURS_FOR[key]])
+        col = OURS_FOR[key]
+        if r["protocol"] == "linear_per_layer" and f"probe_{r['layer']}_top1" in t.columns:
+            col = f"probe_{r['layer']}_top1"  # our probe of the same layer (probe.layers)
+        ours = float(t.at[m, col])
         if key == ("knn", "top1") and math.isnan(ours):
             ours = float(t.at[m, next(c for c in t.columns if c.startswith("knn") and c.endswith("_top1"))])
         value = math.nan if r["value"] is None else float(r["value"])
@@ -192,6 +198,28 @@ def paper_columns(table: pd.DataFrame, paper: dict[str, str], note: str,
         cols["paper_source"].append(r["source"])
     for k, v in cols.items():
         t[k] = v
+    return t
+
+
+def probes_table(all_metrics: dict[str, dict[str, dict[str, Any]]], paper: dict[str, str],
+                 results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Per-layer probe top-1 (rows: methods that ran probes, and "<m> (paper)" under each method whose
+    ``report.paper`` id is a per-layer row: its sibling layers from the sourced table); columns: layers
+    in network order. Empty when no method ran probes."""
+    rows: dict[str, dict[str, float]] = {}
+    for m, st in all_metrics.items():
+        pr = st.get("linear", {}).get("probes")
+        if not pr:
+            continue
+        rows[m] = {name: r.get("top1", math.nan) for name, r in pr["layers"].items()}
+        pid = paper.get(m)
+        if pid in results and results[pid]["protocol"] == "linear_per_layer":
+            stem = pid.rsplit("/", 1)[0]
+            pub = {r["layer"]: (math.nan if r["value"] is None else float(r["value"])) for i, r in results.items()
+                   if i.rsplit("/", 1)[0] == stem and r["protocol"] == "linear_per_layer"}
+            rows[f"{m} (paper)"] = pub
+    t = pd.DataFrame.from_dict(rows, orient="index")
+    t.index.name = "method"
     return t
 
 
@@ -230,8 +258,9 @@ def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
         label = row_label(r["softmax"], m)
         if r["nce_m_used"] != m:
             label += f" (m used: {r['nce_m_used']})"
-        rows.append({"row": name, "setting": label, "linear_top1": r["linear_top1"], "knn_top1": r["knn_top1"],
-                     "paper_linear_svm_top1": paper[0], "paper_knn_top1": paper[1],
+        rows.append({"row": name, "setting": label, "svm_top1": r.get("svm_top1", math.nan),
+                     "paper_linear_svm_top1": paper[0], "knn_top1": r["knn_top1"], "paper_knn_top1": paper[1],
+                     "linear_top1": r["linear_top1"],
                      "final_loss": r["final_loss"], "epochs": r["epochs"],
                      "pretrain_seconds": r["pretrain_seconds"]})
     return pd.DataFrame(rows).set_index("row")

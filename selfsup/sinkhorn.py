@@ -40,15 +40,16 @@ Public API
 ``ReferenceResult``           its result
 
 Design choice: stabilised (max-shifted) linear-domain iterations with
-log-domain scaling vectors -- not a pure log-sum-exp iteration. Measured on
-the 2-core AMD EPYC this was written on, N=50,000, K=3,000 (150M entries):
+log-domain scaling vectors -- not a pure log-sum-exp iteration. On the 2-core
+AMD EPYC this was written on, N=50,000, K=3,000 (150M entries; benchmarks/sinkhorn.py
+prints the per-solve and per-iteration seconds of this solver and of the reference):
 
 * A pure log-domain iteration (logsumexp over every row and every column)
   needs an ``exp`` per entry per iteration: ~0.12-0.2 s per 150M entries
   here, plus ~6 more elementwise passes. One float32 matrix-vector product
   over the same entries costs ~0.035 s, and one iteration of the float64
   reference (two float64 gemvs) ~0.14 s, so the log-domain solver was ~2x
-  slower per iteration than the reference it has to beat.
+  slower per iteration than the reference it has to beat (benchmarks/sinkhorn.py).
 * So we build the row-max-shifted kernel once,
 
       G[i, k] = exp(lam * log_p[i, k] + f[k] - m[i]),   m[i] = max_k(...),
@@ -56,7 +57,7 @@ the 2-core AMD EPYC this was written on, N=50,000, K=3,000 (150M entries):
   in ``dtype`` (every row has max exactly 1: nothing can overflow and no row
   can vanish), keep the scalings as float64 logs, and run each iteration as
   two matrix-vector products with G (~0.07 s here, vs ~0.14 s for the
-  reference; G costs one exp pass, the reference's P**lambda ~3 s). Only
+  reference; G costs one exp pass, the reference's P**lambda ~3 s: benchmarks/sinkhorn.py). Only
   max-shifted exponentials of the log scalings enter the products. When the
   spread of the column scaling not yet in G exceeds ``tau`` (~20 nats in
   float32) it is absorbed into the kernel (f <- log_beta) and G is rebuilt
@@ -178,8 +179,8 @@ CHECK_EVERY = 10
 # CPU: 16 MiB of float32 (fits L3 here). At K=3000, blocks of 1-16 MiB ran
 # equally fast on an idle machine, but every torch op on a block is an OpenMP
 # parallel region, and when other processes compete for the cores each region
-# can stall for a scheduler slice (measured: one kernel build went from 0.2 s
-# to 10 s with 1 MiB blocks); fewer, larger blocks bound that damage. GPUs:
+# can stall for a scheduler slice (a kernel build with 1 MiB blocks became
+# many times slower); fewer, larger blocks bound that damage. GPUs:
 # much larger, as launch overhead dominates there.
 _CPU_BLOCK_ELEMS = 1 << 22
 _GPU_BLOCK_ELEMS = 1 << 26
@@ -188,7 +189,7 @@ _AUTO_RETURN_Q_MAX_ELEMS = 1 << 25
 
 # Exponentials of N x K blocks are taken in base 2: exp(x) = exp2(x * log2 e),
 # with log2 e folded into lam and the shifts, so it costs nothing. exp2 ran
-# 1.8x faster than exp here (0.69 vs 1.25 ns/entry, one thread) and, unlike
+# faster than exp here (one thread) and, unlike
 # exp/log, does not use torch's small-grain VML path (see _SERIAL_SLICE).
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -197,7 +198,7 @@ _LN2 = math.log(2.0)
 # CPU every torch op above a size threshold (2048 elements for exp/log-like
 # ops, 32768 for others) becomes an OpenMP parallel region, and when other
 # processes share the cores each region can stall for a scheduler slice
-# (measured ~8 ms here, for ~10 us of work; solves got up to 5x slower). So
+# (milliseconds for microseconds of work; whole solves got several times slower). So
 # per-iteration vector ops run single-threaded, in slices below the threshold.
 _SERIAL_SLICE = 2048
 
@@ -318,7 +319,7 @@ def _numerics(dtype: torch.dtype, n: int, k: int) -> _Numerics:
       (a) no denormals: kernel entries (>= e^floor) times a column factor
           (>= e^-tau) or a row weight (>= 1/K) stay >= e^8 * tiny, i.e.
           floor >= log(tiny) + 8 + max(tau, log K). Denormal exps were
-          measured ~6x slower on this CPU, and they carry no precision.
+          much slower on this CPU, and they carry no precision.
       (b) clamping is invisible: after a row update a column has mass
           >= 1/(N K) (it had 1/K, and no row is scaled by less than 1/N),
           while clamped entries add at most e^(floor + tau) * N to the

@@ -48,7 +48,7 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
     runs on rank 0 (the other ranks return None)."""
     # torch, faiss and the method registry: imported here so that the report stage needs none
     from selfsup import dist
-    from selfsup.evaluate import knn_protocols, linear_eval
+    from selfsup.evaluate import knn_protocols, linear_eval, svm_eval
     from selfsup.features import apply_head, extract_sharded
     from selfsup.train import pretrain
 
@@ -81,5 +81,8 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
         "pretrain_seconds": float(sum(h["seconds"] for h in history)),
         "knn_top1": knn.get("top1", math.nan), "knn_protocol": knn.get("protocol", knn.get("skipped", "")),
         "linear_top1": lin.get("top1", math.nan),
+        # the paper's "linear" column is a linear SVM
+        "svm_top1": svm_eval(tr, ytr, te, yte, cfg.svm.c, derive_seed(cfg.seed, "svm", "table1", name)).get(
+            "svm_top1", math.nan),
         "seconds": time.perf_counter() - t0,
     }

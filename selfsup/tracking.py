@@ -11,7 +11,7 @@ runs on one worker thread; a caller waits for it (``start``, ``attach``, ``end``
 artifacts) at most for what is left of a time budget (``BUDGET_S``, shared by all the calls and
 runs of the process, i.e. of a stage), and ``log`` does not wait at all (the worker batches the
 metrics in the background). The one-time local set-up (importing MLflow, creating or upgrading
-the SQLite database: 1-3 s on a busy 2-core machine) is waited for apart, up to ``SETUP_S``, so a
+the SQLite database: ~4 s here, benchmarks/imports.py) is waited for apart, up to ``SETUP_S``, so a
 slow machine does not switch MLflow off. The first failure (store unreachable, locked database,
 budget spent) logs ONE warning and switches MLflow off for the rest of the process: every later
 call returns at once. HTTP retries are switched off and timeouts shortened before MLflow is imported.
@@ -44,7 +44,7 @@ import pandas as pd
 log = logging.getLogger("selfsup.tracking")
 
 BUDGET_S = 5.0  # the most one process (one stage) waits for the tracking store, all calls together
-SETUP_S = 60.0  # the most it waits, once, for the local set-up (import MLflow ~1-2 s, create/upgrade SQLite ~1.5 s)
+SETUP_S = 60.0  # the most it waits, once, for the local set-up (import MLflow + a new SQLite store: benchmarks/imports.py)
 HTTP_TIMEOUT_S = "3"  # per HTTP request (MLflow reads it as an int); no retries
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3: "machine learning", opens on the runs table

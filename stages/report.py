@@ -7,7 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.io import atomic_path, repo_root  # noqa: E402
 from selfsup.report import (  # noqa: E402
-    collect, load_histories, load_paper_results, paper_columns, plot_curves, results_table, to_markdown, voc_markdown)
+    collect, load_histories, load_paper_results, markdown_table, paper_columns, plot_curves, probes_table, results_table,
+    to_markdown, voc_markdown)
 from selfsup.stage import Paths, setup  # noqa: E402
 from selfsup.tracking import flatten, log_runs, run_params  # noqa: E402
 
@@ -16,16 +17,19 @@ P = Paths()
 t0 = time.perf_counter()
 allm = collect(P.root / "metrics", cfg.methods)
 # ours beside the published number each method's row meets (report.paper: ids in selfsup/paper_results.yaml)
-table = paper_columns(results_table(allm, cfg.knn.k), cfg.report.paper, cfg.report.paper_note, load_paper_results())
+published = load_paper_results()
+table = paper_columns(results_table(allm, cfg.knn.k), cfg.report.paper, cfg.report.paper_note, published)
+probes = probes_table(allm, cfg.report.paper, published)
 notes = [
     f"Dataset: {cfg.dataset.name}, backbone: {cfg.model.backbone}; test-split numbers except NMI/ARI/cluster_acc.",
     f"knn<k>_top1: weighted kNN (cosine, votes exp(sim/{cfg.knn.temperature})), k capped at the training-set size;"
     " knn_top5 for the first k. knn_paper_top1: the method's own paper protocol (knn_paper_protocol), where set.",
     "paper / ours / diff: the published number (paper_protocol: its protocol, backbone and setting; "
     "UNVERIFIED: not checked against the paper's text; paper_source: table, row, column) beside ours under the "
-    "same protocol (knn: knn_paper_top1; linear, linear SVM, per-layer and fine-tune rows: linear_top1, "
+    "same protocol (knn: knn_paper_top1; linear SVM: svm_top1; linear, per-layer and fine-tune rows: linear_top1, "
     "the frozen-feature probe on the final features), diff = ours - paper; where no paper reports the setting, "
     "paper_protocol says why.",
+    f"svm_top1: linear SVM (LinearSVC, C = {cfg.svm.c}) on the L2-normalised final features.",
     f"linear_top1: linear probe on frozen features, {cfg.linear.epochs} epochs, fixed schedule, no model selection.",
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
@@ -41,6 +45,18 @@ voc_md = voc_markdown(P.root / "metrics", list(cfg.methods), [
     f"AP (0.5:0.95) and AP75 use the {cfg.voc.ap_metric} VOC AP, as detectron2's VOC evaluator (MoCo's table)."])
 with atomic_path(P.reports / "voc.md") as tmp:
     tmp.write_text(voc_md)
+with atomic_path(P.reports / "probes.md") as tmp:
+    if probes.empty:
+        tmp.write_text("# Per-layer linear probes\n\nNo method ran them: set `probe.layers` ([all] or stage names) in "
+                       "params.yaml.\n")
+    else:
+        tmp.write_text(markdown_table(probes, "Per-layer linear probes (test top-1)", [
+            f"Each stage's activations average-pooled to ~{cfg.probe.target_dim} dims, standardised on the training "
+            f"split, a linear classifier ({cfg.probe.epochs} epochs, lr {cfg.probe.lr}), on centre-crop features "
+            "extracted once (the papers train on random crops and test on 10 crops: selfsup/probes.py).",
+            "'(paper)' rows: the published per-layer numbers of the row's report.paper id (selfsup/paper_results.yaml)."]))
+with atomic_path(P.reports / "probes.csv") as tmp:
+    probes.to_csv(tmp, float_format="%.4f")
 with atomic_path(P.reports / "results.md") as tmp:
     tmp.write_text(to_markdown(table, notes))
 with atomic_path(P.reports / "results.csv") as tmp:
@@ -60,5 +76,6 @@ if cfg.mlflow.enabled:
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         finals[m] = row
     log_runs(repo_root(), cfg.mlflow.experiment, params, finals, histories,
-             [P.reports / "results.md", P.reports / "results.csv", P.reports / "voc.md", *pngs])
+             [P.reports / "results.md", P.reports / "results.csv", P.reports / "voc.md", P.reports / "probes.md",
+              *pngs])
 print(f"report: {time.perf_counter() - t0:.1f}s")

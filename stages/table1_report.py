@@ -18,8 +18,11 @@ notes = [
     f"Ours: dataset {cfg.dataset.name}, backbone {cfg.model.backbone}, the `instdisc` params block with each "
     f"row's softmax / nce_m, {table['epochs'].max()} epochs; test-split top-1.",
     f"knn_top1: weighted kNN, k = {t1.knn_k} (capped at the training-set size), votes exp(sim / T) with T the "
-    "training temperature (the paper's protocol), on backbone features re-extracted with the test transform.",
-    f"linear_top1: the linear probe of the main table ({cfg.linear.epochs} epochs); the paper trains a linear SVM.",
+    "row's training temperature, on the normalised 128-d embedding re-extracted with the test transform "
+    "(the paper's protocol, lemniscate's test.py; it reads the memory bank where we re-extract).",
+    f"svm_top1: linear SVM (C = {cfg.svm.c}) on the L2-normalised backbone features, as the paper's linear "
+    f"column; linear_top1: the linear probe of the main table ({cfg.linear.epochs} epochs).",
+    "Paper numbers: selfsup/paper_results.yaml (source and whether each was checked against the paper's text).",
     "paper_*: Wu et al. 2018, Table 1: CIFAR-10, ResNet-18, 128-d embedding, 200 epochs.",
 ]
 if capped:

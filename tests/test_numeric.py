@@ -159,3 +159,32 @@ def test_linear_probe_ignores_a_feature_constant_on_the_training_split():
     out = linear_probe(tr, ytr, te.astype(np.float32), yte, 2, epochs=20, batch_size=64, lr=0.1,
                        weight_decay=0.0, seed=0, device=torch.device("cpu"))
     assert out["top1"] == 100.0, out
+
+
+def test_svm_on_l2_normalised_features():
+    """Linear SVM (InstDisc Table 1's linear column): separable classes are classified exactly, the
+    rows are L2-normalised first (rescaling a row changes nothing), unlabelled splits are skipped."""
+    from selfsup.evaluate import svm_eval
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 5
+    ytr, yte = rng.integers(0, 4, 200), rng.integers(0, 4, 80)
+    tr = (centres[ytr] + rng.normal(size=(200, 16))).astype(np.float32)
+    te = (centres[yte] + rng.normal(size=(80, 16))).astype(np.float32)
+    out = svm_eval(tr, ytr, te, yte, c=1.0, seed=0)
+    assert out["svm_top1"] == 100.0
+    scaled = svm_eval(tr * rng.uniform(0.1, 10, (200, 1)), ytr, te * rng.uniform(0.1, 10, (80, 1)), yte, 1.0, 0)
+    assert scaled["svm_top1"] == out["svm_top1"]
+    # a noisy problem: equal to liblinear on explicitly normalised rows, and not to the raw rows
+    from sklearn.svm import LinearSVC
+    n_tr = (centres[ytr] / 20 + rng.normal(size=(200, 16))) * rng.uniform(0.01, 100, (200, 1))
+    n_te = (centres[yte] / 20 + rng.normal(size=(80, 16))) * rng.uniform(0.01, 100, (80, 1))
+
+    def acc(a, b):
+        pred = LinearSVC(C=1.0, dual="auto", max_iter=10_000, random_state=0).fit(a, ytr).predict(b)
+        return 100.0 * (pred == yte).mean()
+
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    got = svm_eval(n_tr, ytr, n_te, yte, 1.0, 0)["svm_top1"]
+    assert got == pytest.approx(acc(unit(n_tr), unit(n_te))) and got < 100.0 and got != acc(n_tr, n_te)
+    assert "svm_skipped" in svm_eval(tr, -np.ones(200, int), te, yte, 1.0, 0)

@@ -97,3 +97,19 @@ def test_report_stage_reads_the_paper_table_as_a_dvc_dependency():
     for s in ("report", "table1_report"):
         assert "selfsup/paper_results.yaml" in stages[s]["deps"], s
     assert "report" in stages["report"]["params"]
+
+
+def test_a_per_layer_paper_number_meets_our_probe_of_that_layer():
+    from selfsup.report import probes_table
+
+    res = load_paper_results()
+    pid = "deepcluster/imagenet/alexnet_bn_sobel/conv5"
+    t = pd.DataFrame({"linear_top1": [50.0], "probe_conv5_top1": [33.0]},
+                     index=pd.Index(["deepcluster"], name="method"))
+    out = paper_columns(t, {"deepcluster": pid}, "", res)
+    assert out.at["deepcluster", "ours"] == 33.0 and "conv5" in out.at["deepcluster", "paper_protocol"]
+    allm = {"deepcluster": {"linear": {"probes": {"layers": {"conv1": {"top1": 10.0}, "conv5": {"top1": 33.0}}}}},
+            "random": {"linear": {}}}
+    pt = probes_table(allm, {"deepcluster": pid}, res)
+    assert list(pt.index) == ["deepcluster", "deepcluster (paper)"]
+    assert pt.at["deepcluster (paper)", "conv5"] == res[pid]["value"] and pt.at["deepcluster", "conv1"] == 10.0

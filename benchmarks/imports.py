@@ -1,0 +1,54 @@
+"""Benchmark: the start-up costs the stage scripts are arranged around (lazy imports in
+selfsup/io.py, models.py, augment.py, evaluate.py, kmeans.py; MLflow's set-up in tracking.py).
+
+Each import is timed in a fresh interpreter (median of --repeat runs), as a DVC stage pays it:
+
+    .venv/bin/python benchmarks/imports.py [--repeat 3]
+
+Prints seconds per import (torch, torchvision, torch + torchvision, scikit-learn + scipy as
+selfsup.metrics loads them, faiss, mlflow) and the seconds to create a fresh MLflow SQLite store.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "torch": "import torch",
+    "torchvision": "import torch, torchvision",
+    "scikit-learn + scipy (selfsup.metrics)": "import selfsup.metrics",
+    "faiss": "import faiss",
+    "mlflow": "import mlflow",
+}
+STORE = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); "
+         "mlflow.set_experiment('bench')")
+
+
+def timed(code: str, *args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=ROOT, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    base = statistics.median(timed("pass") for _ in range(a.repeat))
+    print(f"bare interpreter: {base:.2f} s (subtracted below)")
+    for name, code in CASES.items():
+        t = statistics.median(timed(code) for _ in range(a.repeat)) - base
+        print(f"import {name}: {t:.2f} s")
+    with tempfile.TemporaryDirectory() as d:
+        runs = [timed(STORE, str(Path(d) / f"m{i}.db")) - base for i in range(a.repeat)]
+    print(f"mlflow import + new SQLite store: {statistics.median(runs):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

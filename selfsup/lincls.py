@@ -1,0 +1,66 @@
+"""MoCo's linear classification protocol (``main_lincls.py``): a linear classifier on the frozen
+backbone, trained on freshly augmented views every epoch (random resized crop + flip), SGD with a
+large learning rate (30) and x0.1 steps (epochs 60 and 80 of 100), no weight decay; the backbone in
+eval mode (frozen batch norm); the test on the centre crop (the extracted eval features).
+
+The fast protocol of ``selfsup.linear`` trains on features extracted once and standardised; this
+one costs a backbone pass per epoch, as the papers' ImageNet tables do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from selfsup.augment import ViewSpec
+from selfsup.io import derive_seed
+from selfsup.knn import topk_accuracy
+
+
+def augmented_linear_probe(backbone: nn.Module, data: Any, cfg: Any, test_feats: np.ndarray, test_y: np.ndarray,
+                           device: torch.device, seed: int) -> dict[str, Any]:
+    """Train ``nn.Linear(D, classes)`` on ``backbone(augmented view)`` (``cfg``: the whole Config; its
+    ``linear`` block: epochs, batch_size, lr, lr_steps, weight_decay, crop_scale); evaluate on
+    ``test_feats`` (N, D), the backbone's eval-transform features."""
+    from selfsup.train import batch_maker  # the training loop's loader + device augmentation
+
+    c = cfg.linear
+    num_classes = len(data.meta["classes"])
+    spec = ViewSpec(count=1, size=0, crop=True, scale=tuple(c.crop_scale), flip_p=0.5 if c.flip else 0.0)
+    make = batch_maker(cfg, data, device)
+    backbone.eval()  # frozen, BN statistics included (MoCo: model.eval() during the classifier's training)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    fc = nn.Linear(test_feats.shape[1], num_classes).to(device)
+    with torch.no_grad():  # MoCo: fc.weight ~ N(0, 0.01), bias 0
+        fc.weight.copy_(torch.empty(fc.weight.shape).normal_(0, 0.01, generator=g))
+        fc.bias.zero_()
+    opt = torch.optim.SGD(fc.parameters(), lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
+    loss = torch.tensor(0.0)
+    for ep in tqdm(range(c.epochs), desc="linear (augmented)", unit="ep", leave=False, mininterval=2):
+        for group in opt.param_groups:  # MoCo's adjust_learning_rate: x0.1 at each milestone
+            group["lr"] = c.lr * 0.1 ** sum(ep >= s for s in c.lr_steps)
+        for batch in make([spec], derive_seed(seed, "lincls", ep), c.batch_size):
+            keep = batch.y >= 0
+            if not keep.any():
+                continue
+            with torch.no_grad():
+                f = backbone(batch.x[keep]).float()  # (b, D)
+            loss = nn.functional.cross_entropy(fc(f), batch.y[keep])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"linear (augmented): loss is {loss.item()} (lower linear.lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    m = test_y >= 0
+    with torch.no_grad():
+        s_te = fc(torch.from_numpy(test_feats[m]).to(device)).cpu().numpy()  # (M, classes)
+    out = {"top1": 100.0 * topk_accuracy(s_te, test_y[m], 1), "final_loss": float(loss.item()),
+           "protocol": f"augmented (MoCo): lr {c.lr}, steps {c.lr_steps}, {c.epochs} epochs"}
+    if num_classes >= 5:
+        out["top5"] = 100.0 * topk_accuracy(s_te, test_y[m], 5)
+    return out
