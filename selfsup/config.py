@@ -213,11 +213,13 @@ class KnnProtocol:
     # moves it too), as InstDisc / InvaSpread / the MoCo demo evaluate
     temperature: float = 0.0
     features: str = "backbone"  # backbone | head (the method's eval head: e.g. the normalised 128-d embedding)
+    pca_dim: int = 0  # > 0: PCA (no whitening) to this many dims first (SeLa's final kNN: PCA-128 of fc7)
 
     def check(self, p: str) -> None:
         positive(p, self, "k")
         non_negative(p, self, "temperature")
         one_of(p, "features", self.features, ("backbone", "head"))
+        non_negative(p, self, "pca_dim")
 
 
 @dataclass
@@ -474,6 +476,9 @@ class ReportCfg:
     # each with its source); a preset sets these. A method left out gets paper_note instead
     paper: dict[str, str] = field(default_factory=dict)
     paper_note: str = "digits: a pipeline check at 8x8 px; no paper reports it"
+    # lines added to the report's notes: ``python -m selfsup.presets apply`` writes the preset's title
+    # and its differences from the paper (data, schedule, protocol) here
+    notes: list[str] = field(default_factory=list)
 
     def check(self, p: str) -> None:
         for m, pid in self.paper.items():

@@ -52,13 +52,19 @@ def knn_protocols(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarr
         if "features" in paper:  # the eval head's features: (train, train labels, test, test labels)
             tr, ytr, te, yte = paper["features"]
             mtr, mte = ytr >= 0, yte >= 0
+        if paper.get("pca_dim"):  # fitted on the training features, labelled or not
+            from selfsup.pca import pca_project
+
+            tr, te = pca_project(tr, te, paper["pca_dim"])
+            where = f"{where} + PCA-{paper['pca_dim']}"
         r = knn_eval(tr[mtr], ytr[mtr], te[mte], yte[mte], k, t, num_classes)
         out["paper_top1"] = r["top1"]
         out["paper_protocol"] = f"weighted kNN k={r['k_used']} T={t:g} on {where}"
     return out
 
 
-def paper_protocol(key: str, k: int, temperature: float, features: str, protocol: dict[str, Any]) -> dict[str, Any]:
+def paper_protocol(key: str, k: int, temperature: float, features: str, protocol: dict[str, Any],
+                   pca_dim: int = 0) -> dict[str, Any]:
     """A method's paper kNN protocol (``knn.paper.<m>``, named ``key``) resolved against what its
     encoder file carries (``protocol``: the extract stage's protocol.json): temperature 0 = the
     training temperature; ``features: head`` needs the method to have an eval head."""
@@ -74,7 +80,7 @@ def paper_protocol(key: str, k: int, temperature: float, features: str, protocol
         parts = (["ReLU"] if head.get("relu") else []) + ([f"{head['proj']['kind']} head {head['proj']['out_dim']}-d"]
                                                         if head.get("proj") else []) + (["L2"] if head.get("l2") else [])
         where = " + ".join(parts) or "backbone"
-    return {"k": k, "temperature": float(t), "where": where}
+    return {"k": k, "temperature": float(t), "where": where, "pca_dim": pca_dim}
 
 
 def linear_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, num_classes: int, epochs: int,

@@ -53,6 +53,17 @@ class PCAWhitening:
         return y
 
 
+def pca_project(train: np.ndarray, test: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain PCA (no whitening): (N, d) and (M, d) -> their projections on the ``dim`` leading axes of
+    ``train`` (centred with its mean); SeLa's kNN on PCA-128 fc7 features."""
+    x = np.ascontiguousarray(train, dtype=np.float32)
+    if not 0 < dim <= x.shape[1] or dim >= len(x):
+        raise ValueError(f"pca_dim: {dim} must be in 1..{min(x.shape[1], len(x) - 1)}")
+    pca = faiss.PCAMatrix(x.shape[1], dim, 0.0)  # eigen_power 0: a rotation, no rescaling
+    pca.train(x)
+    return pca.apply(x), pca.apply(np.ascontiguousarray(test, dtype=np.float32))
+
+
 def pca_whiten(x: np.ndarray, dim: int, l2: bool = True, eig_floor: float = 0.0) -> np.ndarray:
     """Fit on ``x`` and transform it: (N, d_in) -> (N, dim) whitened (and unit-norm rows)."""
     return PCAWhitening.fit(x, dim, eig_floor).transform(x, l2=l2)

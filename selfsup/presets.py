@@ -112,7 +112,11 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
     from ruamel.yaml import YAML
 
     path = Path(params or repo_root() / "params.yaml")
-    over = copy.deepcopy(load(name)["params"])
+    pre = load(name)
+    over = copy.deepcopy(pre["params"])
+    # the report states what the preset is and where it departs from the paper (data, schedule)
+    over.setdefault("report", {})["notes"] = [f"Preset {name}: {pre['title']} ({pre['source']})."] + (
+        [f"Differences from the paper: {' '.join(pre['differences'].split())}"] if pre["differences"] else [])
     for s in sets or []:
         if "=" not in s:
             raise ConfigError(f"--set {s!r}: expected key=value")
@@ -234,7 +238,8 @@ def smoke(name: str, params: str | Path | None = None, workdir: str | Path | Non
                 head = method.eval_head()
                 spec = paper_protocol(f"knn.paper.{m}", pp.k, pp.temperature, pp.features,
                                       {"head": None if head is None else head.spec,
-                                       "temperature": getattr(method.cfg, "temperature", None)})
+                                       "temperature": getattr(method.cfg, "temperature", None)},
+                                      min(pp.pca_dim, len(tr) - 1))
                 if pp.features == "head":
                     spec["features"] = (apply_head(head, tr, cpu), data.train.y, apply_head(head, te, cpu),
                                         data.test.y)

@@ -21,7 +21,7 @@ paper = cfg.knn.paper.get(name)
 spec = None
 if paper is not None:  # the method's own protocol: on its eval head's features, at its training temperature
     spec = paper_protocol(f"knn.paper.{name}", paper.k, paper.temperature, paper.features,
-                          read_json(P.features(name, "train").parent / "protocol.json"))
+                          read_json(P.features(name, "train").parent / "protocol.json"), paper.pca_dim)
     if paper.features == "head":
         spec["features"] = (*read_features(P.features(name, "head_train")), *read_features(P.features(name, "head_test")))
 out = knn_protocols(tr, ytr, te, yte, ks=cfg.knn.k, temperature=cfg.knn.temperature,

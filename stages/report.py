@@ -34,6 +34,7 @@ notes = [
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
 ]
+notes += cfg.report.notes  # a preset's title and its differences from the paper (presets apply)
 notes.append(
     f"voc_ap50 / voc_ap / voc_ap75: Faster R-CNN ({cfg.voc.arch} for ResNets, BN {cfg.voc.bn}) fine-tuned on "
     f"{cfg.voc.dataset} trainval, VOC2007-style test: AP50 with the VOC2007 11-point metric, AP averaged over "

@@ -208,3 +208,24 @@ def test_sela_paper_features_are_post_relu_fc7(tmp_path):
     head, t = load_eval_head(tmp_path / "m.pt", torch.device("cpu"))
     x = torch.randn(5, 4096)
     assert t is None and torch.equal(head(x), torch.relu(x))
+
+
+def test_sela_final_knn_on_pca_128_features():
+    """SeLa's final kNN number: PCA to 128 dims (fitted on the training features) before the kNN."""
+    import faiss
+
+    from selfsup.evaluate import knn_protocols, paper_protocol
+    from selfsup.knn import knn_eval
+
+    rng = np.random.default_rng(0)
+    tr, te = rng.normal(size=(300, 40)).astype(np.float32), rng.normal(size=(60, 40)).astype(np.float32)
+    ytr, yte = rng.integers(0, 5, 300), rng.integers(0, 5, 60)
+    tr[:, :3] += 3 * np.eye(5)[ytr][:, :3]  # a class signal in a few axes
+    spec = paper_protocol("knn.paper.sela", 10, 0.1, "backbone", {"head": None}, pca_dim=8)
+    out = knn_protocols(tr, ytr, te, yte, [20], 0.07, 5, paper=spec)
+    pca = faiss.PCAMatrix(40, 8, 0.0)
+    pca.train(tr)
+    ref = knn_eval(pca.apply(tr), ytr, pca.apply(te), yte, 10, 0.1, 5)["top1"]
+    assert out["paper_top1"] == ref and out["paper_protocol"].endswith("on backbone + PCA-8")
+    assert out["paper_top1"] != knn_protocols(tr, ytr, te, yte, [20], 0.07, 5,
+                                              paper={**spec, "pca_dim": 0})["paper_top1"]

@@ -53,6 +53,8 @@ def test_apply_writes_the_preset_and_keeps_the_comments(tmp_path):
     assert list(cfg.methods) == ["moco"] and cfg.model.backbone == "resnet18_cifar"
     assert cfg.method("moco").crop_scale == [0.08, 1.0] and cfg.method("moco").epochs == 3
     assert cfg.knn.paper["moco"].features == "head" and list(cfg.knn.paper) == ["moco"]  # replaced, not merged
+    assert cfg.report.notes[0].startswith("Preset moco_cifar10_demo: MoCo, CIFAR-10")
+    assert "Differences from the paper: The demo splits BN" in cfg.report.notes[1]
     before = params.read_text()
     with pytest.raises(ConfigError, match="moco.queue_size"):
         presets.apply("moco_cifar10_demo", params, sets=["moco.queue_size=-1"])
