@@ -2,8 +2,9 @@
 
 A preset is ``presets/<name>.yaml``: a title, the dataset, the official script or paper it follows,
 the differences from it that we know of, and ``params``: the keys it sets. Mappings merge into
-``params.yaml`` key by key, except ``methods``, ``knn.paper`` and ``report.paper``, which a preset
-replaces whole (it names the methods it runs and the published numbers they meet).
+``params.yaml`` key by key, except ``methods``, ``knn.paper``, ``report.paper`` and
+``instdisc_table1.rows``, which a preset replaces whole (it names the methods it runs, the published
+numbers they meet, and empties InstDisc's Table 1 sweep unless it is InstDisc's).
 
     python -m selfsup.presets                 # list: name, dataset, methods, source
     python -m selfsup.presets show NAME       # the overlay
@@ -42,7 +43,7 @@ import yaml
 from selfsup.config import NO_UPSTREAM, ConfigError, load_config
 from selfsup.io import repo_root
 
-REPLACED = ("methods", "knn.paper", "report.paper")  # set whole by a preset, not merged
+REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows")  # set whole by a preset, not merged
 META = ("title", "dataset", "source", "differences", "params")
 # smoke: sizes capped so that 16 training images and batches of 8 can hold them
 SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,

@@ -12,6 +12,12 @@ cfg = setup(parse_methods=False)
 P = Paths()
 t1 = cfg.instdisc_table1
 results = {r: read_json(P.metrics("table1", r)) for r in t1.rows}
+if not results:  # a preset without InstDisc empties the sweep (instdisc_table1.rows: {})
+    for name, text in (("instdisc_table1.md", "# InstDisc Table 1 (Wu et al. 2018)\n\nNot run: "
+                        "instdisc_table1.rows is empty in params.yaml.\n"), ("instdisc_table1.csv", "row\n")):
+        with atomic_path(P.reports / name) as tmp:
+            tmp.write_text(text)
+    sys.exit(0)
 table = table1(results)
 capped = any(r["nce_m_used"] != r["nce_m"] for r in results.values())
 notes = [

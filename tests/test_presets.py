@@ -115,3 +115,14 @@ def test_a_per_layer_paper_number_meets_our_probe_of_that_layer():
     pt = probes_table(allm, {"deepcluster": pid}, res)
     assert list(pt.index) == ["deepcluster", "deepcluster (paper)"]
     assert pt.at["deepcluster (paper)", "conv5"] == res[pid]["value"] and pt.at["deepcluster", "conv1"] == 10.0
+
+
+def test_a_preset_without_instdisc_empties_the_table1_sweep(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    presets.apply("simclr_cifar10_r18", params)
+    assert load_config(params).instdisc_table1.rows == {}
+    presets.apply("instdisc_cifar10", params)  # InstDisc's preset sets the six rows again
+    assert list(load_config(params).instdisc_table1.rows) == ["parametric", "nonparametric", "nce1", "nce10",
+                                                              "nce512", "nce4096"]
+    assert (ROOT / "metrics" / "table1" / ".gitkeep").is_file()  # table1_report's dep exists with no rows
