@@ -47,6 +47,8 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["voc_ap50"] = voc.get("map50", math.nan)
         row["voc_ap"] = voc.get("ap", math.nan)
         row["voc_ap75"] = voc.get("ap75", math.nan)
+        # a pretext task's accuracy on its own task (RotNet's rotations), last epoch's training batches
+        row["pretext_acc"] = 100.0 * pre.get("final_pretext_acc", math.nan)
         row["pretrain_epochs"] = pre.get("epochs", 0)
         row["pretrain_seconds"] = pre.get("seconds", math.nan)
         rows.append(row)

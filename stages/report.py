@@ -29,6 +29,8 @@ notes = [
     "same protocol (knn: knn_paper_top1; linear SVM: svm_top1; linear, per-layer and fine-tune rows: linear_top1, "
     "the frozen-feature probe on the final features), diff = ours - paper; where no paper reports the setting, "
     "paper_protocol says why.",
+    "pretext_acc: a pretext method's accuracy on its own task (RotNet: the rotation), on the last epoch's "
+    "training batches.",
     f"svm_top1: linear SVM (LinearSVC, C = {cfg.svm.c}) on the L2-normalised final features.",
     f"linear_top1: linear probe on frozen features, {cfg.linear.epochs} epochs, fixed schedule, no model selection.",
     "nmi/ari/cluster_acc: k-means (k = "
