@@ -47,7 +47,7 @@ REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows")  # s
 META = ("title", "dataset", "source", "differences", "params")
 # smoke: sizes capped so that 16 training images and batches of 8 can hold them
 SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,
-              "pca_dim": 8, "relabel_times": 1, "bn_splits": 2, "warmup_epochs": 0}
+              "pca_dim": 8, "relabel_times": 1, "bn_splits": 2, "warmup_epochs": 0, "permutations": 24, "hidden": 256}
 SMOKE_BATCH = 8
 SMOKE_TRAIN, SMOKE_TEST = 16, 8
 # the stand-in of each dataset: (image side, channels, classes); None side: image files of varying size
