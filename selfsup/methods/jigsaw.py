@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, positive
+from selfsup.config import ConfigError, TrainCfg, non_negative, positive
+from selfsup.heads import projection_head
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut, view_spec
 
@@ -90,9 +91,7 @@ class JigsawCfg(TrainCfg):
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "permutations")
-        for k in ("view_size", "tile_size", "hidden"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{p}.{k}: must be >= 0, got {getattr(self, k)}")
+        non_negative(p, self, "view_size", "tile_size", "hidden")
 
 
 @register
@@ -104,10 +103,9 @@ class Jigsaw(Method):
         super().__init__(backbone, cfg, num_classes)
         self.register_buffer("perms", torch.from_numpy(max_hamming_permutations(cfg.permutations, seed=cfg.perm_seed)))
         d = backbone.out_dim
-        hidden = cfg.hidden or d
-        act = [nn.ReLU()] if backbone.relu_head else []
-        self.tile_act = nn.Sequential(*act)
-        self.head = nn.Sequential(nn.Linear(GRID * GRID * d, hidden), nn.ReLU(), nn.Linear(hidden, cfg.permutations))
+        self.tile_act = nn.Sequential(*([nn.ReLU()] if backbone.relu_head else []))
+        # fc over the nine concatenated tile features, ReLU, the permutation classifier
+        self.head = projection_head("mlp", GRID * GRID * d, cfg.permutations, cfg.hidden or d)
 
     def view_specs(self) -> list[ViewSpec]:
         return [dataclasses.replace(view_spec(self.cfg), size=self.cfg.view_size)]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from selfsup.config import TrainCfg, one_of
+from selfsup.heads import HEADS, projection_head
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
 
@@ -48,7 +49,7 @@ class RotNetCfg(TrainCfg):
 
     def check(self, p: str) -> None:
         super().check(p)
-        one_of(p, "head", self.head, ("linear", "mlp"))
+        one_of(p, "head", self.head, HEADS)
 
 
 @register
@@ -59,10 +60,7 @@ class RotNet(Method):
     def __init__(self, backbone: Any, cfg: RotNetCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
         act = [nn.ReLU()] if backbone.relu_head else []
-        d = backbone.out_dim
-        top = [nn.Linear(d, ROTATIONS)] if cfg.head == "linear" else \
-            [nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, ROTATIONS)]
-        self.head = nn.Sequential(*act, *top)
+        self.head = nn.Sequential(*act, projection_head(cfg.head, backbone.out_dim, ROTATIONS, bn=True))
 
     def forward(self, batch: Batch) -> StepOut:
         xs, y = rotate_batch(batch.x)  # (4B, C, S, S), (4B,)
