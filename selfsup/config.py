@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder", "imagenet")
-BACKBONES = ("smallcnn", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn")
+BACKBONES = ("smallcnn", "nin", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn")
 AUGMENTS = ("none", "crop", "crop_flip")
 
 

@@ -56,8 +56,16 @@ def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:
             f"data/models/{method}.pt",
         ],
         "metrics": [{f"metrics/pretrain/{method}.json": {"cache": False}}],
-        "plots": [{f"plots/pretrain/{method}.csv": {"cache": False, "x": "epoch", "y": "loss"}}],
+        "plots": [{f"plots/pretrain/{method}.csv": {"cache": False, "x": "epoch", "y": "loss"}},
+                  # what the method draws (Method.pictures: the colouriser's outputs), under reports/
+                  *[{f"reports/{p}": {"cache": False}} for p in pictures(method)]],
     }
+
+
+def pictures(method: str) -> tuple[str, ...]:
+    from selfsup.methods import REGISTRY
+
+    return REGISTRY[method].pictures if method in REGISTRY else ()
 
 
 def generate(text: str, methods: dict[str, str]) -> str:

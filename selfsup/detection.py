@@ -53,7 +53,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from selfsup import dist
 from selfsup.config import VocCfg
-from selfsup.models import AlexNetBN, Backbone, SmallCNN
+from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN
 from selfsup.voc_data import VocDetection, load_split, read_manifest
 from selfsup.voc_eval import evaluate_detections
 
@@ -93,7 +93,7 @@ def apply_bn(module: nn.Module, mode: str) -> nn.Module:
 
 # --------------------------------------------------------------------------- detector
 def _front(bb: Backbone) -> list[nn.Module]:
-    return [bb.sobel] if bb.sobel is not None else []
+    return bb.front()  # input adapter, Sobel
 
 
 def _freeze(stages: list[nn.Module], n: int) -> None:
@@ -145,21 +145,24 @@ def build_detector(bb: Backbone, num_classes: int, cfg: VocCfg, image_mean: list
         else:
             chans = [_out_channels(getattr(trunk, f"layer{i}")) for i in range(1, 5)]
             fpn = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, chans, 256)
-            backbone = nn.Sequential(*_front(bb), fpn) if bb.sobel is not None else fpn
+            backbone = nn.Sequential(*_front(bb), fpn) if _front(bb) else fpn
             backbone.out_channels = 256  # type: ignore[assignment]
             pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
             rep = cfg.representation
             head = TwoMLPHead(256 * 7 * 7, rep)
             # one size per pyramid level (4 maps + the max-pooled one), doubling per level
             anchors = AnchorGenerator(tuple((sizes[0] * 2 ** i,) for i in range(5)), (ratios,) * 5)
-    elif isinstance(trunk, (SmallCNN, AlexNetBN)):
+    elif isinstance(trunk, (SmallCNN, AlexNetBN, NIN)):
         if isinstance(trunk, SmallCNN):
             layers = list(trunk.net)[:-2]  # drop global pooling + flatten: (B, 128, H/2, W/2)
+            out = trunk.out_dim
+        elif isinstance(trunk, NIN):
+            layers = list(trunk.blocks)  # every block, without the global pooling: (B, 192, H/8, W/8)
             out = trunk.out_dim
         else:
             layers = list(trunk.features)[:-1]  # conv5 without its max-pool: (B, 256, H/16, W/16)
             out = 256
-        _freeze(_conv_blocks(layers), cfg.freeze_at)
+        _freeze(layers if isinstance(trunk, NIN) else _conv_blocks(layers), cfg.freeze_at)
         backbone = nn.Sequential(*_front(bb), *layers)
         backbone.out_channels = out  # type: ignore[assignment]
         rep = cfg.representation
@@ -305,7 +308,7 @@ def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], im
     t0 = time.perf_counter()
     man = read_manifest(voc_dir)
     classes = man["classes"]
-    channels = int(backbone.sobel.net[0].in_channels) if backbone.sobel is not None else _in_channels(backbone)
+    channels = backbone.in_channels
     if len(image_mean) != channels:
         raise ValueError(f"image_mean has {len(image_mean)} channels, the backbone takes {channels}")
     torch.manual_seed(seed)  # the new heads' initialisation
@@ -333,10 +336,3 @@ def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], im
     log.info("voc: mAP50 %.1f (11-point) %.1f (area), AP %.1f, AP75 %.1f; %d steps in %.1fs",
              summary["map50"], summary["map50_area"], summary["ap"], summary["ap75"], len(history), t1 - t0)
     return {"summary": summary, "per_class": rows, "history": history}
-
-
-def _in_channels(bb: Backbone) -> int:
-    first = next(m for m in bb.trunk.modules() if isinstance(m, nn.Conv2d))
-    return int(first.in_channels)
-
-

@@ -6,6 +6,7 @@
   conv, no max-pool), as in InstDisc / MoCo's CIFAR demo (512-d); ``resnet50_cifar`` the same
   for ResNet-50 (2048-d: SimCLR's CIFAR-10 number is a ResNet-50 with this stem).
 - ``resnet18`` / ``resnet50``: torchvision ResNets, ImageNet stem (512 / 2048-d).
+- ``nin``: RotNet's CIFAR network (Gidaris et al. 2018): four network-in-network blocks, 192-d.
 - ``alexnet_bn``: DeepCluster's AlexNet (conv 96-256-384-384-256 with batch norm,
   fc 4096-4096), optional fixed Sobel front end. torchvision has no BN AlexNet,
   so it is written here. Its output is fc7 *before* the final ReLU: DeepCluster's
@@ -25,7 +26,7 @@ from selfsup.io import InputError, load_torch, save_torch
 
 # smallest input side each backbone accepts (AlexNet's stride-4 stem and three
 # 3x3/2 max-pools need >= 63 px)
-MIN_SIZE = {"smallcnn": 4, "resnet18_cifar": 8, "resnet50_cifar": 8, "resnet18": 32, "resnet50": 32, "alexnet_bn": 63}
+MIN_SIZE = {"smallcnn": 4, "nin": 8, "resnet18_cifar": 8, "resnet50_cifar": 8, "resnet18": 32, "resnet50": 32, "alexnet_bn": 63}
 
 
 class Sobel(nn.Module):
@@ -46,6 +47,42 @@ class Sobel(nn.Module):
         return self.net(x)
 
 
+class LabL(nn.Module):
+    """The colourisation encoder's input adapter (Zhang et al. 2016): normalised RGB -> the CIE L
+    channel, centred as the official code feeds it (L - 50, range [-50, 50]). Saved with the encoder
+    (``arch.adapter``), so feature extraction, the probes and VOC transfer give it RGB like any other
+    backbone."""
+
+    in_channels = 3
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) normalised -> (B, 1, H, W)
+        from selfsup.colour import rgb_to_lab
+
+        rgb = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
+        return (rgb_to_lab(rgb)[:, :1] - 50.0).to(x.dtype)
+
+
+ADAPTERS = {"lab_l": (LabL, 1)}  # kind -> (module class, channels it hands the trunk)
+
+
+def build_adapter(spec: dict[str, Any] | None, in_channels: int) -> tuple[nn.Module | None, int]:
+    """(the input adapter a spec describes or None, the channels the rest of the network sees)."""
+    if spec is None:
+        return None, in_channels
+    kind = spec.get("kind")
+    if kind not in ADAPTERS:
+        raise ValueError(f"unknown input adapter {kind!r}; known: {', '.join(ADAPTERS)}")
+    cls, out = ADAPTERS[kind]
+    if in_channels != cls.in_channels:
+        raise ValueError(f"input adapter {kind} takes {cls.in_channels} channels, the data has {in_channels}")
+    return cls(**{k: v for k, v in spec.items() if k != "kind"}), out
+
+
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, width: int = 32):
         super().__init__()
@@ -62,6 +99,39 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, 4w)
+
+
+class NIN(nn.Module):
+    """RotNet's CIFAR-10 network (Gidaris et al. 2018, sec. 3 / the official NetworkInNetwork.py):
+    ``blocks`` network-in-network blocks of three conv-BN-ReLU units (a k x k conv then two 1 x 1),
+    192 channels (block 1: 192-160-96); a 3 x 3 / 2 max-pool after block 1, 3 x 3 / 2 average pools
+    after blocks 2 and 3, global average pooling at the end (192-d). The paper's RotNet has 4 blocks
+    and evaluates each block's output (``selfsup.probes``: block1-block4). The official init: He
+    normal on the fan-out, BN weight 1 and bias 0 (torch's defaults for BN)."""
+
+    def __init__(self, in_channels: int, blocks: int = 4):
+        super().__init__()
+
+        def unit(i: int, o: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        # (in, k x k out, 1 x 1 out, 1 x 1 out, k) per block
+        spec = [(in_channels, 192, 160, 96, 5), (96, 192, 192, 192, 5)] + [(192, 192, 192, 192, 3)] * (blocks - 2)
+        pools: list[list[nn.Module]] = [[nn.MaxPool2d(3, 2, 1)], [nn.AvgPool2d(3, 2, 1)]]
+        pools += [[nn.AvgPool2d(3, 2, 1)] if blocks > 3 else []] + [[]] * (blocks - 3)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*unit(i, a, k), *unit(a, b, 1), *unit(b, c, 1), *pool)
+            for (i, a, b, c, k), pool in zip(spec, pools))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 192
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)  # block 1: (B, 96, H/2, W/2), block 2: (B, 192, H/4, W/4), block 3+: (B, 192, H/8, W/8)
+        return self.pool(x)  # (B, 192)
 
 
 class AlexNetBN(nn.Module):
@@ -100,18 +170,34 @@ class AlexNetBN(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Optional Sobel front end + trunk; ``out_dim`` and ``relu_head`` describe the output."""
+    """Optional input adapter (colourisation's L channel) + optional Sobel front end + trunk;
+    ``out_dim`` and ``relu_head`` describe the output, ``in_channels`` the input it takes."""
 
-    def __init__(self, trunk: nn.Module, out_dim: int, sobel: nn.Module | None, relu_head: bool):
+    def __init__(self, trunk: nn.Module, out_dim: int, sobel: nn.Module | None, relu_head: bool,
+                 adapter: nn.Module | None = None, adapter_spec: dict[str, Any] | None = None):
         super().__init__()
+        self.adapter = adapter
+        self.adapter_spec = adapter_spec
         self.sobel = sobel
         self.trunk = trunk
         self.out_dim = out_dim
         self.relu_head = relu_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def front(self) -> list[nn.Module]:
+        """The fixed modules before the trunk, in order (adapter, Sobel)."""
+        return [m for m in (self.adapter, self.sobel) if m is not None]
+
+    @property
+    def in_channels(self) -> int:
+        if self.adapter is not None:
+            return int(self.adapter.in_channels)
         if self.sobel is not None:
-            x = self.sobel(x)
+            return int(self.sobel.net[0].in_channels)
+        return int(next(m for m in self.trunk.modules() if isinstance(m, nn.Conv2d)).in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.front():
+            x = m(x)
         return self.trunk(x)
 
 
@@ -131,24 +217,30 @@ def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, i
     return net, dim
 
 
-def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size: int | None = None) -> Backbone:
-    """Build a backbone by name; ``image_size`` (min side) is checked against what it accepts."""
+def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size: int | None = None,
+                   adapter: dict[str, Any] | None = None) -> Backbone:
+    """Build a backbone by name; ``image_size`` (min side) is checked against what it accepts;
+    ``adapter``: an input adapter spec (``ADAPTERS``), e.g. colourisation's L channel."""
     if name not in MIN_SIZE:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(MIN_SIZE)}")
     if image_size is not None and image_size < MIN_SIZE[name]:
         raise ValueError(f"model.backbone: {name} needs images of at least {MIN_SIZE[name]} px, got {image_size}")
+    adapt, in_channels = build_adapter(adapter, in_channels)
     front = Sobel(in_channels) if sobel else None
     c = 2 if sobel else in_channels
     relu_head = False
     if name == "smallcnn":
         trunk: nn.Module = SmallCNN(c)
         dim = trunk.out_dim
+    elif name == "nin":
+        trunk = NIN(c)
+        dim = trunk.out_dim
     elif name == "alexnet_bn":
         trunk = AlexNetBN(c)
         dim, relu_head = trunk.out_dim, True
     else:
         trunk, dim = _resnet(name.replace("_cifar", ""), c, cifar_stem=name.endswith("_cifar"))
-    return Backbone(trunk, dim, front, relu_head)
+    return Backbone(trunk, dim, front, relu_head, adapt, adapter)
 
 
 def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
@@ -158,7 +250,7 @@ def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any])
     save_torch(path, {
         "backbone": {k: v.cpu() for k, v in method.encoder().state_dict().items()},
         "arch": {"name": cfg.model.backbone, "sobel": bool(getattr(method.cfg, "sobel", False)),
-                 "in_channels": meta["channels"]},
+                 "in_channels": meta["channels"], "adapter": getattr(method.encoder(), "adapter_spec", None)},
         "method": method.name,
         # the paper protocol's features (``EvalHead``) and the training temperature its kNN uses
         "eval_head": None if head is None else {"spec": head.spec,
@@ -172,7 +264,7 @@ def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
     ck = load_torch(path)
     try:
         a = ck["arch"]
-        net = build_backbone(a["name"], a["in_channels"], a["sobel"])
+        net = build_backbone(a["name"], a["in_channels"], a["sobel"], adapter=a.get("adapter"))
         net.load_state_dict(ck["backbone"])
     except (KeyError, RuntimeError, TypeError, IndexError) as e:  # TypeError / IndexError: not a dict at all
         raise InputError(f"{path}: not a backbone file of this version ({e})") from e

@@ -37,8 +37,10 @@ from selfsup.loader import eval_batches
 def probe_points(backbone: nn.Module) -> dict[str, nn.Module]:
     """name -> the module whose output is that stage's activation, in forward order:
     AlexNet conv1-conv5 (the ReLU after each conv + BN), ResNet conv1 (stem) and layer1-layer4,
-    smallcnn block1-block3 (the ReLU of each conv block)."""
+    smallcnn block1-block3 (the ReLU of each conv block), NIN block1-block4 (each block's output)."""
     trunk = backbone.trunk
+    if hasattr(trunk, "blocks"):  # RotNet's NIN: each block's output (after its pooling), as the paper evaluates
+        return {f"block{i + 1}": b for i, b in enumerate(trunk.blocks)}
     if hasattr(trunk, "layer4"):  # torchvision ResNet
         return {"conv1": trunk.relu, **{f"layer{i}": getattr(trunk, f"layer{i}") for i in range(1, 5)}}
     seq = trunk.features if hasattr(trunk, "features") else trunk.net

@@ -51,8 +51,12 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["pretext_acc"] = 100.0 * pre.get("final_pretext_acc", math.nan)
         row["pretrain_epochs"] = pre.get("epochs", 0)
         row["pretrain_seconds"] = pre.get("seconds", math.nan)
+        if pre.get("skipped"):  # the evaluations ran on the untrained init: blank them, say why
+            row = {k: (math.nan if isinstance(v, float) and k != "pretrain_seconds" else v) for k, v in row.items()}
+        row["skipped"] = pre.get("skipped", "")
         rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
+    table = pd.DataFrame(rows).set_index("method")
+    return table if table["skipped"].any() else table.drop(columns="skipped")
 
 
 def markdown_table(table: pd.DataFrame, title: str, notes: list[str], index: str = "method",

@@ -89,7 +89,7 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
     torch.manual_seed(derive_seed(cfg.seed, "backbone-init"))
     try:
         backbone = build_backbone(cfg.model.backbone, data.meta["channels"], bool(getattr(mcfg, "sobel", False)),
-                                  train_image_size(cfg, data))
+                                  train_image_size(cfg, data), adapter=cls.input_adapter(mcfg, data.meta))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cls.validate(mcfg, data, backbone.out_dim)
@@ -175,9 +175,9 @@ def pretrain(
     method = build_method(cfg, name, data).to(device)
     key = run_key(cfg, name, data.meta)
     ckpt_path = Path(ckpt_path)
-    skip = method.needs_labels and not data.has_labels
-    if skip:  # e.g. supervised on an unlabelled set: not an error, the row stays empty
-        method.skipped = f"{name}: skipped, the training split has no labels (the backbone stays at its init)"
+    method.skipped = type(method).skip_reason(data)
+    skip = bool(method.skipped)
+    if skip:  # e.g. supervised on an unlabelled set, colourisation on grayscale: not an error, the row says why
         log.warning(method.skipped)
     if skip or not method.trains:  # e.g. random init: the checkpoint is the initial state
         state = method.checkpoint_state()

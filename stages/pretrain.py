@@ -11,6 +11,7 @@ from selfsup.data import load_prepared  # noqa: E402
 from selfsup.dist import is_main  # noqa: E402
 from selfsup.io import atomic_path, repo_root, write_json  # noqa: E402
 from selfsup.launch import distributed  # noqa: E402
+from selfsup.pictures import method_pictures, save_png  # noqa: E402
 from selfsup.stage import Paths, check_stage_upstream, setup  # noqa: E402
 from selfsup.tracking import LiveRun, run_params  # noqa: E402
 from selfsup.train import pretrain, save_backbone  # noqa: E402
@@ -29,6 +30,12 @@ method, history = pretrain(cfg, name, data, P.ckpt(name), tracker=tracker, track
 if not is_main():  # rank 0 writes the outputs; every rank holds the same weights
     sys.exit(0)
 save_backbone(P.model(name), method, cfg, data.meta)
+# what the method draws (the colouriser's outputs; a skipped method: its reason), under reports/
+pics = method_pictures(method, data, next(method.parameters()).device, getattr(method.cfg, "picture_images", 8),
+                       cfg.dataset.resize_size, cfg.dataset.crop_size)
+for fname, img in pics.items():
+    save_png(P.reports / fname, img, scale=1 if method.skipped else max(1, 96 // (img.shape[0] // 3)))
+tracker.log_artifacts([P.reports / f for f in pics], artifact_path="pictures")
 hist = pd.DataFrame(history, columns=None if history else ["epoch", "loss", "seconds"])
 with atomic_path(P.history(name)) as tmp:
     hist.to_csv(tmp, index=False)

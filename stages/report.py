@@ -36,6 +36,12 @@ notes = [
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
 ]
+if any(allm[m]["pretrain"].get("skipped") for m in cfg.methods):
+    notes.append("skipped: the method cannot run on this dataset (the reason); its evaluations ran on the "
+                 "untrained init and are left blank.")
+if "colorization" in cfg.methods:
+    notes.append("Colourisation's pictures (originals, grayscale inputs, colourised outputs with the annealed mean): "
+                 "reports/colorization.png.")
 notes += cfg.report.notes  # a preset's title and its differences from the paper (presets apply)
 notes.append(
     f"voc_ap50 / voc_ap / voc_ap75: Faster R-CNN ({cfg.voc.arch} for ResNets, BN {cfg.voc.bn}) fine-tuned on "

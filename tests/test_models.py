@@ -7,6 +7,7 @@ from selfsup.models import Sobel, build_backbone
 
 @pytest.mark.parametrize("name, ch, size, dim", [
     ("smallcnn", 1, 8, 128),
+    ("nin", 3, 32, 192),
     ("resnet18_cifar", 3, 32, 512),
     ("resnet18", 3, 64, 512),
     ("resnet50", 3, 64, 2048),
@@ -19,6 +20,25 @@ def test_output_dims(name, ch, size, dim):
         out = net(torch.randn(2, ch, size, size))
     assert out.shape == (2, dim) and net.out_dim == dim
     assert net.relu_head == (name == "alexnet_bn")  # AlexNet outputs fc7 before its ReLU
+
+
+def test_nin_is_rotnets_four_block_network():
+    """The official NetworkInNetwork layout: per block a k x k conv then two 1 x 1 (block 1:
+    192-160-96, 5 x 5; block 2: 192 x 3, 5 x 5; blocks 3-4: 192 x 3, 3 x 3), a max-pool after block 1
+    and average pools after blocks 2 and 3, so 32 px maps to 16, 8, 4, 4."""
+    from selfsup.probes import probe_points
+
+    net = build_backbone("nin", 3).eval()
+    convs = [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(3, 192, 5), (192, 160, 1), (160, 96, 1), (96, 192, 5), (192, 192, 1), (192, 192, 1),
+                     (192, 192, 3), (192, 192, 1), (192, 192, 1), (192, 192, 3), (192, 192, 1), (192, 192, 1)]
+    shapes = {}
+    for name, m in probe_points(net).items():
+        m.register_forward_hook(lambda mod, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+    assert shapes == {"block1": (96, 16, 16), "block2": (192, 8, 8), "block3": (192, 4, 4), "block4": (192, 4, 4)}
 
 
 def test_cifar_stem_keeps_resolution():

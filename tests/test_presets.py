@@ -11,7 +11,8 @@ from selfsup import presets
 from selfsup.config import ConfigError, load_config
 from selfsup.report import OURS_FOR, load_paper_results, paper_columns
 
-METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "random",
+METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "relloc",
+           "colorization", "random",
            "supervised")
 IMAGENET = ("deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
             "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")

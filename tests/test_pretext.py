@@ -131,11 +131,95 @@ def test_jigsaw_loss_matches_a_reference(digits):
     assert torch.allclose(out.loss, torch.stack(losses).mean(), atol=1e-5)
 
 
-def test_jigsaw_learns_its_pretext_task_on_digits(tmp_path, digits):
-    """A few epochs: the permutation accuracy rises well above chance (1 / permutations) and the loss
-    falls. (Its kNN on digits stays below random init, so it is not in the default DAG: params.yaml.)"""
-    _, hist = pretrain(make_cfg(methods=["jigsaw"], jigsaw={"epochs": 4, "batch_size": 32, "permutations": 24,
-                                                            "view_size": 24, "tile_size": 7, "tile_norm": False,
-                                                            "lr": 0.02, "crop_scale": [0.5, 1.0]}),
-                       "jigsaw", digits, tmp_path / "ck.pt")
-    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["pretext_acc"] > 0.5 > 4 / 24
+def knn_of(name, digits, tmp_path, **over):
+    m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
+    tr = extract_features(m.backbone, digits.train, digits.meta, CPU)
+    te = extract_features(m.backbone, digits.test, digits.meta, CPU)
+    return knn_eval(tr, digits.train.y, te, digits.test.y, 200, 0.07, 10)["top1"], hist
+
+
+# the digits defaults of params.yaml (a batch-normalised head, lr 0.01, mild crops: see its comments)
+DIGITS = {"epochs": 5, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "augment": "crop",
+          "crop_scale": [0.9, 1.0], "view_size": 24, "head_bn": True}
+
+
+def test_jigsaw_learns_its_pretext_task_and_beats_random_init_on_digits(tmp_path, digits):
+    """Five epochs: the permutation accuracy rises far above chance (1 / 100), the loss falls and the
+    kNN of the tile-trained trunk beats the random-init encoder's."""
+    rand, _ = knn_of("random", digits, tmp_path)
+    jig, hist = knn_of("jigsaw", digits, tmp_path, jigsaw={**DIGITS, "permutations": 100, "tile_size": 7})
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["pretext_acc"] > 0.3 > 1 / 100
+    assert jig > rand + 1.0, (jig, rand)
+
+
+# ----------------------------------------------------------------- relative patch location
+def test_relative_location_labels_follow_the_grid_geometry(digits):
+    from selfsup.methods.relloc import NEIGHBOURS, neighbour_offset
+
+    assert [neighbour_offset(k) for k in range(8)] == [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0),
+                                                      (1, 1)]
+    m = build_method(make_cfg(methods=["relloc"], relloc={"view_size": 24, "patch_jitter": 1}), "relloc", digits)
+    assert m.geometry(24) == (8, 5, 1)  # 8 px cells, 96/144 of them, the chosen jitter
+    # each cell of the view holds its own index: a patch shows which cell it came from
+    x = torch.arange(9, dtype=torch.float32).view(3, 3).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    x = x.expand(64, 1, 24, 24).clone()
+    torch.manual_seed(0)
+    pairs, label = m.sample_pairs(x)  # (64, 2, 1, 5, 5), (64,)
+    assert pairs.shape == (64, 2, 1, 5, 5) and set(label.tolist()) == set(range(8))
+    assert bool((pairs[:, 0] == 4).all())  # the first of every pair is the centre cell
+    for b in range(64):
+        cell = int(pairs[b, 1].unique().item())  # the neighbour patch lies inside one cell
+        assert cell == NEIGHBOURS[int(label[b])]
+        dr, dc = neighbour_offset(int(label[b]))
+        assert divmod(cell, 3) == (1 + dr, 1 + dc)
+
+
+def test_relative_location_loss_matches_a_reference(digits):
+    from selfsup.methods.relloc import NEIGHBOURS
+
+    cfg = make_cfg(methods=["relloc"], relloc={"view_size": 24, "patch_size": 6, "patch_jitter": 1})
+    m = build_method(cfg, "relloc", digits).eval()
+    x = torch.randn(4, 1, 24, 24)
+    torch.manual_seed(7)
+    out = m(Batch([x], torch.zeros(4, dtype=torch.long), torch.arange(4)))
+    torch.manual_seed(7)  # the same draws, by hand: labels, then every cell's jitter
+    label = torch.randint(0, 8, (4,))
+    off = 1 + torch.randint(-1, 2, (4, 9, 2))  # (cell - patch) // 2 = 1
+    losses = []
+    with torch.no_grad():
+        for b in range(4):
+            patches = []
+            for i in (4, NEIGHBOURS[int(label[b])]):
+                r, c = divmod(i, 3)
+                y0, x0 = 8 * r + int(off[b, i, 0]), 8 * c + int(off[b, i, 1])
+                patches.append(x[b, :, y0:y0 + 6, x0:x0 + 6])
+            f = m.backbone(torch.stack(patches))  # (2, D)
+            logits = m.head(f.reshape(1, -1))
+            losses.append(torch.nn.functional.cross_entropy(logits, label[b:b + 1]))
+    assert torch.allclose(out.loss, torch.stack(losses).mean(), atol=1e-5)
+
+
+def test_chromatic_aberration_guards():
+    from selfsup.methods.relloc import drop_colours, project_green_magenta
+
+    x = torch.randn(5, 3, 6, 6)
+    p = project_green_magenta(x)
+    axis = torch.tensor([-1.0, 2.0, -1.0]) / 6 ** 0.5
+    assert torch.allclose(torch.einsum("bchw,c->bhw", p, axis), torch.zeros(5, 6, 6), atol=1e-5)
+    assert torch.allclose(project_green_magenta(p), p, atol=1e-5)  # a projection
+    grey = torch.randn(5, 1, 6, 6).expand(5, 3, 6, 6)
+    assert torch.allclose(project_green_magenta(grey), grey, atol=1e-5)  # grey is untouched
+    torch.manual_seed(0)
+    d = drop_colours(x)
+    for b in range(5):  # exactly one channel kept as it was, the others small noise
+        kept = [c for c in range(3) if torch.equal(d[b, c], x[b, c])]
+        assert len(kept) == 1
+        others = [c for c in range(3) if c != kept[0]]
+        assert float(d[b, others].std()) < float(x[b, kept[0]].std()) / 20
+
+
+def test_relative_location_beats_random_init_on_digits(tmp_path, digits):
+    rand, _ = knn_of("random", digits, tmp_path)
+    rel, hist = knn_of("relloc", digits, tmp_path, relloc=DIGITS)
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["pretext_acc"] > 1 / 8
+    assert rel > rand + 2.0, (rel, rand)

@@ -205,6 +205,18 @@ def test_resnet_detectors_build_and_train_a_step(arch):
     assert math.isfinite(float(loss.detach()))
 
 
+@pytest.mark.parametrize("name", ["nin", "smallcnn"])
+def test_small_detectors_build_and_train_a_step(name):
+    cfg = build(VocCfg, {"min_size": 64, "max_size": 64, "rpn_proposals": [50, 20]}, "voc")
+    model = build_detector(build_backbone(name, 3), 3, cfg, [0.5] * 3, [0.25] * 3)
+    model.train()
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]),
+                                              "labels": torch.tensor([2])}])
+    loss = sum(losses.values())
+    loss.backward()
+    assert math.isfinite(float(loss.detach()))
+
+
 def test_bn_modes():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     net[1].running_mean.fill_(0.5)

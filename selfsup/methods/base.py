@@ -111,6 +111,8 @@ class Method(nn.Module):
     needs_labels: ClassVar[bool] = False
     views: ClassVar[int] = 1  # copies of the config's view per image (view_specs() for anything else)
     uses_upstream: ClassVar[bool] = False  # reads an upstream encoder (methods.<m> in params.yaml)
+    # pictures the method draws after training (``render_pictures``), files under reports/
+    pictures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: Backbone, cfg: Any, num_classes: int):
         super().__init__()
@@ -124,6 +126,20 @@ class Method(nn.Module):
         """Construct for ``data`` (a method whose size depends on the training set, such as
         InstDisc's memory bank of N entries, overrides this)."""
         return cls(backbone, cfg, data.num_classes)
+
+    @classmethod
+    def input_adapter(cls, cfg: Any, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """An input adapter spec (``selfsup.models.ADAPTERS``) the encoder carries, e.g. colourisation's
+        RGB -> L; None: the encoder takes the dataset's channels as they are."""
+        return None
+
+    @classmethod
+    def skip_reason(cls, data: Data) -> str:
+        """Why the method cannot run on ``data`` ("" if it can): the loop then saves the backbone at
+        its init and the report shows the reason instead of numbers."""
+        if cls.needs_labels and not data.has_labels:
+            return f"{cls.name}: skipped, the training split has no labels (the backbone stays at its init)"
+        return ""
 
     @classmethod
     def validate(cls, cfg: Any, data: Data, feat_dim: int) -> None:
@@ -163,6 +179,11 @@ class Method(nn.Module):
         L2-normalised 128-d embedding InstDisc's kNN reads), saved with the encoder; None: the backbone
         features themselves. ``knn.paper.<m>.features: head`` evaluates on it."""
         return None
+
+    def render_pictures(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """{file name in ``pictures``: uint8 (H, W, 3) image} drawn from a few normalised test images
+        (N, C, S, S) after training."""
+        return {}
 
     def rank_local_params(self) -> list[str]:
         """Names of parameters each rank holds its own part of (model parallelism, e.g. MLCD's

@@ -86,6 +86,7 @@ class JigsawCfg(TrainCfg):
     tile_size: int = 0  # 0: 64/75 of the cell, the paper's ratio
     tile_norm: bool = True  # each tile normalised by its own mean / std (paper)
     hidden: int = 0  # fc after the concatenated tiles (paper fc7: 4096); 0: the backbone's width
+    head_bn: bool = False  # batch norm after that fc (the paper's CaffeNet fc7 has none)
     perm_seed: int = 0  # the permutation set's random first permutation
 
     def check(self, p: str) -> None:
@@ -105,7 +106,7 @@ class Jigsaw(Method):
         d = backbone.out_dim
         self.tile_act = nn.Sequential(*([nn.ReLU()] if backbone.relu_head else []))
         # fc over the nine concatenated tile features, ReLU, the permutation classifier
-        self.head = projection_head("mlp", GRID * GRID * d, cfg.permutations, cfg.hidden or d)
+        self.head = projection_head("mlp", GRID * GRID * d, cfg.permutations, cfg.hidden or d, bn=cfg.head_bn)
 
     def view_specs(self) -> list[ViewSpec]:
         return [dataclasses.replace(view_spec(self.cfg), size=self.cfg.view_size)]

@@ -11,7 +11,7 @@ simultaneously"), and a 4-way classifier on the features predicts which rotation
 - Official CIFAR-10 settings (FeatureLearningRotNet, ``config/CIFAR10_RotNet_NIN4blocks.py``):
   batch 128 images (x4 rotations), SGD lr 0.1, momentum 0.9, nesterov, weight decay 5e-4,
   100 epochs with lr x0.2 at epochs 30, 60 and 80, random crop (pad 4) + flip. The paper's CIFAR
-  network is a 4-block NIN; this pipeline runs it on its own backbones (a documented difference).
+  network is the 4-block NIN, ``model.backbone: nin`` (``selfsup.models.NIN``; preset rotnet_cifar10).
 - The history logs ``pretext_acc``: the rotation accuracy on the training batches, which the report
   shows beside the evaluation numbers.
 """
