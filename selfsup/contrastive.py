@@ -116,3 +116,15 @@ def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, t: float, form: str = "c
         neg = _log_complement(log_p, torch.ones_like(eye)).masked_fill(eye, 0.0).sum()  # sum_{i, j != i} log(1 - P(i | x^_j))
         return -(pos.sum() + neg) / b
     raise ValueError(f"invaspread loss form: unknown {form!r}; choose code or paper")
+
+
+def byol_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL eq. 2: mean over the batch of ||q/|q| - z/|z|||^2 = 2 - 2 cos(q, z); ``z`` (the target's
+    projection) gets no gradient. q, z: (B, D)."""
+    return (2.0 - 2.0 * F.cosine_similarity(q, z.detach(), dim=1)).mean()
+
+
+def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's D(p, stopgrad(z)) (eq. 1 and 3): the negative cosine similarity, batch mean.
+    p, z: (B, D)."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()

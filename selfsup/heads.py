@@ -31,6 +31,26 @@ def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, b
     raise ValueError(f"unknown projection head {kind!r}; choose one of {', '.join(HEADS)}")
 
 
+def mlp(dims: list[int], last_bn: str = "none") -> nn.Sequential:
+    """Linear layers ``dims[0] -> dims[1] -> ... -> dims[-1]``, each hidden one followed by BN and
+    ReLU (no bias before a BN); ``last_bn``: none | affine | no_affine, a BN on the output (SimSiam's
+    projector ends in a BN without affine parameters, official ``simsiam/builder.py``)."""
+    if len(dims) < 2:
+        raise ValueError(f"mlp: need at least an input and an output size, got {dims}")
+    if last_bn not in ("none", "affine", "no_affine"):
+        raise ValueError(f"mlp: last_bn is none, affine or no_affine, got {last_bn!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        bn = not last or last_bn != "none"
+        layers.append(nn.Linear(a, b, bias=not bn))
+        if bn:
+            layers.append(nn.BatchNorm1d(b, affine=not (last and last_bn == "no_affine")))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
 def l2n(x: torch.Tensor) -> torch.Tensor:
     """Rows of (B, D) scaled to unit L2 norm."""
     return F.normalize(x, dim=1)

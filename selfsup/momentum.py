@@ -18,11 +18,20 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def cosine_momentum(base: float, k: int, total: int) -> float:
+    """BYOL's target decay (sec. 3.2): tau_k = 1 - (1 - base) (cos(pi k / K) + 1) / 2 at optimiser step
+    k of K, from ``base`` at k = 0 to 1 at k = K (constant ``base`` if K is 0)."""
+    if total <= 0:
+        return base
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(k, total) / total) + 1.0) / 2.0
 
 
 @torch.no_grad()

@@ -231,6 +231,7 @@ def pretrain(
 
     up = cfg.upstream(name)
     ctx = TrainContext(data=data, device=device, seed=cfg.seed, extract_batch_size=cfg.extract.batch_size,
+                       total_steps=sched.total_steps,
                        workers=cfg.workers, upstream=Path(up) if up else None, work_dir=ckpt_path.parent,
                        resize_size=cfg.dataset.resize_size, crop_size=cfg.dataset.crop_size,
                        make_batches=batch_maker(cfg, data, device), reset_optimizer_state=reset_optimizer_state)
@@ -365,7 +366,8 @@ def pretrain(
             if stepped:
                 lr = sched(step)
                 for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                    # a fixed-lr group (SimSiam's predictor) keeps the schedule's base lr
+                    g["lr"] = (sched.base if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
                 if scaler is not None:
                     scaler.unscale_(opt)
                 if mcfg.clip_grad:

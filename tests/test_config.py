@@ -27,7 +27,7 @@ def test_methods_list_shorthand_means_no_upstream():
 @pytest.mark.parametrize("over, key", [
     ({"dataset": {"name": "mnist"}}, "dataset.name"),
     ({"model": {"backbone": "vgg"}}, "model.backbone"),
-    ({"methods": ["deepcluster", "byol"]}, "methods"),
+    ({"methods": ["deepcluster", "no_such_method"]}, "methods"),
     ({"deepcluster": {"epochs": 0}}, "deepcluster.epochs"),
     ({"deepcluster": {"lr": -0.1}}, "deepcluster.lr"),
     ({"supervised": {"lr": 0}}, "supervised.lr"),

@@ -12,7 +12,7 @@ from selfsup.config import ConfigError, load_config
 from selfsup.report import OURS_FOR, load_paper_results, paper_columns
 
 METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "relloc",
-           "colorization", "random",
+           "colorization", "byol", "simsiam", "random",
            "supervised")
 IMAGENET = ("deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
             "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")

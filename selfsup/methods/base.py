@@ -76,6 +76,7 @@ class TrainContext:
     upstream: Path | None = None  # the upstream encoder file (methods.<m> in params.yaml), if any
     work_dir: Path | None = None  # the method's persistent folder (data/pretrain/<m>/, beside the checkpoint)
     # set by the loop: eval-geometry sizes for image files, the views' batch maker, optimiser access
+    total_steps: int = 0  # optimiser steps of the whole run (epochs x steps per epoch): BYOL's schedule
     resize_size: int = 256
     crop_size: int = 224
     make_batches: Callable[..., Iterator[Batch]] | None = None

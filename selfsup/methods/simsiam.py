@@ -1,0 +1,80 @@
+"""SimSiam (Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021): two views
+through one encoder and projector, a predictor on one side, and a stop-gradient on the other;
+no negatives, no momentum encoder (sec. 3, Algorithm 1).
+
+- Loss (eq. 1-4): D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine similarity
+  (``selfsup.contrastive.simsiam_loss``); its minimum is -1.
+- Projector (sec. 4, "Baseline settings"): ``proj_layers`` x (Linear -> BN), ReLU between, the
+  output BN included (official ``simsiam/builder.py``: the last BN has no affine parameters); 3
+  layers of 2048 on ImageNet, 2 on CIFAR (sec. 5, the CIFAR ResNet variant). Predictor: Linear(512)
+  -> BN -> ReLU -> Linear(2048), the bottleneck ``pred_hidden``.
+- ``fix_pred_lr`` (official ``--fix-pred-lr``, on in its recipes): the predictor keeps the base lr
+  while the rest follows the cosine schedule (sec. 4.2 finds it helps).
+- Official ImageNet: ResNet-50, batch 512, SGD lr 0.05 x batch / 256, momentum 0.9, weight decay
+  1e-4, 100 epochs cosine, MoCo v2's augmentations. CIFAR-10 (sec. 5): ResNet-18 variant, batch
+  512, lr 0.03 x batch / 256, weight decay 5e-4, 800 epochs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from selfsup.config import ConfigError, TrainCfg, positive
+from selfsup.contrastive import simsiam_loss
+from selfsup.heads import mlp
+from selfsup.methods import register
+from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.optim import param_groups
+
+
+@dataclass
+class SimSiamCfg(TrainCfg):
+    augment: str = "crop_flip"
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    dim: int = 2048
+    proj_layers: int = 3  # CIFAR: 2
+    pred_hidden: int = 512
+    fix_pred_lr: bool = True
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "dim", "pred_hidden")
+        if self.proj_layers < 1:
+            raise ConfigError(f"{p}.proj_layers: at least 1, got {self.proj_layers}")
+
+
+@register
+class SimSiam(Method):
+    name = "simsiam"
+    Config = SimSiamCfg
+    views = 2
+
+    def __init__(self, backbone: Any, cfg: SimSiamCfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        d = backbone.out_dim
+        # hidden layers of the backbone's width (official: the encoder's fc width, 2048 on ResNet-50)
+        self.projector = mlp([d] * cfg.proj_layers + [cfg.dim], last_bn="no_affine")
+        self.predictor = mlp([cfg.dim, cfg.pred_hidden, cfg.dim], last_bn="none")
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        c = self.cfg
+        pred = set(map(id, self.predictor.parameters()))
+        rest = nn.ParameterList([p for p in self.parameters() if id(p) not in pred and p.requires_grad])
+        groups = param_groups(rest, c.weight_decay, c.exclude_norm_bias)
+        for g in param_groups(self.predictor, c.weight_decay, c.exclude_norm_bias):
+            g["fixed_lr"] = c.fix_pred_lr  # the loop keeps the base lr for it
+            groups.append(g)
+        return groups
+
+    def forward(self, batch: Batch) -> StepOut:
+        x1, x2 = batch.views  # (B, C, H, W) each
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # (B, dim)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = simsiam_loss(p1.float(), z2.float()) / 2 + simsiam_loss(p2.float(), z1.float()) / 2
+        return StepOut(loss, {"z_std": nn.functional.normalize(z1.detach().float(), dim=1).std(0).mean()})
