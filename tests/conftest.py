@@ -34,6 +34,22 @@ def make_cfg(**over):
     return load_config(base)
 
 
+def knn_after_pretrain(name, digits, tmp_path, **over):
+    """(weighted kNN-200 top-1 on digits' test split of ``name``'s backbone after pretraining with the
+    overrides ``over``, its per-epoch history): the "beats random init" check of the method tests."""
+    import torch
+
+    from selfsup.features import extract_features
+    from selfsup.knn import knn_eval
+    from selfsup.train import pretrain
+
+    cpu = torch.device("cpu")
+    m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
+    tr = extract_features(m.backbone, digits.train, digits.meta, cpu)
+    te = extract_features(m.backbone, digits.test, digits.meta, cpu)
+    return knn_eval(tr, digits.train.y, te, digits.test.y, 200, 0.07, 10)["top1"], hist
+
+
 def assert_resume_is_exact(cfg, name, data, tmp_path, kill_after=1, kill_at_batch=None):
     """Train ``name`` uninterrupted, then again killed and resumed: after epoch ``kill_after``, or,
     with ``kill_at_batch``, in the middle of epoch ``kill_after`` + 1 right after batch

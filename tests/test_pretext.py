@@ -2,14 +2,11 @@
 per-image reference, and a few epochs on digits beating the random-init encoder."""
 import torch
 
-from conftest import make_cfg
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
+from conftest import knn_after_pretrain, make_cfg
 from selfsup.methods.base import Batch
 from selfsup.methods.rotnet import rotate_batch
-from selfsup.train import build_method, pretrain
+from selfsup.train import build_method
 
-CPU = torch.device("cpu")
 
 
 def test_rotations_are_exact_and_labelled():
@@ -39,15 +36,9 @@ def test_rotnet_loss_matches_a_per_image_reference(digits):
 
 
 def test_rotnet_beats_random_init_on_digits(digits, tmp_path):
-    def knn(name, **over):
-        m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
-        tr = extract_features(m.backbone, digits.train, digits.meta, CPU)
-        te = extract_features(m.backbone, digits.test, digits.meta, CPU)
-        return knn_eval(tr, digits.train.y, te, digits.test.y, 200, 0.07, 10)["top1"], hist
-
-    rand, _ = knn("random")
-    rot, hist = knn("rotnet", rotnet={"epochs": 6, "batch_size": 32, "lr": 0.1, "nesterov": True,
-                                      "crop_scale": [0.5, 1.0], "head": "mlp"})
+    rand, _ = knn_after_pretrain("random", digits, tmp_path)
+    rot, hist = knn_after_pretrain("rotnet", digits, tmp_path, rotnet={
+        "epochs": 6, "batch_size": 32, "lr": 0.1, "nesterov": True, "crop_scale": [0.5, 1.0], "head": "mlp"})
     assert hist[-1]["pretext_acc"] > hist[0]["pretext_acc"] and hist[-1]["loss"] < hist[0]["loss"]
     assert rot > rand + 2.0, (rot, rand)
 
@@ -131,13 +122,6 @@ def test_jigsaw_loss_matches_a_reference(digits):
     assert torch.allclose(out.loss, torch.stack(losses).mean(), atol=1e-5)
 
 
-def knn_of(name, digits, tmp_path, **over):
-    m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
-    tr = extract_features(m.backbone, digits.train, digits.meta, CPU)
-    te = extract_features(m.backbone, digits.test, digits.meta, CPU)
-    return knn_eval(tr, digits.train.y, te, digits.test.y, 200, 0.07, 10)["top1"], hist
-
-
 # the digits defaults of params.yaml (a batch-normalised head, lr 0.01, mild crops: see its comments)
 DIGITS = {"epochs": 5, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "augment": "crop",
           "crop_scale": [0.9, 1.0], "view_size": 24, "head_bn": True}
@@ -146,8 +130,8 @@ DIGITS = {"epochs": 5, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_de
 def test_jigsaw_learns_its_pretext_task_and_beats_random_init_on_digits(tmp_path, digits):
     """Five epochs: the permutation accuracy rises far above chance (1 / 100), the loss falls and the
     kNN of the tile-trained trunk beats the random-init encoder's."""
-    rand, _ = knn_of("random", digits, tmp_path)
-    jig, hist = knn_of("jigsaw", digits, tmp_path, jigsaw={**DIGITS, "permutations": 100, "tile_size": 7})
+    rand, _ = knn_after_pretrain("random", digits, tmp_path)
+    jig, hist = knn_after_pretrain("jigsaw", digits, tmp_path, jigsaw={**DIGITS, "permutations": 100, "tile_size": 7})
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["pretext_acc"] > 0.3 > 1 / 100
     assert jig > rand + 1.0, (jig, rand)
 
@@ -219,7 +203,7 @@ def test_chromatic_aberration_guards():
 
 
 def test_relative_location_beats_random_init_on_digits(tmp_path, digits):
-    rand, _ = knn_of("random", digits, tmp_path)
-    rel, hist = knn_of("relloc", digits, tmp_path, relloc=DIGITS)
+    rand, _ = knn_after_pretrain("random", digits, tmp_path)
+    rel, hist = knn_after_pretrain("relloc", digits, tmp_path, relloc=DIGITS)
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["pretext_acc"] > 1 / 8
     assert rel > rand + 2.0, (rel, rand)

@@ -7,15 +7,12 @@ import math
 
 import torch
 
-from conftest import assert_resume_is_exact, make_cfg
+from conftest import assert_resume_is_exact, knn_after_pretrain, make_cfg
 from selfsup.contrastive import byol_loss, simsiam_loss
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
 from selfsup.methods.base import Batch
 from selfsup.momentum import cosine_momentum
-from selfsup.train import build_method, pretrain
+from selfsup.train import build_method
 
-CPU = torch.device("cpu")
 # the digits defaults of params.yaml
 AUG = {"augment": "crop", "crop_scale": [0.3, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8,
        "grayscale_p": 0.0, "blur_p": 0.0, "lr_schedule": "cosine", "batch_size": 128, "momentum": 0.9,
@@ -82,16 +79,9 @@ def test_byol_resume_is_exact(digits, tmp_path):
     assert_resume_is_exact(cfg, "byol", digits, tmp_path, kill_after=1, kill_at_batch=2)
 
 
-def knn_of(name, digits, tmp_path, **over):
-    m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
-    tr = extract_features(m.backbone, digits.train, digits.meta, CPU)
-    te = extract_features(m.backbone, digits.test, digits.meta, CPU)
-    return knn_eval(tr, digits.train.y, te, digits.test.y, 200, 0.07, 10)["top1"], hist
-
-
 def test_byol_and_simsiam_beat_random_init_on_digits(digits, tmp_path):
-    rand, _ = knn_of("random", digits, tmp_path)
-    byol, hist = knn_of("byol", digits, tmp_path, byol=BYOL)
+    rand, _ = knn_after_pretrain("random", digits, tmp_path)
+    byol, hist = knn_after_pretrain("byol", digits, tmp_path, byol=BYOL)
     assert hist[-1]["loss"] < hist[0]["loss"] and byol > rand + 2.0, (byol, rand)
-    sim, hist = knn_of("simsiam", digits, tmp_path, simsiam=SIMSIAM)
+    sim, hist = knn_after_pretrain("simsiam", digits, tmp_path, simsiam=SIMSIAM)
     assert hist[-1]["loss"] < hist[0]["loss"] and sim > rand + 2.0, (sim, rand)

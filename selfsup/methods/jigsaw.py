@@ -64,19 +64,23 @@ def max_hamming_permutations(n: int, tiles: int = GRID * GRID, seed: int = 0) ->
     return _max_hamming(n, tiles, seed).copy()
 
 
-def cut_tiles(x: torch.Tensor, tile: int, offsets: torch.Tensor) -> torch.Tensor:
-    """(B, C, S, S) views -> (B, 9, C, tile, tile): cell (r, c) of the 3 x 3 grid (side S // 3)
-    cropped at ``offsets[b, r * 3 + c]`` = (dy, dx) inside the cell, row-major."""
-    cell = x.shape[-1] // GRID
+def cut_tiles(x: torch.Tensor, tile: int, offsets: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, S, S) views -> (B, K, C, tile, tile): cell (r, c) of the 3 x 3 grid (side S // 3)
+    cropped at ``offsets[b, r * 3 + c]`` = (dy, dx) inside the cell; ``cells`` (B, K) picks the cells
+    per view (default: all nine, row-major; relative location cuts only its pair)."""
+    b, cell = len(x), x.shape[-1] // GRID
+    if cells is None:
+        cells = torch.arange(GRID * GRID, device=x.device).expand(b, -1)
+    steps = torch.arange(tile, device=x.device)
     out = []
-    for i in range(GRID * GRID):
-        r, c = divmod(i, GRID)
-        dy, dx = offsets[:, i, 0], offsets[:, i, 1]  # (B,)
-        ys = r * cell + dy[:, None] + torch.arange(tile, device=x.device)  # (B, tile)
-        xs = c * cell + dx[:, None] + torch.arange(tile, device=x.device)  # (B, tile)
+    for k in range(cells.shape[1]):
+        i = cells[:, k]  # (B,) cell index per view
+        dy, dx = offsets[torch.arange(b, device=x.device), i].unbind(1)  # (B,) each
+        ys = (i // GRID * cell + dy)[:, None] + steps  # (B, tile)
+        xs = (i % GRID * cell + dx)[:, None] + steps  # (B, tile)
         rows = torch.take_along_dim(x, ys[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]), dim=2)
         out.append(torch.take_along_dim(rows, xs[:, None, None, :].expand(-1, x.shape[1], tile, -1), dim=3))
-    return torch.stack(out, dim=1)  # (B, 9, C, tile, tile)
+    return torch.stack(out, dim=1)  # (B, K, C, tile, tile)
 
 
 @dataclass

@@ -125,12 +125,11 @@ class RelLoc(Method):
         b = len(x)
         cell, p, j = self.geometry(x.shape[-1])
         label = torch.randint(0, len(NEIGHBOURS), (b,), device=x.device)  # (B,)
-        # every cell's patch at its centre plus jitter; only the centre and the chosen neighbour are kept
+        # every cell's jitter is drawn (the draws do not depend on the label); only the pair is cut
         offsets = (cell - p) // 2 + torch.randint(-j, j + 1, (b, GRID * GRID, 2), device=x.device)  # (B, 9, 2)
-        tiles = cut_tiles(x, p, offsets)  # (B, 9, C, p, p)
         cells = torch.stack([torch.full_like(label, CENTRE),
                              torch.tensor(NEIGHBOURS, device=x.device)[label]], 1)  # (B, 2)
-        return torch.take_along_dim(tiles, cells[:, :, None, None, None], dim=1), label  # (B, 2, C, p, p)
+        return cut_tiles(x, p, offsets, cells), label  # (B, 2, C, p, p)
 
     def guard(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, p, p) -> the chromatic-aberration guard applied per patch (no-op unless C == 3)."""
