@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:
     import torch
 
-# torch is imported inside the functions that need it: the kNN, whiten, cluster and
-# report stages never load it (torch + torchvision cost ~3 s of start-up per stage: benchmarks/imports.py).
+# torch is imported inside the functions that need it: the report stages never load it (torch + torchvision cost ~3 s of start-up per stage: benchmarks/imports.py).
 
 
 class InputError(RuntimeError):

@@ -28,9 +28,6 @@ class Paths:
     def features(self, m: str, split: str) -> Path:
         return self.root / "data" / "features" / m / f"{split}.parquet"
 
-    def whitened(self, m: str, split: str) -> Path:
-        return self.root / "data" / "whitened" / m / f"{split}.parquet"
-
     def metrics(self, stage: str, m: str | None = None) -> Path:
         return self.root / "metrics" / (f"{stage}.json" if m is None else f"{stage}/{m}.json")
 

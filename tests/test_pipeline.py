@@ -24,7 +24,7 @@ from selfsup.synthetic import make_image_folder
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
-BRANCH = ["extract", "whiten", "cluster", "knn", "linear", "voc"]  # foreach stages, <stage>@<m>
+BRANCH = ["evaluate", "voc"]  # foreach stages, <stage>@<m>
 
 
 def branch(methods):

@@ -1,0 +1,135 @@
+"""Every evaluation of one frozen encoder, in one process: ``evaluate@<method>`` runs this.
+
+1. features of the train and test splits (eval mode, eval transform; with several processes each
+   rank extracts its share) and of the method's saved eval head, written for the user and the report;
+2. weighted kNN at each ``knn.k`` (and the method's paper protocol, ``knn.paper.<m>``);
+3. PCA-whitening fitted on train + L2, then k-means on the whitened features: NMI, ARI, Hungarian
+   accuracy (the DeepCluster evaluation);
+4. the linear probe (frozen features, or MoCo's augmented protocol), the linear SVM and the per-layer
+   probes.
+
+Why one stage and not five: each DVC stage start re-reads and rewrites ``dvc.lock`` and imports torch,
+about 3 s on the 2-core CPU, more than the steps themselves cost on digits (``metrics/*/<m>.json:
+seconds``), and five stages per method put the default DAG over its 10-minute budget. The steps keep
+their own metrics files (``metrics/{extract,knn,cluster,linear}/<m>.json``); what is lost is that a
+sweep of one step's params (``-S knn.k=...``) re-runs the others too (a few seconds per method on
+digits; on ImageNet the extraction dominates and the features are written once either way).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfsup import dist
+from selfsup.config import Config, ConfigError
+from selfsup.data import load_prepared
+from selfsup.evaluate import cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
+from selfsup.features import apply_head, extract_sharded
+from selfsup.io import derive_seed, read_features, read_json, write_features, write_json
+from selfsup.models import load_backbone, load_eval_head
+from selfsup.pca import PCAWhitening
+from selfsup.stage import Paths
+
+
+def extract_all(cfg: Config, name: str, P: Paths, device: torch.device) -> dict[str, Any] | None:
+    """Step 1: writes ``data/features/<name>/{train,test}[_head].parquet`` and ``protocol.json``;
+    returns the extraction metrics on rank 0, None on the other ranks (they are done)."""
+    data = load_prepared(P.dataset)
+    net = load_backbone(P.model(name), device)
+    head, temperature = load_eval_head(P.model(name), device)
+    t0 = time.perf_counter()
+    n, dim = 0, 0
+    for split in ("train", "test"):
+        s = getattr(data, split)
+        feats = extract_sharded(net, s, data.meta, device, cfg.extract.batch_size, desc=f"extract {name} {split}",
+                                workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
+        if dist.is_main():
+            write_features(P.features(name, split), feats, s.y)  # (N, D)
+            if head is not None:
+                write_features(P.features(name, f"head_{split}"), apply_head(head, feats, device), s.y)
+        n, dim = n + len(feats), int(feats.shape[1])
+    if not dist.is_main():
+        return None
+    dt = time.perf_counter() - t0
+    write_json(P.features(name, "train").parent / "protocol.json",
+               {"head": None if head is None else head.spec, "temperature": temperature})
+    return {"seconds": dt, "images_per_s": n / dt, "dim": dim}
+
+
+def knn_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray,
+             num_classes: int) -> dict[str, Any]:
+    """Step 2: weighted kNN (cosine, exp(sim / T) votes) at each k, and the method's paper protocol
+    (on the backbone or its eval head's features, at a set or its training temperature)."""
+    t0 = time.perf_counter()
+    paper = cfg.knn.paper.get(name)
+    spec = None
+    if paper is not None:
+        spec = paper_protocol(f"knn.paper.{name}", paper.k, paper.temperature, paper.features,
+                              read_json(P.features(name, "train").parent / "protocol.json"), paper.pca_dim)
+        if paper.features == "head":
+            spec["features"] = (*read_features(P.features(name, "head_train")),
+                                *read_features(P.features(name, "head_test")))
+    out = knn_protocols(tr, ytr, te, yte, ks=cfg.knn.k, temperature=cfg.knn.temperature,
+                        num_classes=num_classes, paper=spec)
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def cluster_step(cfg: Config, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray,
+                 num_classes: int) -> dict[str, Any]:
+    """Step 3: PCA-whitening (faiss, fitted on train) + L2, then k-means (faiss) on the whitened train
+    features, its assignment of test: NMI, ARI, Hungarian accuracy."""
+    t0 = time.perf_counter()
+    try:
+        pca = PCAWhitening.fit(tr, cfg.whiten.pca_dim)
+    except ValueError as e:
+        raise ConfigError(f"whiten.{e}") from e
+    wtr, wte = pca.transform(tr), pca.transform(te)  # (N, pca_dim), L2-normalised
+    whiten_s = time.perf_counter() - t0
+    out = cluster_eval(wtr, ytr, wte, yte, k=cfg.cluster.k or num_classes, niter=cfg.cluster.niter,
+                       nredo=cfg.cluster.nredo, seed=cfg.seed, init=cfg.cluster.init)
+    return {**out, "pca_dim": cfg.whiten.pca_dim, "whiten_seconds": whiten_s, "seconds": time.perf_counter() - t0}
+
+
+def linear_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray,
+                yte: np.ndarray, num_classes: int, device: torch.device) -> dict[str, Any]:
+    """Step 4: the linear probe on frozen features (fixed schedule, test top-1 at the end) or MoCo's
+    augmented protocol, the linear SVM, and the per-layer probes when ``probe.layers`` asks for them."""
+    t0 = time.perf_counter()
+    c = cfg.linear
+    if c.protocol == "augmented" or cfg.probe.layers:  # these read the encoder again, on the dataset
+        net, data = load_backbone(P.model(name), device), load_prepared(P.dataset)
+    if c.protocol == "frozen":
+        out = linear_eval(tr, ytr, te, yte, num_classes=num_classes, epochs=c.epochs, batch_size=c.batch_size,
+                          lr=c.lr, weight_decay=c.weight_decay, seed=derive_seed(cfg.seed, "linear", name),
+                          device=device)
+    else:  # MoCo's protocol: augmented views through the frozen encoder every epoch
+        from selfsup.lincls import augmented_linear_probe
+
+        out = augmented_linear_probe(net, data, cfg, te, yte, device, derive_seed(cfg.seed, "linear", name))
+    if cfg.svm.enabled:
+        out.update(svm_eval(tr, ytr, te, yte, cfg.svm.c, derive_seed(cfg.seed, "svm", name)))
+    if cfg.probe.layers:
+        from selfsup.probes import probe_all
+
+        out["probes"] = probe_all(net, data, device, cfg.probe, derive_seed(cfg.seed, "probe", name),
+                                  workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size,
+                                  batch_size=cfg.extract.batch_size)
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> dict[str, dict[str, Any]] | None:
+    """Steps 1-4 for method ``name``: {"extract": .., "knn": .., "cluster": .., "linear": ..} (each
+    step's metrics) on rank 0; None on the other ranks, which only share the extraction."""
+    extract = extract_all(cfg, name, P, device)
+    if extract is None:
+        return None
+    num_classes = len(read_json(P.dataset / "meta.json")["classes"])
+    tr, ytr = read_features(P.features(name, "train"))  # (N, D), (N,); as written, so the steps see the file
+    te, yte = read_features(P.features(name, "test"))
+    return {"extract": extract,
+            "knn": knn_step(cfg, name, P, tr, ytr, te, yte, num_classes),
+            "cluster": cluster_step(cfg, tr, ytr, te, yte, num_classes),
+            "linear": linear_step(cfg, name, P, tr, ytr, te, yte, num_classes, device)}
