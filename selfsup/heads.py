@@ -17,17 +17,24 @@ from torch import nn
 HEADS = ("linear", "mlp")
 
 
-def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False) -> nn.Module:
-    """A projection head ``in_dim -> out_dim``; ``hidden_dim`` 0 means ``in_dim`` (SimCLR, MoCo v2)."""
+def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False,
+                    layers: int = 2) -> nn.Module:
+    """A projection head ``in_dim -> out_dim``; ``hidden_dim`` 0 means ``in_dim`` (SimCLR, MoCo v2);
+    ``layers``: the mlp's Linear layers (2: SimCLR v1 / MoCo v2; 3: SimCLR v2's deeper head, sec. 2)."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
+        if layers < 2:
+            raise ValueError(f"projection_head: an mlp has at least 2 layers, got {layers}")
         hidden = hidden_dim or in_dim
-        layers: list[nn.Module] = [nn.Linear(in_dim, hidden, bias=not bn)]
-        if bn:
-            layers.append(nn.BatchNorm1d(hidden))
-        layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)]
-        return nn.Sequential(*layers)
+        mods: list[nn.Module] = []
+        for a in [in_dim] + [hidden] * (layers - 2):  # each hidden layer: Linear -> [BN] -> ReLU
+            mods.append(nn.Linear(a, hidden, bias=not bn))
+            if bn:
+                mods.append(nn.BatchNorm1d(hidden))
+            mods.append(nn.ReLU(inplace=True))
+        mods.append(nn.Linear(hidden, out_dim))
+        return nn.Sequential(*mods)
     raise ValueError(f"unknown projection head {kind!r}; choose one of {', '.join(HEADS)}")
 
 
@@ -68,7 +75,8 @@ class EvalHead(nn.Module):
         self.spec = dict(spec)
         p = spec.get("proj")
         if proj is None and p is not None:
-            proj = projection_head(p["kind"], p["in_dim"], p["out_dim"], p.get("hidden_dim", 0), p.get("bn", False))
+            proj = projection_head(p["kind"], p["in_dim"], p["out_dim"], p.get("hidden_dim", 0), p.get("bn", False),
+                                   p.get("layers", 2))
         self.proj = proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D')
@@ -79,6 +87,55 @@ class EvalHead(nn.Module):
         return l2n(x) if self.spec.get("l2") else x
 
 
-def proj_spec(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False) -> dict:
-    """The JSON description of ``projection_head(kind, in_dim, out_dim, hidden_dim, bn)``."""
-    return {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim, "bn": bn}
+def proj_spec(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False, layers: int = 2) -> dict:
+    """The JSON description of ``projection_head(kind, in_dim, out_dim, hidden_dim, bn, layers)``."""
+    spec = {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim, "bn": bn}
+    return spec if layers == 2 else {**spec, "layers": layers}  # 2: as files written before the key
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free ``Linear(in_dim, out_dim)`` with weight normalisation (Salimans & Kingma 2016) over
+    its rows, w = g v / ||v|| (what ``torch.nn.utils.weight_norm(..., dim=0)`` computes): ``weight_v``
+    keeps nn.Linear's init, the norms ``weight_g`` start at 1 and, with ``fixed_norm``, stay there
+    (not trained: DINO's ``norm_last_layer``). Written out so the parameters are plain ones that
+    copy, average and checkpoint like any other."""
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_norm: bool = True):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())  # (out, in)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)  # (out, 1)
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+        return F.linear(x, self.weight())
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, sec. 3 / appendix; the official ``DINOHead``): an MLP of
+    ``layers`` Linear layers (``in_dim -> hidden_dim ... -> bottleneck_dim``, GELU between them, optional
+    BN after each hidden one), L2 normalisation, then a weight-normalised bias-free Linear to ``out_dim``
+    (``last_layer``; its row norms fixed to 1 with ``norm_last_layer``). The MLP's Linear layers start
+    from a truncated normal of std 0.02 with zero biases; the last layer keeps nn.Linear's init."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 layers: int = 3, bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (max(layers, 1) - 1) + [bottleneck_dim]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                if bn:
+                    mods.append(nn.BatchNorm1d(b))
+                mods.append(nn.GELU())
+        self.mlp = nn.Sequential(*mods)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in_dim) -> (N, out_dim)
+        return self.last_layer(l2n(self.mlp(x)))

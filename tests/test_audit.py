@@ -229,3 +229,27 @@ def test_sela_final_knn_on_pca_128_features():
     assert out["paper_top1"] == ref and out["paper_protocol"].endswith("on backbone + PCA-8")
     assert out["paper_top1"] != knn_protocols(tr, ytr, te, yte, [20], 0.07, 5,
                                               paper={**spec, "pca_dim": 0})["paper_top1"]
+
+
+def test_simclr_v2_head_is_three_layers_and_its_saved_head_rebuilds(digits, tmp_path):
+    """SimCLR v2's deeper projection head (head_layers 3: Linear-BN-ReLU twice, then Linear) trains,
+    and the eval head saved with the encoder rebuilds it with the same outputs; 1 layer fails naming
+    the key."""
+    from selfsup.config import ConfigError
+    from selfsup.models import load_eval_head, save_backbone
+
+    cfg = make_cfg(methods=["simclr"], simclr={"epochs": 1, "warmup_epochs": 0, "head_layers": 3, "batch_size": 64})
+    m, hist = pretrain(cfg, "simclr", digits, tmp_path / "ck.pt")
+    assert np.isfinite(hist[-1]["loss"])
+    linears = [x for x in m.head if isinstance(x, torch.nn.Linear)]
+    assert len(linears) == 3 and sum(isinstance(x, torch.nn.BatchNorm1d) for x in m.head) == 2
+    save_backbone(tmp_path / "m.pt", m, cfg, digits.meta)
+    head, _ = load_eval_head(tmp_path / "m.pt", torch.device("cpu"))
+    assert head.spec["proj"]["layers"] == 3
+    m.eval()
+    x = torch.randn(16, m.backbone.out_dim)
+    with torch.no_grad():
+        np.testing.assert_allclose(head(x).numpy(), torch.nn.functional.normalize(m.head(x), dim=1).numpy(),
+                                   atol=1e-5)
+    with pytest.raises(ConfigError, match="simclr.head_layers"):
+        make_cfg(methods=["simclr"], simclr={"epochs": 1, "warmup_epochs": 0, "head_layers": 1})

@@ -10,6 +10,10 @@
   official code also batch-normalises the output layer (no bias/centre), which
   ``selfsup.heads`` does not: noted, not followed. The loss is on the L2-normalised
   head output, evaluation on the backbone features h (before g).
+- SimCLR v2 (Chen et al., NeurIPS 2020, sec. 2): a deeper projection head, ``head_layers: 3``
+  (official simclr v2 ``num_proj_layers`` 3, each of the backbone's width); the paper fine-tunes from
+  the head's first layer, which this project's fine-tuning evaluation does not do yet (the preset says
+  so); the kNN / linear evaluations read the backbone features h as v1.
 - NT-Xent (``selfsup.contrastive.nt_xent``) at ``temperature``: the mean over the 2B
   anchors (paper Eq. 1; the official code's value is 2x, see there).
 - Official CIFAR-10 settings (README): ResNet-50 (CIFAR stem), batch 512, 1000
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 
 from selfsup import dist
-from selfsup.config import TrainCfg, non_negative, one_of, positive
+from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.contrastive import nt_xent
 from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
@@ -51,11 +55,16 @@ class SimCLRCfg(TrainCfg):
     head: str = "mlp"
     head_bn: bool = True  # official: BN in the head
     hidden_dim: int = 0  # 0: the backbone's dimension (official)
+    head_layers: int = 2  # the mlp's Linear layers: 2 (v1), 3 (v2)
     dim: int = 128
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "temperature", "dim")
+        if self.head_layers < 2:
+            raise ConfigError(f"{p}.head_layers: an mlp head has at least 2 layers, got {self.head_layers}")
+        if self.head_layers != 2 and self.head != "mlp":
+            raise ConfigError(f"{p}.head_layers: {self.head_layers} needs head: mlp, got head: {self.head}")
         non_negative(p, self, "hidden_dim")
         one_of(p, "head", self.head, HEADS)
 
@@ -68,12 +77,14 @@ class SimCLR(Method):
 
     def __init__(self, backbone: Any, cfg: SimCLRCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
-        self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim, bn=cfg.head_bn)
+        self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim, bn=cfg.head_bn,
+                                    layers=cfg.head_layers)
 
     def eval_head(self) -> EvalHead:
         # SimCLR evaluates h (before g, sec. 4.2); g's normalised output is offered for comparison
         c = self.cfg
-        return EvalHead({"proj": proj_spec(c.head, self.backbone.out_dim, c.dim, c.hidden_dim, c.head_bn),
+        return EvalHead({"proj": proj_spec(c.head, self.backbone.out_dim, c.dim, c.hidden_dim, c.head_bn,
+                                                   c.head_layers),
                          "l2": True}, self.head)
 
     def forward(self, batch: Batch) -> StepOut:
