@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder", "imagenet")
-BACKBONES = ("smallcnn", "nin", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn")
+BACKBONES = ("smallcnn", "nin", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn",
+             "vit_tiny", "vit_small", "vit_base", "vit_digits")
 AUGMENTS = ("none", "crop", "crop_flip")
 
 
@@ -91,6 +92,9 @@ class TrainCfg:
 
     epochs: int = 10
     batch_size: int = 64  # per process (the global batch is batch_size x processes x accumulate)
+    # this method's backbone, one of BACKBONES; "" = model.backbone (e.g. the digits default runs DINO and
+    # MoCo v3 on vit_digits beside the smallcnn of the rest); the saved model file records it
+    backbone: str = ""
     # optimiser (selfsup/optim.py) over the parameter groups the method defines: sgd (momentum,
     # nesterov), lars (SimCLR's: trust coefficient lars_eta; groups without weight decay are not
     # adapted either), adamw (betas)
@@ -144,6 +148,8 @@ class TrainCfg:
     solarize_p: float = 0.0
 
     def check(self, p: str) -> None:
+        if self.backbone:
+            one_of(p, "backbone", self.backbone, BACKBONES)
         positive(p, self, "epochs", "batch_size", "lr", "accumulate", "lr_base_batch")
         one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
         non_negative(p, self, "momentum", "weight_decay", "warmup_epochs", "min_lr", "clip_grad", "lars_eta")
@@ -254,6 +260,50 @@ class LinearCfg:
         one_of(p, "protocol", self.protocol, ("frozen", "augmented"))
         positive(p, self, "epochs", "batch_size", "lr")
         non_negative(p, self, "weight_decay")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class FinetuneCfg:
+    # end-to-end fine-tuning of every method's backbone + a linear classifier on the labelled training
+    # split (selfsup/finetune.py; BEiT / MAE main_finetune.py). MAE ViT-B/16: adamw, lr (blr) 5e-4 x B/256,
+    # batch 1024, 100 epochs, warm-up 5, weight decay 0.05, layer_decay 0.65, smoothing 0.1, mixup 0.8,
+    # cutmix 1.0 (BEiT ViT-B: lr 4e-3, layer_decay 0.65, 100 epochs)
+    enabled: bool = True
+    epochs: int = 100
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 5e-4  # at batch 256 (lr_scaling: linear scales it to batch_size)
+    lr_scaling: str = "linear"
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lars_eta: float = 0.001  # unused (build_optimizer's interface)
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    layer_decay: float = 0.65  # ViTs only: lr x layer_decay ^ (depth + 1 - layer); 1: off
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 1.0  # Beta(alpha, alpha) of CutMix; 0: off
+    mix_switch_p: float = 0.5  # both on: CutMix with this probability, else mixup (timm)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+
+    def check(self, p: str) -> None:
+        one_of(p, "optimizer", self.optimizer, ("adamw", "sgd"))
+        one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
+        positive(p, self, "epochs", "batch_size", "lr")
+        non_negative(p, self, "weight_decay", "warmup_epochs", "mixup", "cutmix")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ConfigError(f"{p}.warmup_epochs: {self.warmup_epochs} must be below epochs ({self.epochs})")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"{p}.layer_decay: need 0 < layer_decay <= 1, got {self.layer_decay}")
+        for k in ("label_smoothing", "mix_switch_p"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{p}.{k}: need a value in [0, 1], got {getattr(self, k)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{p}.betas: need [beta1, beta2] in [0, 1), got {self.betas}")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
 
@@ -517,6 +567,7 @@ class Config:
     linear: LinearCfg = field(default_factory=LinearCfg)
     svm: SvmCfg = field(default_factory=SvmCfg)
     probe: ProbeCfg = field(default_factory=ProbeCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     mlflow: MlflowCfg = field(default_factory=MlflowCfg)
     instdisc_table1: InstDiscTable1Cfg = field(default_factory=InstDiscTable1Cfg)
     voc: VocCfg = field(default_factory=VocCfg)

@@ -53,7 +53,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from selfsup import dist
 from selfsup.config import VocCfg
-from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN
+from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN, ViT
 from selfsup.voc_data import VocDetection, load_split, read_manifest
 from selfsup.voc_eval import evaluate_detections
 
@@ -125,6 +125,17 @@ class NarrowRPNHead(nn.Module):
         return logits, boxes
 
 
+class ViTMap(nn.Module):
+    """A ViT trunk as a detection backbone: (B, C, H, W) -> (B, D, H / patch, W / patch) patch tokens."""
+
+    def __init__(self, vit: ViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.feature_map(x)
+
+
 def build_detector(bb: Backbone, num_classes: int, cfg: VocCfg, image_mean: list[float],
                    image_std: list[float]) -> FasterRCNN:
     """Faster R-CNN around a pre-trained ``Backbone``; ``num_classes`` excludes the background."""
@@ -168,6 +179,18 @@ def build_detector(bb: Backbone, num_classes: int, cfg: VocCfg, image_mean: list
         rep = cfg.representation
         head = TwoMLPHead(out * 7 * 7, rep)
         # one bilinear sample per bin (torchvision: 2x2): RoIAlign's CPU backward dominates a step
+        pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1)
+        anchors = AnchorGenerator((sizes,), (ratios,))
+        if cfg.rpn_channels:
+            rpn_head = NarrowRPNHead(out, anchors.num_anchors_per_location()[0], cfg.rpn_channels)
+    elif isinstance(trunk, ViT):
+        # a plain single-scale backbone (the simplest of ViTDet, Li et al. 2022): the patch tokens after
+        # the final norm as one stride-``patch`` map; ``freeze_at`` does not apply (every block trains)
+        backbone = nn.Sequential(*_front(bb), ViTMap(trunk))
+        out = trunk.out_dim
+        backbone.out_channels = out  # type: ignore[assignment]
+        rep = cfg.representation
+        head = TwoMLPHead(out * 7 * 7, rep)
         pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1)
         anchors = AnchorGenerator((sizes,), (ratios,))
         if cfg.rpn_channels:

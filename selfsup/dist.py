@@ -245,6 +245,9 @@ def sync_batch_norm(module: torch.nn.Module, device: torch.device) -> torch.nn.M
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        if module.affine:  # a frozen BN (an EMA target's, a teacher's) stays frozen, as torch's converter keeps it
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
         new.train(module.training)
         return new.to(next(module.buffers(), torch.zeros(())).device)
     for name, child in module.named_children():

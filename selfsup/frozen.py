@@ -6,7 +6,9 @@
 3. PCA-whitening fitted on train + L2, then k-means on the whitened features: NMI, ARI, Hungarian
    accuracy (the DeepCluster evaluation);
 4. the linear probe (frozen features, or MoCo's augmented protocol), the linear SVM and the per-layer
-   probes.
+   probes;
+5. end-to-end fine-tuning of a copy of the encoder with a linear classifier (``selfsup.finetune``:
+   BEiT / MAE's recipe, layer-wise lr decay for ViTs), the protocol masked image modelling is judged by.
 
 Why one stage and not five: each DVC stage start re-reads and rewrites ``dvc.lock`` and imports torch,
 about 3 s on the 2-core CPU, more than the steps themselves cost on digits (``metrics/*/<m>.json:
@@ -26,7 +28,7 @@ import torch
 from selfsup import dist
 from selfsup.config import Config, ConfigError
 from selfsup.data import load_prepared
-from selfsup.evaluate import cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
+from selfsup.evaluate import _skip, cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
 from selfsup.features import apply_head, extract_sharded
 from selfsup.io import derive_seed, read_features, read_json, write_features, write_json
 from selfsup.models import load_backbone, load_eval_head
@@ -120,9 +122,24 @@ def linear_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarra
     return {**out, "seconds": time.perf_counter() - t0}
 
 
+def finetune_step(cfg: Config, name: str, P: Paths, ytr: np.ndarray, yte: np.ndarray, device: torch.device
+                  ) -> dict[str, Any]:
+    """Step 5: end-to-end fine-tuning (``selfsup.finetune``) of the encoder as loaded from its file."""
+    from selfsup.finetune import finetune
+
+    if not cfg.finetune.enabled:
+        return {"skipped": "finetune: skipped, finetune.enabled is false"}
+    if (s := _skip("finetune", ytr, yte)) is not None:
+        return s
+    t0 = time.perf_counter()
+    out = finetune(load_backbone(P.model(name), device), load_prepared(P.dataset), cfg, device,
+                   derive_seed(cfg.seed, "finetune", name))
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
 def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> dict[str, dict[str, Any]] | None:
-    """Steps 1-4 for method ``name``: {"extract": .., "knn": .., "cluster": .., "linear": ..} (each
-    step's metrics) on rank 0; None on the other ranks, which only share the extraction."""
+    """Steps 1-5 for method ``name``: {"extract": .., "knn": .., "cluster": .., "linear": .., "finetune": ..}
+    (each step's metrics) on rank 0; None on the other ranks, which only share the extraction."""
     extract = extract_all(cfg, name, P, device)
     if extract is None:
         return None
@@ -132,4 +149,5 @@ def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> d
     return {"extract": extract,
             "knn": knn_step(cfg, name, P, tr, ytr, te, yte, num_classes),
             "cluster": cluster_step(cfg, tr, ytr, te, yte, num_classes),
-            "linear": linear_step(cfg, name, P, tr, ytr, te, yte, num_classes, device)}
+            "linear": linear_step(cfg, name, P, tr, ytr, te, yte, num_classes, device),
+            "finetune": finetune_step(cfg, name, P, ytr, yte, device)}

@@ -7,6 +7,9 @@
 
 ``embed(x)`` L2-normalises the output, as every method of the family compares
 embeddings on the unit sphere.
+
+``DINOHead`` (DINO's MLP + L2 norm + weight-normalised last layer) and its ``WeightNormLinear``
+serve the self-distillation methods.
 """
 from __future__ import annotations
 

@@ -12,6 +12,11 @@
   so it is written here. Its output is fc7 *before* the final ReLU: DeepCluster's
   official code clusters those pre-activation features and puts the ReLU back for
   training (``relu_head``).
+- ``vit_tiny`` / ``vit_small`` / ``vit_base``: Vision Transformers with 16 px patches (192-d 12 layers
+  3 heads / 384-d 12 / 6 / 768-d 12 / 12, MLP 4x; DINO's ViT-T/S/B); ``vit_digits``: 2 px patches
+  (16 patches of an 8x8 digit), 64-d, 2 layers, 4 heads, MLP 2x, for the digits on a CPU (4 layers
+  trained about as well in short supervised and MoCo v3 runs on digits, at twice the cost). Output:
+  the CLS token after the final LayerNorm (``ViT``).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selfsup.heads import EvalHead
@@ -27,6 +33,11 @@ from selfsup.io import InputError, load_torch, save_torch
 # smallest input side each backbone accepts (AlexNet's stride-4 stem and three
 # 3x3/2 max-pools need >= 63 px)
 MIN_SIZE = {"smallcnn": 4, "nin": 8, "resnet18_cifar": 8, "resnet50_cifar": 8, "resnet18": 32, "resnet50": 32, "alexnet_bn": 63}
+# Vision Transformers: (patch, width, depth, heads, MLP width, default image side). The default side
+# (the position-embedding grid) is used when no image size is given; a ViT takes one patch at least
+VITS = {"vit_tiny": (16, 192, 12, 3, 768, 224), "vit_small": (16, 384, 12, 6, 1536, 224),
+        "vit_base": (16, 768, 12, 12, 3072, 224), "vit_digits": (2, 64, 2, 4, 128, 8)}
+MIN_SIZE.update({name: v[0] for name, v in VITS.items()})
 
 
 class Sobel(nn.Module):
@@ -169,12 +180,107 @@ class AlexNetBN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))  # (B, 4096)
 
 
+class PatchMap(nn.Identity):
+    """A probe point of a ViT block: called with the block's patch tokens as a (B, D, h, w) map (a view,
+    no copy) and returning it unchanged, so forward hooks (``selfsup.probes``) see a conv-like map."""
+
+
+class ViT(nn.Module):
+    """A Vision Transformer (Dosovitskiy et al. 2021) built on torchvision's configurable
+    ``torchvision.models.vision_transformer.VisionTransformer``: kept by torchvision (installed; timm is
+    not), any image and patch size, width, depth and heads, and the papers' layout (a conv patch
+    projection, a learned CLS token and position embedding, pre-norm blocks of multi-head attention and
+    a GELU MLP, a final LayerNorm, eps 1e-6), so DINO's and MoCo v3's ViT-S / ViT-B configurations are
+    expressible. Its classification head is removed (``heads`` is an identity).
+
+    - Features: the CLS token after the final LayerNorm (``out_dim`` = width), what DINO's and MoCo v3's
+      linear probes and DINO's kNN read.
+    - Input size: the position embedding is a grid for ``image_size`` (the training view side the
+      backbone is built for); other sizes (multi-crop's local crops, another eval geometry) get it
+      bicubically resized to their patch grid, as DINO's ``interpolate_pos_encoding``. A side that is
+      not a multiple of the patch is cut down to one (the strided conv drops the rest).
+    - ``in_channels`` != 3: the patch projection is replaced by one for that many channels (the same
+      init as torchvision's).
+    - ``freeze_patch_embed()``: the patch projection stays at its random init (MoCo v3 sec. 4.2,
+      "random patch projection"; the official ``--stop-grad-conv1``).
+    - ``blocks``: one ``PatchMap`` per transformer block, the probe points ``selfsup.probes`` finds
+      (block1 ... blockN: each block's patch tokens as a map).
+    - Differences from the papers' code: no stochastic depth (DINO's student: drop path 0.1) and a
+      learned position embedding (MoCo v3 uses a fixed 2-D sin-cos one), torchvision's init.
+    """
+
+    def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_dim: int,
+                 image_size: int):
+        super().__init__()
+        # imported here, as in _resnet (torchvision's import cost)
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        side = max(image_size // patch, 1) * patch
+        vit = VisionTransformer(image_size=side, patch_size=patch, num_layers=depth, num_heads=heads,
+                                hidden_dim=dim, mlp_dim=mlp_dim)
+        vit.heads = nn.Identity()  # the classification head removed: the output is the CLS token
+        if in_channels != 3:
+            conv = nn.Conv2d(in_channels, dim, patch, patch)
+            nn.init.trunc_normal_(conv.weight, std=(1.0 / (in_channels * patch * patch)) ** 0.5)  # torchvision's
+            nn.init.zeros_(conv.bias)
+            vit.conv_proj = conv
+        self.vit = vit
+        self.blocks = nn.ModuleList(PatchMap() for _ in range(depth))
+        self.patch, self.grid, self.image_size, self.out_dim = patch, side // patch, side, dim
+
+    @property
+    def patch_embed(self) -> nn.Conv2d:
+        return self.vit.conv_proj
+
+    def freeze_patch_embed(self) -> None:
+        for p in self.vit.conv_proj.parameters():
+            p.requires_grad_(False)
+
+    def pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """(1, 1 + h w, D): the position embedding for an h x w patch grid."""
+        pe = self.vit.encoder.pos_embedding  # (1, 1 + g g, D)
+        g = self.grid
+        if (h, w) == (g, g):
+            return pe
+        grid = pe[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pe.dtype)
+        return torch.cat([pe[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C, H, W) -> ((B, 1 + h w, D) tokens after the final LayerNorm, CLS first; h; w)."""
+        v = self.vit
+        x = v.conv_proj(x)  # (B, D, h, w)
+        b, _, h, w = x.shape
+        x = torch.cat([v.class_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 1 + h w, D)
+        x = v.encoder.dropout(x + self.pos_embed(h, w))
+        for block, tap in zip(v.encoder.layers, self.blocks):
+            x = block(x)
+            tap(x[:, 1:].transpose(1, 2).unflatten(2, (h, w)))  # probe point: (B, D, h, w)
+        return v.encoder.ln(x), h, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
+        return self.tokens(x)[0][:, 0]  # the CLS token after the final LayerNorm
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D, H / patch, W / patch): the patch tokens after the final LayerNorm as one
+        stride-``patch`` map (a plain single-scale detection backbone, as ViTDet's simplest)."""
+        t, h, w = self.tokens(x)
+        return t[:, 1:].transpose(1, 2).unflatten(2, (h, w))
+
+
+def vit_trunk(net: nn.Module) -> ViT | None:
+    """The ``ViT`` of a ``Backbone`` (or a bare trunk), None for the conv nets."""
+    t = getattr(net, "trunk", net)
+    return t if isinstance(t, ViT) else None
+
+
 class Backbone(nn.Module):
     """Optional input adapter (colourisation's L channel) + optional Sobel front end + trunk;
     ``out_dim`` and ``relu_head`` describe the output, ``in_channels`` the input it takes."""
 
     def __init__(self, trunk: nn.Module, out_dim: int, sobel: nn.Module | None, relu_head: bool,
-                 adapter: nn.Module | None = None, adapter_spec: dict[str, Any] | None = None):
+                 adapter: nn.Module | None = None, adapter_spec: dict[str, Any] | None = None,
+                 name: str = "", image_size: int | None = None):
         super().__init__()
         self.adapter = adapter
         self.adapter_spec = adapter_spec
@@ -182,6 +288,10 @@ class Backbone(nn.Module):
         self.trunk = trunk
         self.out_dim = out_dim
         self.relu_head = relu_head
+        # what save_backbone records to rebuild it: the backbone name, and for a ViT the image side its
+        # position embedding was built for (None for the conv nets, which take any size)
+        self.arch_name = name
+        self.image_size = image_size
 
     def front(self) -> list[nn.Module]:
         """The fixed modules before the trunk, in order (adapter, Sobel)."""
@@ -218,17 +328,20 @@ def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, i
 
 
 def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size: int | None = None,
-                   adapter: dict[str, Any] | None = None) -> Backbone:
-    """Build a backbone by name; ``image_size`` (min side) is checked against what it accepts;
-    ``adapter``: an input adapter spec (``ADAPTERS``), e.g. colourisation's L channel."""
+                   adapter: dict[str, Any] | None = None, key: str = "model.backbone") -> Backbone:
+    """Build a backbone by name; ``image_size`` (min side) is checked against what it accepts (a ViT's
+    position embedding is built for it; None: the ViT's default side, ``VITS``); ``adapter``: an input
+    adapter spec (``ADAPTERS``), e.g. colourisation's L channel; ``key``: the params key errors name
+    (``<method>.backbone`` for a method's own backbone)."""
     if name not in MIN_SIZE:
-        raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(MIN_SIZE)}")
+        raise ValueError(f"{key}: unknown backbone {name!r}; choose one of {', '.join(MIN_SIZE)}")
     if image_size is not None and image_size < MIN_SIZE[name]:
-        raise ValueError(f"model.backbone: {name} needs images of at least {MIN_SIZE[name]} px, got {image_size}")
+        raise ValueError(f"{key}: {name} needs images of at least {MIN_SIZE[name]} px, got {image_size}")
     adapt, in_channels = build_adapter(adapter, in_channels)
     front = Sobel(in_channels) if sobel else None
     c = 2 if sobel else in_channels
     relu_head = False
+    vit_side = None
     if name == "smallcnn":
         trunk: nn.Module = SmallCNN(c)
         dim = trunk.out_dim
@@ -238,19 +351,29 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
     elif name == "alexnet_bn":
         trunk = AlexNetBN(c)
         dim, relu_head = trunk.out_dim, True
+    elif name in VITS:
+        patch, width, depth, heads, mlp_dim, default_side = VITS[name]
+        trunk = ViT(c, patch, width, depth, heads, mlp_dim, image_size or default_side)
+        dim, vit_side = trunk.out_dim, trunk.image_size
     else:
         trunk, dim = _resnet(name.replace("_cifar", ""), c, cifar_stem=name.endswith("_cifar"))
-    return Backbone(trunk, dim, front, relu_head, adapt, adapter)
+    return Backbone(trunk, dim, front, relu_head, adapt, adapter, name=name, image_size=vit_side)
 
 
 def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
     """A method's backbone weights + what rebuilds its architecture (no method code needed to load)."""
     head = method.eval_head()
     t = getattr(method.cfg, "temperature", None)
+    enc = method.encoder()
+    # the name the encoder was built with (a method's own ``<m>.backbone`` or model.backbone)
+    name = getattr(enc, "arch_name", "") or getattr(method.cfg, "backbone", "") or cfg.model.backbone
+    arch = {"name": name, "sobel": bool(getattr(method.cfg, "sobel", False)),
+            "in_channels": meta["channels"], "adapter": getattr(enc, "adapter_spec", None)}
+    if getattr(enc, "image_size", None):  # a ViT: the side its position embedding was built for
+        arch["image_size"] = int(enc.image_size)
     save_torch(path, {
-        "backbone": {k: v.cpu() for k, v in method.encoder().state_dict().items()},
-        "arch": {"name": cfg.model.backbone, "sobel": bool(getattr(method.cfg, "sobel", False)),
-                 "in_channels": meta["channels"], "adapter": getattr(method.encoder(), "adapter_spec", None)},
+        "backbone": {k: v.cpu() for k, v in enc.state_dict().items()},
+        "arch": arch,
         "method": method.name,
         # the paper protocol's features (``EvalHead``) and the training temperature its kNN uses
         "eval_head": None if head is None else {"spec": head.spec,
@@ -264,7 +387,8 @@ def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
     ck = load_torch(path)
     try:
         a = ck["arch"]
-        net = build_backbone(a["name"], a["in_channels"], a["sobel"], adapter=a.get("adapter"))
+        net = build_backbone(a["name"], a["in_channels"], a["sobel"], image_size=a.get("image_size"),
+                             adapter=a.get("adapter"))
         net.load_state_dict(ck["backbone"])
     except (KeyError, RuntimeError, TypeError, IndexError) as e:  # TypeError / IndexError: not a dict at all
         raise InputError(f"{path}: not a backbone file of this version ({e})") from e

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 
 from selfsup.io import InputError, read_json  # noqa: E402
 
-STAGES = ("pretrain", "extract", "cluster", "knn", "linear", "voc")
+STAGES = ("pretrain", "extract", "cluster", "knn", "linear", "finetune", "voc")
 
 
 def collect(metrics_dir: Path, methods: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -28,7 +28,7 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         knn, lin, clu, pre = st["knn"], st["linear"], st["cluster"], st["pretrain"]
         ks = knn_ks or sorted({int(k.split("_")[0][1:]) for k in knn if k.startswith("k") and k.endswith("_top1")},
                               reverse=True)
-        row: dict[str, Any] = {"method": m}
+        row: dict[str, Any] = {"method": m, "backbone": pre.get("backbone", "")}
         for k in ks:
             row[f"knn{k}_top1"] = knn.get(f"k{k}_top1", math.nan)
         row["knn_top5"] = knn.get(f"k{ks[0]}_top5", math.nan) if ks else math.nan
@@ -37,6 +37,7 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["knn_paper_protocol"] = knn.get("paper_protocol", "")
         row["linear_top1"] = lin.get("top1", math.nan)
         row["svm_top1"] = lin.get("svm_top1", math.nan)
+        row["finetune_top1"] = st.get("finetune", {}).get("top1", math.nan)  # end-to-end fine-tuning
         for layer, r in (lin.get("probes") or {}).get("layers", {}).items():  # per-layer probes, when run
             row[f"probe_{layer}_top1"] = r.get("top1", math.nan)
         row["nmi"] = clu.get("nmi", math.nan)
@@ -56,6 +57,8 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["skipped"] = pre.get("skipped", "")
         rows.append(row)
     table = pd.DataFrame(rows).set_index("method")
+    if table["backbone"].nunique() <= 1:  # one backbone for all: the notes name it
+        table = table.drop(columns="backbone")
     return table if table["skipped"].any() else table.drop(columns="skipped")
 
 
@@ -151,7 +154,7 @@ PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 # which of our columns meets a published number of each protocol / metric
 OURS_FOR = {("knn", "top1"): "knn_paper_top1", ("linear", "top1"): "linear_top1",
             ("linear_svm", "top1"): "svm_top1", ("linear_per_layer", "top1"): "linear_top1",
-            ("finetune", "top1"): "linear_top1", ("detection", "ap50"): "voc_ap50",
+            ("finetune", "top1"): "finetune_top1", ("detection", "ap50"): "voc_ap50",
             ("detection", "ap"): "voc_ap", ("detection", "ap75"): "voc_ap75"}
 
 

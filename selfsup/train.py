@@ -87,9 +87,12 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
     if up is not None and not Path(up).is_file():
         raise InputError(f"{up}: upstream encoder of {name} (methods.{name}) not found")
     torch.manual_seed(derive_seed(cfg.seed, "backbone-init"))
+    own = getattr(mcfg, "backbone", "")  # the method's own backbone (<m>.backbone), else model.backbone
     try:
-        backbone = build_backbone(cfg.model.backbone, data.meta["channels"], bool(getattr(mcfg, "sobel", False)),
-                                  train_image_size(cfg, data), adapter=cls.input_adapter(mcfg, data.meta))
+        backbone = build_backbone(own or cfg.model.backbone, data.meta["channels"],
+                                  bool(getattr(mcfg, "sobel", False)), train_image_size(cfg, data),
+                                  adapter=cls.input_adapter(mcfg, data.meta),
+                                  key=f"{name}.backbone" if own else "model.backbone")
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cls.validate(mcfg, data, backbone.out_dim)

@@ -42,6 +42,7 @@ with atomic_path(P.history(name)) as tmp:
 final = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
 write_json(P.metrics("pretrain", name), {
     "epochs": len(history),
+    "backbone": method.backbone.arch_name,  # <m>.backbone or model.backbone: the report names it per row
     # sum over epochs, so a resumed run reports its total training time, not just the tail
     "seconds": float(hist["seconds"].sum()) if history else time.perf_counter() - t0,
     **{f"final_{k}": v for k, v in final.items()},

@@ -21,18 +21,24 @@ published = load_paper_results()
 table = paper_columns(results_table(allm, cfg.knn.k), cfg.report.paper, cfg.report.paper_note, published)
 probes = probes_table(allm, cfg.report.paper, published)
 notes = [
-    f"Dataset: {cfg.dataset.name}, backbone: {cfg.model.backbone}; test-split numbers except NMI/ARI/cluster_acc.",
+    f"Dataset: {cfg.dataset.name}, backbone: {cfg.model.backbone}"
+    + ("" if "backbone" not in table else " (the backbone column names the methods' own, <method>.backbone)")
+    + "; test-split numbers except NMI/ARI/cluster_acc.",
     f"knn<k>_top1: weighted kNN (cosine, votes exp(sim/{cfg.knn.temperature})), k capped at the training-set size;"
     " knn_top5 for the first k. knn_paper_top1: the method's own paper protocol (knn_paper_protocol), where set.",
     "paper / ours / diff: the published number (paper_protocol: its protocol, backbone and setting; "
     "UNVERIFIED: not checked against the paper's text; paper_source: table, row, column) beside ours under the "
-    "same protocol (knn: knn_paper_top1; linear SVM: svm_top1; linear, per-layer and fine-tune rows: linear_top1, "
-    "the frozen-feature probe on the final features), diff = ours - paper; where no paper reports the setting, "
+    "same protocol (knn: knn_paper_top1; linear SVM: svm_top1; linear and per-layer rows: linear_top1, "
+    "the frozen-feature probe on the final features; fine-tune rows: finetune_top1), diff = ours - paper; where no "
+    "paper reports the setting, "
     "paper_protocol says why.",
     "pretext_acc: a pretext method's accuracy on its own task (RotNet: the rotation), on the last epoch's "
     "training batches.",
     f"svm_top1: linear SVM (LinearSVC, C = {cfg.svm.c}) on the L2-normalised final features.",
     f"linear_top1: linear probe on frozen features, {cfg.linear.epochs} epochs, fixed schedule, no model selection.",
+    f"finetune_top1: the whole encoder + a linear classifier fine-tuned on the labelled training split "
+    f"({cfg.finetune.epochs} epochs, {cfg.finetune.optimizer}, layer decay {cfg.finetune.layer_decay} on ViTs)"
+    + ("" if cfg.finetune.enabled else " (off: finetune.enabled is false)") + ".",
     "nmi/ari/cluster_acc: k-means (k = "
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
 ]

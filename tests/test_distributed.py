@@ -17,7 +17,8 @@ from torch import nn
 from conftest import ROOT, make_cfg
 from distributed import run_ranks
 
-METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "byol", "simsiam", "supervised",
+METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "byol", "simsiam", "swav",
+           "deepclusterv2", "supervised",
            "random"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())  # the digits defaults of each method
 

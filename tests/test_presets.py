@@ -12,7 +12,7 @@ from selfsup.config import ConfigError, load_config
 from selfsup.report import OURS_FOR, load_paper_results, paper_columns
 
 METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "relloc",
-           "colorization", "byol", "simsiam", "random",
+           "colorization", "byol", "simsiam", "swav", "deepclusterv2", "random",
            "supervised")
 IMAGENET = ("deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
             "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")
@@ -42,7 +42,8 @@ def test_smoke_keeps_the_presets_own_keys():
     p = presets.smoke_params("moco_v2_imagenet")
     assert p["moco"]["queue_size"] == presets.SMOKE_CAPS["queue_size"]  # capped: 16 images
     assert p["moco"]["m"] == 0.999 and p["moco"]["blur_p"] == 0.5 and p["model"]["backbone"] == "resnet50"
-    assert p["dataset"]["crop_size"] == 224 and list(p["methods"]) == ["moco"]
+    assert p["dataset"]["crop_size"] == presets.SMOKE_SIDE and p["dataset"]["resize_size"] == 73  # 224 / 256 scaled
+    assert list(p["methods"]) == ["moco"]
 
 
 def test_apply_writes_the_preset_and_keeps_the_comments(tmp_path):

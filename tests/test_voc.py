@@ -191,7 +191,8 @@ def test_run_voc_end_to_end_on_a_tiny_embedded_set(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in out["history"])
 
 
-@pytest.mark.parametrize("name, arch", [("resnet18", "c4"), ("resnet18", "fpn"), ("nin", "c4"), ("smallcnn", "c4")])
+@pytest.mark.parametrize("name, arch", [("resnet18", "c4"), ("resnet18", "fpn"), ("nin", "c4"), ("smallcnn", "c4"),
+                                        ("vit_digits", "c4")])
 def test_detectors_build_and_train_a_step(name, arch):
     cfg = build(VocCfg, {"arch": arch, "min_size": 64, "max_size": 64, "rpn_proposals": [50, 20]}, "voc")
     model = build_detector(build_backbone(name, 3), 3, cfg, [0.5] * 3, [0.25] * 3)

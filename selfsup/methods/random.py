@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfsup.config import BACKBONES, one_of
 from selfsup.methods import register
 from selfsup.methods.base import Method
 
@@ -10,9 +11,11 @@ from selfsup.methods.base import Method
 @dataclass
 class RandomCfg:
     sobel: bool = False  # the Sobel front end of the method this baseline stands beside
+    backbone: str = ""  # "" = model.backbone; the baseline of methods that set their own (random_vit)
 
     def check(self, p: str) -> None:
-        pass
+        if self.backbone:
+            one_of(p, "backbone", self.backbone, BACKBONES)
 
 
 @register

@@ -1,0 +1,285 @@
+"""DINO: self-distillation with no labels (Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin;
+ICCV 2021), as the paper (sec. 3, Algorithm 1, appendix) and the official code (facebookresearch/dino
+``main_dino.py``, ``vision_transformer.DINOHead``, ``utils``) do it.
+
+- Student g_s = backbone + ``DINOHead`` (``selfsup.heads``: 3-layer MLP, hidden 2048, GELU, bottleneck
+  256, L2 normalisation, a weight-normalised bias-free last layer to K = ``out_dim`` 65536 whose norm is
+  fixed to 1 with ``norm_last_layer``). Teacher g_t: the same network, starting as a copy of the student,
+  never optimised, updated after each optimiser step as an exponential moving average of the student,
+  theta_t <- l theta_t + (1 - l) theta_s, with l following a cosine from ``momentum_teacher`` (0.996) to
+  1 over the run's optimiser steps (``selfsup.momentum.cosine_momentum``, the official
+  ``cosine_scheduler(momentum_teacher, 1, epochs, iters)``); the step counter is a buffer, so a resumed
+  run continues the schedule exactly.
+- Multi-crop (sec. 3.1): 2 global views (``crop_scale`` 0.4-1, the dataset's view side; view 1 blur p 1,
+  view 2 blur p 0.1 + solarisation p 0.2) and ``local_crops`` local ones (``local_size`` px, scale
+  ``local_scale`` 0.05-0.4, blur p 0.5); flip, colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8 and grayscale
+  0.2 for all. The student sees every view, the teacher only the global ones. Views of one size go
+  through the backbone together, then the head runs on all of them at once (the official
+  ``MultiCropWrapper``: batch-norm statistics per resolution).
+- Loss (Algorithm 1): for each teacher global view i and student view v != i, the cross-entropy
+  H(P_t, P_s) = -sum_k softmax((t - C) / tau_t)_k log softmax(s / tau_s)_k, averaged over the batch,
+  then over the 2 (V - 1) pairs (``dino_loss``); tau_s ``student_temp`` 0.1; tau_t warms up linearly from
+  ``warmup_teacher_temp`` (0.04) to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs, then
+  stays (``teacher_temperature``: the official per-epoch ``np.linspace`` schedule).
+- Centring (sec. 3.1, eq. 4): the centre C (a buffer) follows C <- m C + (1 - m) mean of the teacher
+  outputs over the global batch of all ranks (``batch_centre`` all-reduces the sum), m
+  ``center_momentum`` 0.9, after each batch with that batch's teacher outputs (``update_centre``).
+- The last layer is frozen during the first ``freeze_last_layer`` epochs (official 1): the official code
+  drops its gradients before each optimiser step; the loop here owns the step, so the method puts the
+  last layer back to its frozen value right after each step of those epochs (the same weights; DDP
+  still sees a gradient, so the ranks stay in step) and clears its optimiser state when it is released
+  (the official optimiser has none for it at that point).
+- The saved encoder is the TEACHER's backbone (sec. 3: the teacher performs better and is what the
+  paper evaluates; the official kNN / linear evaluations load ``checkpoint_key teacher``); ``backbone``
+  is the student, the one the optimiser trains.
+
+Official ImageNet (ViT-S/16, main_dino.py and its README): 64 images per GPU (the README's 100-epoch
+run: 8 GPUs, batch 512; its "boosted" 300-epoch run: 16 GPUs), AdamW, lr 0.0005 x batch/256 after 10
+linear warm-up epochs then cosine to 1e-6, weight decay cosine 0.04 -> 0.4, gradient clipping 3.0 (per
+parameter), 100 epochs (300-800 for the released models), teacher_temp 0.04 (0.07 after 30 warm-up epochs
+and norm_last_layer false in the boosted ViT-S run), fp16. ResNet-50: SGD lr 0.03, weight decay 1e-4, global crops
+0.14-1, local 0.05-0.14. Differences here: the weight decay is constant (the loop has no weight-decay
+schedule), gradient clipping is on the global norm (``clip_grad``), and the ViTs have no stochastic
+depth (torchvision's ``VisionTransformer``; the official student has drop path 0.1).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup import dist
+from selfsup.augment import ViewSpec
+from selfsup.config import ConfigError, TrainCfg, non_negative, positive
+from selfsup.heads import DINOHead
+from selfsup.methods import register
+from selfsup.methods.base import (
+    Batch,
+    EpochPlan,
+    Method,
+    StepOut,
+    TrainContext,
+    view_spec,
+)
+from selfsup.momentum import cosine_momentum, ema_update
+
+
+# --------------------------------------------------------------------------- pure functions
+def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
+    """The teacher temperature of (0-based) ``epoch``: ``warmup_epochs`` values from ``warmup_temp`` to
+    ``temp`` evenly spaced, both ends included (``np.linspace``), then ``temp`` (the official
+    ``teacher_temp_schedule``)."""
+    if epoch >= warmup_epochs:
+        return temp
+    if warmup_epochs == 1:
+        return warmup_temp
+    return warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor, student_temp: float,
+              teacher_temp: float, n_global: int = 2) -> torch.Tensor:
+    """DINO's loss. ``student``: (V B, K) outputs of the V views, view by view (the ``n_global`` global
+    ones first); ``teacher``: (n_global B, K) outputs of the global views; ``centre``: (1, K) or (K,).
+    The mean over the pairs (teacher view i, student view v != i) of the batch-averaged cross-entropy
+    between softmax((teacher_i - centre) / teacher_temp) (no gradient) and softmax(student_v / student_temp)."""
+    b = len(teacher) // n_global
+    v = len(student) // b
+    t = F.softmax((teacher.detach().float() - centre.float()) / teacher_temp, dim=-1).chunk(n_global)
+    logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(v)
+    total, terms = student.new_zeros((), dtype=torch.float32), 0
+    for i, q in enumerate(t):
+        for j, lp in enumerate(logp):
+            if i != j:  # not the view the teacher saw
+                total = total - (q * lp).sum(-1).mean()
+                terms += 1
+    return total / terms
+
+
+@torch.no_grad()
+def batch_centre(teacher: torch.Tensor) -> torch.Tensor:
+    """(1, K): the mean of the teacher outputs over the global batch (all ranks: a summed all-reduce)."""
+    s = teacher.detach().float().sum(0, keepdim=True)
+    dist.all_reduce(s)
+    return s / (len(teacher) * dist.world())
+
+
+@torch.no_grad()
+def update_centre(centre: torch.Tensor, batch_mean: torch.Tensor, m: float) -> torch.Tensor:
+    """C <- m C + (1 - m) batch_mean (a new tensor)."""
+    return centre * m + batch_mean * (1.0 - m)
+
+
+def multi_crop(net: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """``net`` on every view, consecutive views of one size as one batch (the official
+    ``MultiCropWrapper``); (sum of the views' batches, D) in view order."""
+    out, i = [], 0
+    while i < len(views):
+        j = i + 1
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        out.append(net(torch.cat(views[i:j]) if j - i > 1 else views[i]))
+        i = j
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class DINOCfg(TrainCfg):
+    # official ViT-S/16 defaults (main_dino.py; batch 64 per GPU)
+    epochs: int = 100
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 0.0005
+    lr_scaling: str = "linear"  # lr x batch / 256
+    lr_schedule: str = "cosine"
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04  # official: cosine 0.04 -> 0.4 (constant here)
+    exclude_norm_bias: bool = True
+    clip_grad: float = 3.0  # official: per parameter; here on the global norm
+    augment: str = "crop_flip"
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # global crops
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0  # global view 1
+    solarize_p: float = 0.0
+    blur_p2: float = 0.1  # global view 2
+    solarize_p2: float = 0.2
+    global_size: int = 0  # side of the global views; 0: the dataset's view side (224)
+    local_crops: int = 8  # 0: no multi-crop (official advice: global crop_scale [0.14, 1] then)
+    local_size: int = 96
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_blur_p: float = 0.5
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    head_bn: bool = False  # official use_bn_in_head
+    norm_last_layer: bool = True
+    freeze_last_layer: int = 1  # epochs
+    momentum_teacher: float = 0.996
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30  # main_dino.py's help text (its argparse default is 0)
+    center_momentum: float = 0.9
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "student_temp",
+                 "teacher_temp", "warmup_teacher_temp")
+        non_negative(p, self, "global_size", "local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs")
+        if self.local_crops and self.local_size <= 0:
+            raise ConfigError(f"{p}.local_size: local crops need a side > 0, got {self.local_size}")
+        lo_hi = self.local_scale
+        if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+            raise ConfigError(f"{p}.local_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
+        for k in ("blur_p2", "solarize_p2", "local_blur_p"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{p}.{k}: a probability in [0, 1], got {getattr(self, k)}")
+        for k in ("momentum_teacher", "center_momentum"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{p}.{k}: a decay in [0, 1], got {getattr(self, k)}")
+        if self.warmup_teacher_temp_epochs > self.epochs:
+            raise ConfigError(f"{p}.warmup_teacher_temp_epochs: {self.warmup_teacher_temp_epochs} above "
+                              f"epochs ({self.epochs})")
+
+
+# --------------------------------------------------------------------------- method
+@register
+class DINO(Method):
+    name = "dino"
+    Config = DINOCfg
+
+    def __init__(self, backbone: Any, cfg: DINOCfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        c = cfg
+        self.head = DINOHead(backbone.out_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers, c.head_bn,
+                             c.norm_last_layer)
+        # the teacher starts as a copy of the student (official: load_state_dict), never optimised
+        self.teacher_backbone = copy.deepcopy(self.backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, c.out_dim))
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the current epoch (0-based)
+        self.total_steps = 0  # set from the loop's context
+        self._pending: torch.Tensor | None = None  # this batch's teacher mean, for the centre
+        self._frozen: list[torch.Tensor] | None = None  # the last layer's values while it is frozen
+
+    # ------------------------------------------------------------------ views, schedule
+    def view_specs(self) -> list[ViewSpec]:
+        c = self.cfg
+        g1 = dataclasses.replace(view_spec(c), size=c.global_size)
+        specs = [g1, dataclasses.replace(g1, blur_p=c.blur_p2, solarize_p=c.solarize_p2)]
+        if c.local_crops:
+            specs.append(dataclasses.replace(g1, count=c.local_crops, size=c.local_size, scale=tuple(c.local_scale),
+                                             blur_p=c.local_blur_p, solarize_p=0.0))
+        return specs
+
+    def last_layer_params(self) -> list[nn.Parameter]:
+        return [p for p in self.head.last_layer.parameters() if p.requires_grad]
+
+    def _hold_last_layer(self) -> None:
+        frozen = int(self.epoch) < self.cfg.freeze_last_layer
+        self._frozen = [p.detach().clone() for p in self.last_layer_params()] if frozen else None
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+        self.total_steps = ctx.total_steps
+        self.epoch.fill_(epoch)
+        if epoch == self.cfg.freeze_last_layer > 0 and ctx.reset_optimizer_state is not None:
+            ctx.reset_optimizer_state(self.last_layer_params())  # released: it starts without optimiser state
+        self._hold_last_layer()
+        return EpochPlan()
+
+    def on_resume(self, ctx: TrainContext) -> None:
+        self.total_steps = ctx.total_steps
+        self._hold_last_layer()  # resumed inside a frozen epoch: its values are the frozen ones
+
+    def momentum(self) -> float:
+        return cosine_momentum(self.cfg.momentum_teacher, int(self.ema_step), self.total_steps)
+
+    def teacher_temp(self) -> float:
+        c = self.cfg
+        return teacher_temperature(int(self.epoch), c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Batch) -> StepOut:
+        c = self.cfg
+        views = batch.views  # 2 global (B, C, S, S), then the local ones (B, C, s, s)
+        s = self.head(multi_crop(self.backbone, views))  # (V B, K)
+        with torch.no_grad():
+            t = self.teacher_head(multi_crop(self.teacher_backbone, views[:2])).float()  # (2 B, K)
+        tt = self.teacher_temp()
+        loss = dino_loss(s, t, self.center, c.student_temp, tt)
+        self._pending = batch_centre(t)
+        with torch.no_grad():
+            p = F.softmax((t - self.center) / tt, dim=-1)
+            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()  # low: collapse to one dimension
+        return StepOut(loss, {"teacher_temp": torch.tensor(tt, device=loss.device),
+                              "momentum": torch.tensor(self.momentum(), device=loss.device),
+                              "teacher_entropy": entropy})
+
+    @torch.no_grad()
+    def on_after_step(self, stepped: bool) -> None:
+        if stepped:
+            if self._frozen is not None:  # the last layer is frozen this epoch: undo the step on it
+                for p, v in zip(self.last_layer_params(), self._frozen):
+                    p.copy_(v)
+            m = self.momentum()  # the student changed: the teacher follows with this step's momentum
+            ema_update(self.teacher_backbone, self.backbone, m)
+            ema_update(self.teacher_head, self.head, m)
+            self.ema_step += 1
+        if self._pending is not None:
+            self.center.copy_(update_centre(self.center, self._pending, self.cfg.center_momentum))
+        self._pending = None
+
+    def encoder(self) -> nn.Module:
+        return self.teacher_backbone

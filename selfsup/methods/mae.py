@@ -1,0 +1,237 @@
+"""MAE (He, Chen, Xie, Li, Dollár, Girshick, "Masked Autoencoders Are Scalable Vision Learners",
+CVPR 2022): mask a random 75 % of a ViT's patches, encode only the visible ones, and let a light
+decoder reconstruct the pixels of the masked ones (sec. 3).
+
+- Masking (sec. 3 "Masking"): per image a uniform random subset (``selfsup.masking.random_mask``,
+  drawn from the loop's seeded RNG, so a resumed run draws the same masks).
+- Encoder (sec. 3 "MAE encoder"): the backbone's ViT on the visible patches only, with their position
+  embeddings and the CLS token (the official code keeps the CLS token as a dummy during
+  pre-training; it is what our evaluations read afterwards), its blocks and final LayerNorm.
+- Decoder (sec. 3 "MAE decoder"): Linear to ``decoder_dim``, a shared learned mask token at the masked
+  positions, fixed 2-D sin-cos position embeddings (official ``get_2d_sincos_pos_embed``), ``decoder_depth``
+  transformer blocks (torchvision's ``EncoderBlock``: pre-norm, GELU MLP of ``decoder_mlp``), LayerNorm,
+  and a Linear to the p x p x C pixels of each patch. Paper sizes (Table 1a/b): 512-d, 8 blocks, 16
+  heads; the decoder exists only for pre-training (not saved with the encoder).
+- Target and loss (sec. 3 "Reconstruction target"): the patch's pixels, normalised by the patch's own
+  mean and variance with ``norm_pix_loss`` (the official default for the paper's best numbers, Table
+  1c), mean squared error over the masked patches only.
+- Differences from the official code: the encoder's position embedding is torchvision's learned one
+  (official: fixed sin-cos), no qkv bias / init details of timm's blocks; said in the README.
+- Official ImageNet pre-training (``main_pretrain.py``, PRETRAIN.md): ViT-B/16 (or L / H), AdamW with
+  base lr 1.5e-4 x batch / 256 (batch 4096: 2.4e-3), betas (0.9, 0.95), weight decay 0.05, 40 warm-up
+  epochs then cosine, 800 or 1600 epochs, random resized crop scale (0.2, 1) + flip only.
+- Pictures (``reports/mae.png``): test images masked, reconstructed (the visible patches pasted over the
+  prediction, as the paper's Fig. 2) and the originals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.config import ConfigError, TrainCfg, positive
+from selfsup.masking import patchify, random_mask, unpatchify
+from selfsup.methods import register
+from selfsup.methods.base import Batch, Method, StepOut
+
+
+@dataclass
+class MAECfg(TrainCfg):
+    optimizer: str = "adamw"
+    lr: float = 1.5e-4  # the base lr at batch 256 (lr_scaling linear)
+    lr_scaling: str = "linear"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    exclude_norm_bias: bool = True
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 40.0
+    augment: str = "crop_flip"
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    decoder_mlp: int = 2048
+    norm_pix_loss: bool = True
+    picture_images: int = 8  # test images in reports/mae.png
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp", "picture_images")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"{p}.mask_ratio: need 0 < mask_ratio < 1, got {self.mask_ratio}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(f"{p}.decoder_heads: {self.decoder_heads} must divide decoder_dim {self.decoder_dim}")
+
+
+def sincos_pos_embed(dim: int, h: int, w: int, cls: bool = True) -> torch.Tensor:
+    """(1 + h w, dim) fixed 2-D sin-cos position embedding (MAE's ``get_2d_sincos_pos_embed``: half the
+    channels encode the row, half the column, each as sin / cos of 1 / 10000^(2i / (dim / 2)); a zero
+    row for the CLS token)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:  # (h w,) -> (h w, dim/2)
+        out = pos.flatten()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+
+    # official order: the first half from the grid's w coordinate, the second from h
+    emb = torch.cat([enc(gx), enc(gy)], 1).float()  # (h w, dim)
+    return torch.cat([torch.zeros(1, dim), emb]) if cls else emb
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Mean over masked patches of the per-patch mean squared error; ``pred`` / ``target`` (B, N, p p C),
+    ``mask`` (B, N) 1 = masked. ``norm_pix``: the target normalised per patch, (t - mean) / sqrt(var + 1e-6)
+    (unbiased variance, as torch's ``var`` in the official code)."""
+    if norm_pix:
+        mean = target.mean(-1, keepdim=True)
+        var = target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+@register
+class MAE(Method):
+    name = "mae"
+    Config = MAECfg
+    pictures: ClassVar[tuple[str, ...]] = ("mae.png",)
+
+    def __init__(self, backbone: Any, cfg: MAECfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        from selfsup.models import vit_trunk
+
+        vit = vit_trunk(backbone)
+        if vit is None:
+            raise ConfigError(f"{self.name}.backbone: MAE needs a Vision Transformer (vit_digits, vit_small, "
+                              f"vit_base, ...), got {type(backbone.trunk).__name__}")
+        if backbone.front():
+            raise ConfigError(f"{self.name}.sobel: MAE reconstructs the input pixels; a fixed front end is not "
+                              "supported")
+        d, dd = vit.out_dim, cfg.decoder_dim
+        self.patch = vit.patch
+        self.channels = vit.patch_embed.in_channels
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        nn.init.normal_(self.mask_token, std=0.02)  # official: normal, std 0.02
+        self.decoder_blocks = nn.Sequential(*[
+            EncoderBlock(cfg.decoder_heads, dd, cfg.decoder_mlp, dropout=0.0, attention_dropout=0.0)
+            for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(dd, self.patch ** 2 * self.channels)
+        self.register_buffer("mean", torch.zeros(self.channels, 1, 1), persistent=False)  # for the pictures
+        self.register_buffer("std", torch.ones(self.channels, 1, 1), persistent=False)
+
+    @classmethod
+    def from_data(cls, backbone: Any, cfg: Any, data: Any) -> "MAE":
+        m = cls(backbone, cfg, data.num_classes)
+        m.mean.copy_(torch.tensor(data.meta["mean"], dtype=torch.float32).view(-1, 1, 1))
+        m.std.copy_(torch.tensor(data.meta["std"], dtype=torch.float32).view(-1, 1, 1))
+        return m
+
+    # ------------------------------------------------------------------ the model
+    def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C, H, W), ids_keep (B, K) -> (latent (B, 1 + K, D) after the final norm, h, w)."""
+        vit = self.backbone.trunk
+        v = vit.vit
+        t = v.conv_proj(x)  # (B, D, h, w)
+        b, d, h, w = t.shape
+        pe = vit.pos_embed(h, w)  # (1, 1 + h w, D)
+        t = t.flatten(2).transpose(1, 2) + pe[:, 1:]  # (B, N, D)
+        t = t.gather(1, ids_keep[..., None].expand(-1, -1, d))  # (B, K, D): the visible patches only
+        cls = v.class_token + pe[:, :1]  # (1, 1, D)
+        t = torch.cat([cls.expand(b, -1, -1), t], 1)  # (B, 1 + K, D)
+        t = v.encoder.dropout(t)
+        for block in v.encoder.layers:
+            t = block(t)
+        return v.encoder.ln(t), h, w
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """latent (B, 1 + K, D), ids_restore (B, N) -> (B, N, p p C) predicted pixels of every patch."""
+        t = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        b, k1, dd = t.shape
+        n = ids_restore.shape[1]
+        masked = self.mask_token.expand(b, n + 1 - k1, -1)  # (B, N - K, Dd)
+        seq = torch.cat([t[:, 1:], masked], 1)  # (B, N, Dd) in shuffled order
+        seq = seq.gather(1, ids_restore[..., None].expand(-1, -1, dd))  # back in the patches' order
+        seq = torch.cat([t[:, :1], seq], 1)  # (B, 1 + N, Dd)
+        seq = seq + sincos_pos_embed(dd, h, w).to(seq)[None]
+        seq = self.decoder_norm(self.decoder_blocks(seq))
+        return self.decoder_pred(seq[:, 1:])  # (B, N, p p C)
+
+    def reconstruct(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pred (B, N, p p C), target patches (B, N, p p C), mask (B, N)) for views ``x``."""
+        p = self.patch
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        ids_keep, mask, ids_restore = random_mask(len(x), h * w, self.cfg.mask_ratio, g, x.device)
+        latent, h, w = self.encode(x, ids_keep)
+        return self.decode(latent, ids_restore, h, w), patchify(x, p), mask
+
+    def forward(self, batch: Batch) -> StepOut:
+        x = batch.x  # (B, C, H, W)
+        # the masks from the loop's RNG (seeded per run, epoch, batch and rank): resumable
+        g = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        pred, target, mask = self.reconstruct(x, g)
+        loss = mae_loss(pred.float(), target.float(), mask, self.cfg.norm_pix_loss)
+        return StepOut(loss, {"masked": mask.mean()})
+
+    # ------------------------------------------------------------------ pictures
+    @torch.no_grad()
+    def render_pictures(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """(N, C, S, S) normalised test images -> {"mae.png": uint8 (3S', N S', 3)}: rows are the masked
+        inputs (masked patches grey), the reconstructions with the visible patches pasted in, and the
+        originals; S' = the patch grid's side. With ``norm_pix_loss`` the predicted patches are mapped
+        back with the true patch's mean and variance (the official visualisation does the same)."""
+        was = self.training
+        self.eval()
+        p, c = self.patch, self.channels
+        h, w = images.shape[-2] // p, images.shape[-1] // p
+        x = images[..., :h * p, :w * p].float()
+        pred, target, mask = self.reconstruct(x, torch.Generator().manual_seed(0))
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        m = mask[..., None]  # (N, n, 1)
+        masked = unpatchify(target * (1 - m), p, c, h, w)
+        recon = unpatchify(target * (1 - m) + pred * m, p, c, h, w)
+        rows = []
+        for r in (masked, recon, x):
+            img = (r * self.std + self.mean).clamp(0, 1)  # (N, C, S, S) in [0, 1]
+            if c == 1:
+                img = img.expand(-1, 3, -1, -1)
+            rows.append(torch.cat(list(img), dim=2))  # (3, S, N S)
+        grey = unpatchify((1 - m).expand_as(target), p, c, h, w)[:, :1].expand(-1, 3, -1, -1)  # 1 visible
+        rows[0] = torch.where(torch.cat(list(grey), dim=2) > 0, rows[0], torch.full_like(rows[0], 0.5))
+        self.train(was)
+        grid = torch.cat(rows, dim=1).permute(1, 2, 0)  # (3S, N S, 3)
+        return {"mae.png": (grid * 255).round().byte().cpu().numpy()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """MAE's ``param_groups_weight_decay``: no weight decay on biases, norms, the CLS and mask tokens
+        and the position embedding."""
+        from selfsup.optim import param_groups
+
+        groups = param_groups(self, self.cfg.weight_decay, self.cfg.exclude_norm_bias)
+        if self.cfg.exclude_norm_bias:  # the tokens and the position embedding are 3-d: move them
+            special = {id(p) for n, p in self.named_parameters()
+                       if n.endswith(("class_token", "pos_embedding", "mask_token"))}
+            keep = [p for p in groups[0]["params"] if id(p) not in special]
+            moved = [p for p in groups[0]["params"] if id(p) in special]
+            groups[0]["params"] = keep
+            if len(groups) > 1:
+                groups[1]["params"] += moved
+            elif moved:
+                groups.append({"params": moved, "weight_decay": 0.0, "lars_exclude": True})
+        return [g for g in groups if g["params"]]
+
+
+__all__ = ["MAE", "MAECfg", "mae_loss", "sincos_pos_embed"]

@@ -1,0 +1,187 @@
+"""MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV
+2021), as the paper (sec. 3, Algorithm 1, sec. 4.2) and the official code (facebookresearch/moco-v3
+``moco/builder.py``, ``main_moco.py``, ``vits.py``, CONFIG.md) do it.
+
+- Base encoder f_q = backbone + projector + predictor; momentum encoder f_k = a copy of backbone +
+  projector, never optimised, following f_q by theta_k <- m theta_k + (1 - m) theta_q with m on a cosine
+  from ``m`` (0.99) to 1 over the run's optimiser steps (``--moco-m-cos``; ``selfsup.momentum``). The
+  official ``forward`` applies the update for iteration i with m(i) before computing that iteration's
+  keys; here it runs right after optimiser step i - 1 with the same m(i) (``ema_step`` + 1), which is the
+  same sequence (the official update at i = 0 is a no-op: f_k starts as a copy of f_q).
+- Heads (official ``_build_mlp``; ``selfsup.heads.mlp``): Linear layers without bias, BN + ReLU after
+  each hidden one. Projector: 3 layers for a ViT, 2 for a ResNet (``proj_layers`` 0: by the backbone),
+  ``mlp_dim`` 4096 -> ``dim`` 256, ending in a BN without affine parameters; predictor: 2 layers
+  ``dim -> mlp_dim -> dim``, ending in that BN for a ViT and in a plain Linear for a ResNet
+  (``pred_last_bn``: auto | bn | none).
+- Loss (Algorithm 1): ctr(q1, k2) + ctr(q2, k1), ctr(q, k) = cross-entropy of the logits
+  q k_all^T / tau (q, k L2-normalised; k_all the keys of every rank in rank order, no gradient;
+  the positive of this rank's sample n is column rank x B + n), scaled by 2 tau as the official code
+  (``mocov3_loss``). No queue: the other images of the global batch are the negatives. tau
+  ``temperature``: 0.2 for ViTs, 1.0 for ResNets (official defaults).
+- Random patch projection (sec. 4.2): with a ViT and ``freeze_patch_embed`` the patch projection stays
+  at its random init (``--stop-grad-conv1``), which the paper shows stabilises training.
+- Augmentation (BYOL's, official ``augmentation1`` / ``augmentation2``): crop (``crop_scale``), flip,
+  jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; view 1 blur p 1.0; view 2 blur p 0.1 + solarise 0.2.
+- The saved encoder is the base encoder's backbone (the official ``convert_to_deit`` / ``main_lincls``
+  keep ``base_encoder`` without its head).
+
+Official ImageNet: ViT-B/16 (and ViT-S), batch 4096, AdamW lr 1.5e-4 x batch/256, weight decay 0.1 on
+every parameter, 40 warm-up epochs then cosine, 300 epochs, tau 0.2, m 0.99 -> 1, crop scale
+[0.08, 1]. ResNet-50: LARS lr 0.6 x batch/256 (0.3 for 300 / 1000 epochs), weight decay 1e-6 (1.5e-6 and
+m 0.996 for 1000 epochs; LARS skips biases and BN), 10 warm-up epochs, 100 epochs, tau 1.0, crop scale
+[0.2, 1]. SyncBN everywhere (``sync_bn``), fp16 autocast. Differences here:
+the ViT's position embedding is learned (official: fixed 2-D sin-cos) and the init is torchvision's
+(official: xavier-uniform patch projection and qkv), its ViT-S has 6 heads (official MoCo v3: 12);
+ResNets have no zero-initialised residual BN (official ``zero_init_residual``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup import dist
+from selfsup.augment import ViewSpec
+from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.heads import mlp
+from selfsup.methods import register
+from selfsup.methods.base import (
+    Batch,
+    EpochPlan,
+    Method,
+    StepOut,
+    TrainContext,
+    view_spec,
+)
+from selfsup.models import vit_trunk
+from selfsup.momentum import cosine_momentum, ema_update
+
+
+def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The official ``contrastive_loss``: (B, D) queries of this rank against the (W B, D) keys of all
+    ranks (``k`` is this rank's (B, D), gathered here without gradient); the positive of query n is
+    key rank x B + n; cross-entropy averaged over this rank's queries, times 2 tau."""
+    q = F.normalize(q.float(), dim=1)
+    k = dist.all_gather(F.normalize(k.detach().float(), dim=1))  # (W B, D)
+    logits = q @ k.t() / temperature  # (B, W B)
+    labels = torch.arange(len(q), device=q.device) + len(q) * dist.rank()
+    return F.cross_entropy(logits, labels) * (2.0 * temperature)
+
+
+@dataclass
+class MoCoV3Cfg(TrainCfg):
+    # official ViT-B/16 (CONFIG.md; batch 4096 over 64 GPUs)
+    epochs: int = 300
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1.5e-4
+    lr_scaling: str = "linear"  # lr x batch / 256
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 40.0
+    weight_decay: float = 0.1  # every parameter (official AdamW over model.parameters())
+    augment: str = "crop_flip"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # ResNet-50 runs: [0.2, 1]
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0  # view 1
+    solarize_p: float = 0.0
+    blur_p2: float = 0.1  # view 2
+    solarize_p2: float = 0.2
+    dim: int = 256
+    mlp_dim: int = 4096
+    proj_layers: int = 0  # 0: 3 for a ViT, 2 for a ResNet (official)
+    pred_last_bn: str = "auto"  # auto (official: a BN for a ViT, none for a ResNet) | bn | none
+    m: float = 0.99
+    m_schedule: str = "cosine"  # cosine (--moco-m-cos) | constant
+    temperature: float = 0.2  # ViT (ResNet: 1.0)
+    freeze_patch_embed: bool = True  # ViT only: random patch projection (--stop-grad-conv1)
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "dim", "mlp_dim", "temperature")
+        non_negative(p, self, "proj_layers")
+        if self.proj_layers == 1:
+            raise ConfigError(f"{p}.proj_layers: at least 2 (0: by the backbone), got 1")
+        one_of(p, "pred_last_bn", self.pred_last_bn, ("auto", "bn", "none"))
+        one_of(p, "m_schedule", self.m_schedule, ("cosine", "constant"))
+        if not 0.0 <= self.m <= 1.0:
+            raise ConfigError(f"{p}.m: a momentum in [0, 1], got {self.m}")
+        for k in ("blur_p2", "solarize_p2"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{p}.{k}: a probability in [0, 1], got {getattr(self, k)}")
+
+
+@register
+class MoCoV3(Method):
+    name = "mocov3"
+    Config = MoCoV3Cfg
+
+    def __init__(self, backbone: Any, cfg: MoCoV3Cfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        c = cfg
+        vit = vit_trunk(backbone)
+        if c.freeze_patch_embed:
+            if vit is None:
+                raise ConfigError("mocov3.freeze_patch_embed: the random patch projection needs a ViT backbone "
+                                  "(vit_*); set it to false for a conv net")
+            vit.freeze_patch_embed()
+        layers = c.proj_layers or (3 if vit is not None else 2)
+        pred_bn = c.pred_last_bn == "bn" or (c.pred_last_bn == "auto" and vit is not None)
+        self.projector = mlp([backbone.out_dim] + [c.mlp_dim] * (layers - 1) + [c.dim], last_bn="no_affine")
+        self.predictor = mlp([c.dim, c.mlp_dim, c.dim], last_bn="no_affine" if pred_bn else "none")
+        # the momentum encoder: a copy of backbone + projector (official: same init), never optimised
+        self.momentum_backbone = copy.deepcopy(self.backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
+        self.total_steps = 0  # set from the loop's context
+
+    def view_specs(self) -> list[ViewSpec]:
+        c = self.cfg
+        first = view_spec(c)
+        return [first, dataclasses.replace(first, blur_p=c.blur_p2, solarize_p=c.solarize_p2)]
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+        self.total_steps = ctx.total_steps
+        return EpochPlan()
+
+    def on_resume(self, ctx: TrainContext) -> None:
+        self.total_steps = ctx.total_steps
+
+    def momentum(self) -> float:
+        """m for the update after this optimiser step: the official m(i) of the next iteration i."""
+        c = self.cfg
+        if c.m_schedule == "constant":
+            return c.m
+        return cosine_momentum(c.m, int(self.ema_step) + 1, self.total_steps)
+
+    def forward(self, batch: Batch) -> StepOut:
+        c = self.cfg
+        x1, x2 = batch.views  # (B, C, H, W) each
+        q1 = self.predictor(self.projector(self.backbone(x1)))  # (B, dim); views apart, as the official code
+        q2 = self.predictor(self.projector(self.backbone(x2)))
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_backbone(x1))
+            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        loss = mocov3_loss(q1, k2, c.temperature) + mocov3_loss(q2, k1, c.temperature)
+        with torch.no_grad():
+            pos = (F.normalize(q1.float(), dim=1) * F.normalize(k2.float(), dim=1)).sum(1).mean()
+        return StepOut(loss, {"pos_sim": pos, "momentum": torch.tensor(self.momentum(), device=loss.device)})
+
+    @torch.no_grad()
+    def on_after_step(self, stepped: bool) -> None:
+        if stepped:  # the base encoder changed: the momentum encoder follows
+            m = self.momentum()
+            ema_update(self.momentum_backbone, self.backbone, m)
+            ema_update(self.momentum_projector, self.projector, m)
+            self.ema_step += 1
+
+    def encoder(self) -> nn.Module:
+        return self.backbone

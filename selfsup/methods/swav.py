@@ -1,0 +1,231 @@
+"""SwAV (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+NeurIPS 2020): the codes (soft cluster assignments to K trainable prototypes) of one view are predicted
+from another view of the same image, the "swapped" prediction; the codes are computed online, per
+batch, under an equal-partition constraint (sec. 3.1). Official code: facebookresearch/swav,
+``main_swav.py`` (read for this file; nothing copied).
+
+- Network (sec. 3.1, official ``src/resnet50.py``): backbone -> projection head Linear(hidden) -> BN
+  -> ReLU -> Linear(``feat_dim``) (``selfsup.heads.projection_head``; the official first Linear has a
+  bias before the BN, ours drops it, BN removes it anyway) -> L2 normalisation -> prototypes, a
+  bias-free Linear(``feat_dim``, K): scores z^T c_k.
+- Prototypes (sec. 3.1; appendix A.1 pseudocode): each prototype is L2-normalised. The paper
+  normalises after each update; the official loop at the start of each iteration (under no_grad).
+  Here: once at construction and after every optimiser step (``on_after_step``), so every forward
+  sees unit prototypes (the same sequence of weights). Frozen for the first
+  ``freeze_prototypes_iters`` optimiser steps (official ``freeze_prototypes_niters`` 313, one ImageNet
+  epoch at batch 4096; the appendix, as we recall it: during the first epoch), see
+  ``selfsup.prototypes.PrototypeFreeze`` for how the official ``p.grad = None`` is reproduced.
+- Codes (sec. 3.1, eq. 3; ``swav_sinkhorn``): Q = Diag(u) exp(C^T Z / eps) Diag(v) by ``sinkhorn_iters``
+  = 3 Sinkhorn-Knopp iterations, eps = 0.05, soft (no rounding: sec. 3.1 finds the continuous codes
+  better), computed only for the crops ``crops_for_assign`` (the two large crops), without gradient.
+  With several processes the problem is the global batch: the sums over samples are all-reduced
+  (official ``distributed_sinkhorn``).
+- Loss (eq. 1 and, with multi-crop, eq. 4; ``swav_loss``): for each assigned crop i, the
+  cross-entropy -sum_k q_i^k log softmax(z_v^T C / tau)^k against every other crop v != i
+  (tau = ``temperature`` 0.1). The paper writes sums over i and v; the official code averages over
+  the batch, the V - 1 other crops and the assigned crops: we follow the code (a constant factor).
+- Multi-crop (sec. 3.2; ``selfsup.prototypes``): ``n_large`` = 2 crops of the dataset's size and
+  ``n_small`` crops of ``small_size``; views of one resolution share a backbone pass (official).
+- Queue (sec. 3.1, "working with small batches"; official ``queue_length``, ``epoch_queue_starts``): from
+  epoch ``epoch_queue_starts`` on, the embeddings of the assigned crops of each batch are pushed into a
+  first-in-first-out queue (newest first, as the official code), and once it is full the scores of the
+  stored embeddings against the current prototypes are put before the batch's scores in Sinkhorn;
+  only the batch's rows of the codes are used. The official code keeps one queue of
+  ``queue_length / W`` per process, filled with that process's embeddings; here the queue is a
+  buffer of ``queue_length`` filled with the embeddings of all ranks (``dist.all_gather``), identical
+  on every rank and checkpointed with the model, and each rank contributes its share of the queue rows
+  (``dist.shard``) to the distributed Sinkhorn: the same global problem (the whole queue + the global
+  batch), and with one process the same as W processes on the concatenated batch.
+- Official ImageNet (``scripts/swav_800ep_pretrain.sh``): ResNet-50, 2 x 224 + 6 x 96 crops (scales
+  0.14-1 / 0.05-0.14), batch 4096 (64 GPUs x 64), LARC (trust 0.001, no clipping) over SGD momentum
+  0.9, base lr 4.8, final lr 0.0048 (cosine), 10 warm-up epochs from 0.3, weight decay 1e-6, K 3000,
+  feat_dim 128, hidden 2048, no queue, 800 epochs; batch 256 (``swav_200ep_bs256``): lr 0.6, queue 3840
+  from epoch 15, prototypes frozen 5005 iterations. Our warm-up starts from 0 (no ``start_warmup``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup import dist
+from selfsup.augment import ViewSpec
+from selfsup.config import ConfigError, non_negative, positive
+from selfsup.heads import projection_head
+from selfsup.methods import register
+from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+
+
+@dataclass
+class SwAVCfg(MultiCropCfg):
+    prototypes: int = 3000  # official nmb_prototypes
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    queue_length: int = 0  # official: 0 at batch 4096, 3840 at batch 256
+    epoch_queue_starts: int = 15
+
+    def check(self, p: str) -> None:
+        super().check(p)
+        positive(p, self, "prototypes", "epsilon", "sinkhorn_iters")
+        non_negative(p, self, "queue_length", "epoch_queue_starts")
+        if self.n_crops < 2:
+            raise ConfigError(f"{p}.n_small: the swapped prediction needs at least 2 crops, got n_large "
+                              f"{self.n_large} + n_small {self.n_small}")
+
+
+# --------------------------------------------------------------------------- the maths
+@torch.no_grad()
+def swav_sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """SwAV's codes (sec. 3.1, eq. 3; appendix A.1 pseudocode; official ``distributed_sinkhorn``).
+
+    scores: (N, K) prototype scores z^T c of this rank's N samples -> (N, K) float32 codes.
+    Q = exp(scores / eps) normalised to total mass 1, then ``iters`` times: each prototype (column)
+    scaled to mass 1/K, then each sample (row) to mass 1/B, B the number of samples of all ranks;
+    returned x B. The last operation is the row normalisation, so each returned row sums to 1
+    exactly (up to rounding): every sample's code is a distribution over the prototypes. The
+    column (prototype) sums are only approximately B/K (equal partition) after a few iterations.
+    With several processes every rank holds its own rows and the sums over samples (the total and
+    the per-prototype masses, and the count B) are all-reduced: the codes are those of one process
+    on the concatenated rows.
+
+    Why not ``selfsup.sinkhorn.sinkhorn_knopp``: that solver is SeLa's (the whole dataset, P^lambda
+    with log-probabilities, iterated to a tolerance, hard labels out); SwAV runs a fixed 3 iterations on
+    a small batch from exp(scores / eps), starting with the prototype normalisation and ending with
+    the sample normalisation, and uses the soft codes. Three iterations from another starting point
+    or order give other codes, so this is its own small function.
+
+    Numerics: each prototype's column is shifted by its maximum over all samples (all ranks) before
+    the exponential. The first column normalisation removes any per-column factor, so the codes are
+    unchanged in exact arithmetic, and no column can overflow or vanish (the official code
+    exponentiates unshifted; with unit-norm z and c, |scores| <= 1 and exp(1 / 0.05) is still finite).
+    """
+    s = scores.float()  # (N, K)
+    k = s.shape[1]
+    b = dist.all_reduce(torch.tensor(float(s.shape[0]), device=s.device))  # B: samples of all ranks
+    col_max = dist.all_reduce(s.max(dim=0, keepdim=True).values, "max")  # (1, K)
+    q = torch.exp((s - col_max) / eps)  # (N, K)
+    q /= dist.all_reduce(q.sum())
+    for _ in range(iters):
+        q /= dist.all_reduce(q.sum(dim=0, keepdim=True))  # (1, K): each prototype's mass over all samples
+        q /= k
+        q /= q.sum(dim=1, keepdim=True)  # (N, 1): each sample's mass (rows are local)
+        q /= b
+    return q * b
+
+
+def swav_loss(scores: torch.Tensor, codes: torch.Tensor, crops_for_assign: list[int],
+              temperature: float = 0.1) -> torch.Tensor:
+    """The swapped prediction loss (eq. 1, multi-crop eq. 4, averaged as the official code).
+
+    scores: (V, B, K) prototype scores of every crop (with gradient); codes: (A, B, K) the codes
+    of the A crops in ``crops_for_assign`` (constants). For each assigned crop i: the mean over the
+    other crops v != i of the batch mean of -sum_k q_i log softmax(scores_v / temperature); then the
+    mean over the assigned crops."""
+    v = scores.shape[0]
+    logp = F.log_softmax(scores.float() / temperature, dim=2)  # (V, B, K)
+    total = scores.new_zeros((), dtype=torch.float32)
+    for i, crop in enumerate(crops_for_assign):
+        others = [u for u in range(v) if u != crop]
+        ce = -(codes[i].unsqueeze(0) * logp[others]).sum(dim=2)  # (V - 1, B)
+        total = total + ce.mean()
+    return total / len(crops_for_assign)
+
+
+# --------------------------------------------------------------------------- the method
+@register
+class SwAV(Method):
+    name = "swav"
+    Config = SwAVCfg
+
+    def __init__(self, backbone: Any, cfg: SwAVCfg, num_classes: int):
+        super().__init__(backbone, cfg, num_classes)
+        self.projector = projection_head("mlp", backbone.out_dim, cfg.feat_dim, cfg.proj_hidden, bn=True)
+        self.prototypes = nn.Linear(cfg.feat_dim, cfg.prototypes, bias=False)  # weight (K, feat_dim)
+        normalise_rows_(self.prototypes)
+        a = len(cfg.crops_for_assign)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # optimiser steps so far
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the epoch being trained
+        self.register_buffer("queue", torch.zeros(a, cfg.queue_length, cfg.feat_dim))  # (A, L, D), newest first
+        self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))  # rows filled so far (<= L)
+        self.freeze = PrototypeFreeze([self.prototypes], cfg.freeze_prototypes_iters)
+        self._pending: torch.Tensor | None = None  # (A, B, D) this batch's embeddings for the queue
+        self._sync_host()
+
+    def _sync_host(self) -> None:
+        """Host copies of the counters (no device sync per step)."""
+        self._steps, self._epoch, self._rows = (state_int(self, n) for n in ("steps_done", "epoch", "queue_rows"))
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self._sync_host()
+
+    def view_specs(self) -> list[ViewSpec]:
+        return multicrop_specs(self.cfg)
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
+        self._epoch = epoch
+        self.epoch.fill_(epoch)
+        self.freeze.reset = ctx.reset_optimizer_state
+        return EpochPlan()
+
+    def on_resume(self, ctx: TrainContext) -> None:
+        self.freeze.reset = ctx.reset_optimizer_state
+
+    def queue_in_use(self) -> bool:
+        """The official rule: the queue joins Sinkhorn once it is full."""
+        return self.cfg.queue_length > 0 and self._rows >= self.cfg.queue_length
+
+    def codes(self, scores: torch.Tensor, b: int) -> torch.Tensor:
+        """scores (V B, K) crop-major -> (A, B, K) codes of the assigned crops (queue rows first)."""
+        c = self.cfg
+        out = []
+        with torch.no_grad():
+            w = self.prototypes.weight.detach().float()  # (K, D)
+            use_queue = self.queue_in_use()
+            mine = dist.shard(c.queue_length)  # this rank's share of the queue rows in the global problem
+            for i, crop in enumerate(c.crops_for_assign):
+                s = scores[crop * b:(crop + 1) * b].detach().float()  # (B, K)
+                if use_queue:
+                    s = torch.cat([self.queue[i, mine] @ w.t(), s])  # (L_r + B, K)
+                out.append(swav_sinkhorn(s, c.epsilon, c.sinkhorn_iters)[-b:])  # (B, K): the batch's rows
+        return torch.stack(out)  # (A, B, K)
+
+    def forward(self, batch: Batch) -> StepOut:
+        c = self.cfg
+        views = batch.views  # n_large x (B, C, S, S), then n_small x (B, C, s, s)
+        b, v = views[0].shape[0], len(views)
+        self.freeze.before_step(self._steps)
+        z = embed_crops(self.backbone, self.projector, views)  # (V B, D), unit rows
+        scores = self.prototypes(z).float()  # (V B, K)
+        codes = self.codes(scores, b)  # (A, B, K)
+        loss = swav_loss(scores.view(v, b, -1), codes, c.crops_for_assign, c.temperature)
+        if self.training and c.queue_length > 0 and self._epoch >= c.epoch_queue_starts:
+            self._pending = torch.stack([z[k * b:(k + 1) * b].detach() for k in c.crops_for_assign])  # (A, B, D)
+        return StepOut(loss, {"queue_used": torch.tensor(float(self.queue_in_use()), device=loss.device)})
+
+    @torch.no_grad()
+    def push_queue(self, new: torch.Tensor) -> None:
+        """new (A, n, D): the newest embeddings (all ranks', rank order) go to the front."""
+        length = self.cfg.queue_length
+        n = min(new.shape[1], length)
+        self.queue[:, n:] = self.queue[:, :length - n].clone()
+        self.queue[:, :n] = new[:, :n]
+        self._rows = min(length, self._rows + n)
+        self.queue_rows.fill_(self._rows)
+
+    @torch.no_grad()
+    def on_after_step(self, stepped: bool) -> None:
+        if self._pending is not None:  # every batch's embeddings, accumulation or not (official)
+            gathered = dist.all_gather(self._pending.transpose(0, 1).contiguous())  # (W B, A, D)
+            self.push_queue(gathered.transpose(0, 1))
+            self._pending = None
+        if not stepped:
+            return
+        if not self.freeze.after_step(self._steps):  # frozen: put back as they were (already unit)
+            normalise_rows_(self.prototypes)
+        self._steps += 1
+        self.steps_done.fill_(self._steps)
