@@ -9,6 +9,9 @@
   list, so a shared template would need the union of every method's code (editing a file only
   SeLa uses would re-run all of them). DVC reserves ``@`` for ``foreach`` names, hence the ``-``.
 
+- The ``tokenizer`` stage (BEiT's visual tokens) is written while a method's upstream is its output
+  ``data/tokenizer/tokenizer.pt`` and removed otherwise, so a preset without BEiT trains no tokeniser.
+
 Adding a method: its file, its params block, its ``methods:`` entry, then this command; the
 test ``test_dvc_yaml_is_generated`` fails until it has run. ``--check`` exits 1 when dvc.yaml
 is stale instead of rewriting it.
@@ -62,6 +65,21 @@ def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:
     }
 
 
+TOKENIZER = "tokenizer"
+TOKENS = "data/tokenizer/tokenizer.pt"  # BEiT's upstream: the tokenizer stage's output
+
+
+def tokenizer_stage() -> dict[str, Any]:
+    """The tokenizer stage (BEiT's visual tokens), written only when a method reads its file."""
+    return {
+        "cmd": "python stages/tokenizer.py",
+        "deps": [NO_UPSTREAM],  # the code deps are added with every stage's below
+        "params": ["device", "channels_last", "dataset.crop_size", "dataset.resize_size", TOKENIZER],
+        "outs": [TOKENS],
+        "metrics": [{"metrics/tokenizer.json": {"cache": False}}],
+    }
+
+
 def pictures(method: str) -> tuple[str, ...]:
     from selfsup.methods import REGISTRY
 
@@ -80,6 +98,12 @@ def generate(text: str, methods: dict[str, str]) -> str:
     stages = doc["stages"]
     for name in [n for n in stages if n.startswith(PRETRAIN)]:
         del stages[name]
+    # the tokenizer stage exists while a method reads its file (a preset without BEiT: no tokeniser run)
+    if TOKENS in methods.values() and TOKENIZER not in stages:
+        at = list(stages).index("evaluate") if "evaluate" in stages else len(stages)
+        stages.insert(at, TOKENIZER, tokenizer_stage())
+    elif TOKENS not in methods.values() and TOKENIZER in stages:
+        del stages[TOKENIZER]
     for name, stage in stages.items():
         body = stage["do"] if "foreach" in stage else stage
         script = f"stages/{name}.py"

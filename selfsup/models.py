@@ -36,7 +36,9 @@ MIN_SIZE = {"smallcnn": 4, "nin": 8, "resnet18_cifar": 8, "resnet50_cifar": 8, "
 # Vision Transformers: (patch, width, depth, heads, MLP width, default image side). The default side
 # (the position-embedding grid) is used when no image size is given; a ViT takes one patch at least
 VITS = {"vit_tiny": (16, 192, 12, 3, 768, 224), "vit_small": (16, 384, 12, 6, 1536, 224),
-        "vit_base": (16, 768, 12, 12, 3072, 224), "vit_digits": (2, 64, 2, 4, 128, 8)}
+        "vit_base": (16, 768, 12, 12, 3072, 224), "vit_digits": (2, 64, 2, 4, 128, 8),
+        # 32 px images (the CIFAR presets of MAE / BEiT): 4 px patches, an 8 x 8 grid
+        "vit_small_p4": (4, 384, 12, 6, 1536, 32), "vit_base_p4": (4, 768, 12, 12, 3072, 32)}
 MIN_SIZE.update({name: v[0] for name, v in VITS.items()})
 
 

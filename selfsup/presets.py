@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from selfsup.config import NO_UPSTREAM, ConfigError, load_config
+from selfsup.dag import TOKENS
 from selfsup.io import repo_root
 
 REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows")  # set whole by a preset, not merged
@@ -130,6 +131,17 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
     ry = YAML()
     ry.preserve_quotes = True
     ry.width = 4096
+
+    def yaml11_float(rep: Any, v: float) -> Any:
+        # ruamel writes 1e-05; YAML 1.1 readers (PyYAML, hence load_config and DVC) take a float only
+        # with a dot in the mantissa (1.0e-05), else the string '1e-05'
+        t = repr(float(v))
+        if "e" in t and "." not in t.split("e")[0]:
+            mant, exp = t.split("e")
+            t = f"{mant}.0e{exp}"
+        return rep.represent_scalar("tag:yaml.org,2002:float", t)
+
+    ry.representer.add_representer(float, yaml11_float)
     doc = ry.load(path.read_text())
 
     def put(node: Any, ov: dict[str, Any], prefix: str) -> None:
@@ -143,6 +155,10 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
     put(doc, over, "")
     with open(path, "w") as f:
         ry.dump(doc, f)
+    if (path.parent / "dvc.yaml").is_file():  # the pretraining (and tokenizer) stages of the preset's methods
+        from selfsup.dag import main as regenerate
+
+        regenerate(["--root", str(path.parent)])
     return path
 
 
@@ -230,7 +246,16 @@ def smoke(name: str, params: str | Path | None = None, workdir: str | Path | Non
         for m, up in cfg.methods.items():
             t0 = time.perf_counter()
             mcfg = cfg
-            if up != NO_UPSTREAM:  # an upstream method's encoder: the one this smoke just trained
+            if up == TOKENS:  # BEiT's tokens: a tokeniser trained for an epoch on the stand-in (a dalle
+                # preset's weights file is the user's: the smoke checks the rest with a vq one of its vocabulary)
+                from selfsup.tokenizer import make_tokenizer, save_tokenizer
+
+                tc = dataclasses.replace(cfg.tokenizer, kind="vq", path="", epochs=1, batch_size=SMOKE_BATCH,
+                                         vocab=getattr(cfg.method(m), "vocab", cfg.tokenizer.vocab))
+                tok, _ = make_tokenizer(data, tc, cpu, run=cfg)
+                save_tokenizer(root / "tokenizer.pt", tok)
+                mcfg = dataclasses.replace(cfg, methods={**cfg.methods, m: str(root / "tokenizer.pt")})
+            elif up != NO_UPSTREAM:  # an upstream method's encoder: the one this smoke just trained
                 src = Path(up).stem
                 if src not in models:
                     raise ConfigError(f"methods.{m}: smoke needs the upstream {up} among the preset's methods, "

@@ -12,7 +12,7 @@ from selfsup.config import ConfigError, load_config
 from selfsup.report import OURS_FOR, load_paper_results, paper_columns
 
 METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "relloc",
-           "colorization", "byol", "simsiam", "swav", "deepclusterv2", "random",
+           "colorization", "byol", "simsiam", "swav", "deepclusterv2", "dino", "mocov3", "mae", "beit", "random",
            "supervised")
 IMAGENET = ("deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
             "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")
@@ -129,3 +129,19 @@ def test_a_preset_without_instdisc_empties_the_table1_sweep(tmp_path):
     assert list(load_config(params).instdisc_table1.rows) == ["parametric", "nonparametric", "nce1", "nce10",
                                                               "nce512", "nce4096"]
     assert (ROOT / "metrics" / "table1" / ".gitkeep").is_file()  # table1_report's dep exists with no rows
+
+
+def test_apply_regenerates_the_pretraining_stages(tmp_path):
+    """Beside a dvc.yaml, apply rewrites its pretrain-<m> stages for the preset's methods, and the
+    tokenizer stage exists only while a method (BEiT) reads its file."""
+    import shutil
+
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    assert "tokenizer" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]  # the default runs BEiT
+    presets.apply("byol_cifar10", tmp_path / "params.yaml")
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert [s for s in stages if s.startswith("pretrain-")] == ["pretrain-byol"] and "tokenizer" not in stages
+    presets.apply("beit_cifar10", tmp_path / "params.yaml")
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain-beit"]["deps"]
