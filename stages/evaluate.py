@@ -24,4 +24,4 @@ for step, metrics in out.items():
 knn, lin = out["knn"], out["linear"]
 print(f"evaluate@{name}: kNN top-1 {knn.get('top1', float('nan')):.1f}, linear top-1 {lin.get('top1', float('nan')):.1f}, "
       f"NMI {out['cluster'].get('nmi', float('nan')):.3f}; "
-      f"{sum(m['seconds'] for m in out.values()):.1f}s")
+      f"{sum(m.get('seconds', 0.0) for m in out.values()):.1f}s")
