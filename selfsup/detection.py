@@ -163,34 +163,28 @@ def build_detector(bb: Backbone, num_classes: int, cfg: VocCfg, image_mean: list
             head = TwoMLPHead(256 * 7 * 7, rep)
             # one size per pyramid level (4 maps + the max-pooled one), doubling per level
             anchors = AnchorGenerator(tuple((sizes[0] * 2 ** i,) for i in range(5)), (ratios,) * 5)
-    elif isinstance(trunk, (SmallCNN, AlexNetBN, NIN)):
-        if isinstance(trunk, SmallCNN):
-            layers = list(trunk.net)[:-2]  # drop global pooling + flatten: (B, 128, H/2, W/2)
-            out = trunk.out_dim
-        elif isinstance(trunk, NIN):
-            layers = list(trunk.blocks)  # every block, without the global pooling: (B, 192, H/8, W/8)
+    elif isinstance(trunk, (SmallCNN, AlexNetBN, NIN, ViT)):  # one feature map + an MLP box head
+        if isinstance(trunk, ViT):
+            # a plain single-scale backbone (the simplest of ViTDet, Li et al. 2022): the patch tokens after
+            # the final norm as one stride-``patch`` map; ``freeze_at`` does not apply (every block trains)
+            layers: list[nn.Module] = [ViTMap(trunk)]
             out = trunk.out_dim
         else:
-            layers = list(trunk.features)[:-1]  # conv5 without its max-pool: (B, 256, H/16, W/16)
-            out = 256
-        _freeze(layers if isinstance(trunk, NIN) else _conv_blocks(layers), cfg.freeze_at)
+            if isinstance(trunk, SmallCNN):
+                layers = list(trunk.net)[:-2]  # drop global pooling + flatten: (B, 128, H/2, W/2)
+                out = trunk.out_dim
+            elif isinstance(trunk, NIN):
+                layers = list(trunk.blocks)  # every block, without the global pooling: (B, 192, H/8, W/8)
+                out = trunk.out_dim
+            else:
+                layers = list(trunk.features)[:-1]  # conv5 without its max-pool: (B, 256, H/16, W/16)
+                out = 256
+            _freeze(layers if isinstance(trunk, NIN) else _conv_blocks(layers), cfg.freeze_at)
         backbone = nn.Sequential(*_front(bb), *layers)
         backbone.out_channels = out  # type: ignore[assignment]
         rep = cfg.representation
         head = TwoMLPHead(out * 7 * 7, rep)
         # one bilinear sample per bin (torchvision: 2x2): RoIAlign's CPU backward dominates a step
-        pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1)
-        anchors = AnchorGenerator((sizes,), (ratios,))
-        if cfg.rpn_channels:
-            rpn_head = NarrowRPNHead(out, anchors.num_anchors_per_location()[0], cfg.rpn_channels)
-    elif isinstance(trunk, ViT):
-        # a plain single-scale backbone (the simplest of ViTDet, Li et al. 2022): the patch tokens after
-        # the final norm as one stride-``patch`` map; ``freeze_at`` does not apply (every block trains)
-        backbone = nn.Sequential(*_front(bb), ViTMap(trunk))
-        out = trunk.out_dim
-        backbone.out_channels = out  # type: ignore[assignment]
-        rep = cfg.representation
-        head = TwoMLPHead(out * 7 * 7, rep)
         pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1)
         anchors = AnchorGenerator((sizes,), (ratios,))
         if cfg.rpn_channels:

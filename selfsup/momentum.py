@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -32,6 +33,15 @@ def cosine_momentum(base: float, k: int, total: int) -> float:
     if total <= 0:
         return base
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(k, total) / total) + 1.0) / 2.0
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that the optimiser never updates (an EMA target / teacher / momentum encoder:
+    same init as the online network, as the official codes copy it)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ gives of another view of the same image; no negatives (sec. 3).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ from selfsup.contrastive import byol_loss
 from selfsup.heads import projection_head
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
-from selfsup.momentum import cosine_momentum, ema_update
+from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
 
 
 @dataclass
@@ -74,10 +73,8 @@ class BYOL(Method):
         self.projector = projection_head("mlp", backbone.out_dim, cfg.proj_dim, cfg.proj_hidden, bn=True)
         self.predictor = projection_head("mlp", cfg.proj_dim, cfg.proj_dim, cfg.pred_hidden, bn=True)
         # the target starts as a copy of the online encoder and projector, never optimised
-        self.target_backbone = copy.deepcopy(self.backbone)
-        self.target_projector = copy.deepcopy(self.projector)
-        for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
-            p.requires_grad_(False)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
         self.total_steps = 0  # K, set from the loop's context
 

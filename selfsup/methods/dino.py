@@ -44,7 +44,6 @@ depth (torchvision's ``VisionTransformer``; the official student has drop path 0
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +65,7 @@ from selfsup.methods.base import (
     TrainContext,
     view_spec,
 )
-from selfsup.momentum import cosine_momentum, ema_update
+from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -203,10 +202,8 @@ class DINO(Method):
         self.head = DINOHead(backbone.out_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers, c.head_bn,
                              c.norm_last_layer)
         # the teacher starts as a copy of the student (official: load_state_dict), never optimised
-        self.teacher_backbone = copy.deepcopy(self.backbone)
-        self.teacher_head = copy.deepcopy(self.head)
-        for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
-            p.requires_grad_(False)
+        self.teacher_backbone = frozen_copy(self.backbone)
+        self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, c.out_dim))
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the current epoch (0-based)

@@ -37,7 +37,6 @@ t 0.1.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +48,7 @@ from selfsup.contrastive import info_nce
 from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
-from selfsup.momentum import KeyQueue, ema_update, shuffled, split_batch_norm
+from selfsup.momentum import KeyQueue, ema_update, frozen_copy, shuffled, split_batch_norm
 
 
 @dataclass
@@ -100,10 +99,8 @@ class MoCo(Method):
         super().__init__(backbone, cfg, num_classes)
         self.head = projection_head(cfg.head, backbone.out_dim, cfg.dim, cfg.hidden_dim)
         # key encoder: a copy of the query encoder (official init), never optimised
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_head = copy.deepcopy(self.head)
-        for p in [*self.key_backbone.parameters(), *self.key_head.parameters()]:
-            p.requires_grad_(False)
+        self.key_backbone = frozen_copy(self.backbone)
+        self.key_head = frozen_copy(self.head)
         self.queue = KeyQueue(cfg.queue_size, cfg.dim)
         self._pending: torch.Tensor | None = None  # this step's keys, enqueued after the step
 

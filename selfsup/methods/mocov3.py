@@ -36,7 +36,6 @@ ResNets have no zero-initialised residual BN (official ``zero_init_residual``).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +58,7 @@ from selfsup.methods.base import (
     view_spec,
 )
 from selfsup.models import vit_trunk
-from selfsup.momentum import cosine_momentum, ema_update
+from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
 
 
 def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -136,10 +135,8 @@ class MoCoV3(Method):
         self.projector = mlp([backbone.out_dim] + [c.mlp_dim] * (layers - 1) + [c.dim], last_bn="no_affine")
         self.predictor = mlp([c.dim, c.mlp_dim, c.dim], last_bn="no_affine" if pred_bn else "none")
         # the momentum encoder: a copy of backbone + projector (official: same init), never optimised
-        self.momentum_backbone = copy.deepcopy(self.backbone)
-        self.momentum_projector = copy.deepcopy(self.projector)
-        for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
-            p.requires_grad_(False)
+        self.momentum_backbone = frozen_copy(self.backbone)
+        self.momentum_projector = frozen_copy(self.projector)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
         self.total_steps = 0  # set from the loop's context
 
