@@ -97,7 +97,8 @@ class Tokenizer(nn.Module):
         return h // self.patch, w // self.patch
 
     def logits_or_ids(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, C, H, W) normalised -> (B, h, w) token ids; each kind implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement logits_or_ids()")
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
