@@ -461,7 +461,7 @@ class EmbeddedVocCfg:
 
 @dataclass
 class VocCfg:
-    """Detection transfer (stages voc_data, voc@<m>; selfsup/voc_data.py, detection.py, voc_eval.py)."""
+    """Detection transfer (stages voc_data, pipelines/<m>/dvc.yaml:voc; selfsup/voc_data.py, detection.py, voc_eval.py)."""
 
     # data (the voc_data stage reads only these five)
     dataset: str = "embedded"  # embedded | voc2007 | voc2007+2012 (trainval; test is always VOC2007 test)
@@ -597,7 +597,7 @@ class Config:
     log_every: int = 50
     checkpoint_minutes: float = 20.0
     # method name -> its upstream input, in report order. The value is a DVC dependency
-    # of the method's pretraining (dvc.yaml's foreach item): NO_UPSTREAM for none, else a
+    # of the method's pretraining (pipelines/<m>/dvc.yaml, selfsup/dag.py): NO_UPSTREAM for none, else a
     # backbone file (another method's data/models/<m>.pt, or a local weights file) that
     # the method reads (MLCD clusters its features). A list means no upstream for all.
     methods: dict[str, str] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Every evaluation of one frozen encoder, in one process: ``evaluate@<method>`` runs this.
+"""Every evaluation of one frozen encoder, in one process: ``pipelines/<method>/dvc.yaml:evaluate`` runs this.
 
 1. features of the train and test splits (eval mode, eval transform; with several processes each
    rank extracts its share) and of the method's saved eval head, written for the user and the report;
@@ -10,8 +10,8 @@
 5. end-to-end fine-tuning of a copy of the encoder with a linear classifier (``selfsup.finetune``:
    BEiT / MAE's recipe, layer-wise lr decay for ViTs), the protocol masked image modelling is judged by.
 
-Why one stage and not five: each DVC stage start re-reads and rewrites ``dvc.lock`` and imports torch,
-about 3 s on the 2-core CPU, more than the steps themselves cost on digits (``metrics/*/<m>.json:
+Why one stage and not five: each DVC stage start imports torch and the libraries and updates its
+``dvc.lock``, seconds on the 2-core CPU, more than the steps themselves cost on digits (``metrics/*/<m>.json:
 seconds``), and five stages per method put the default DAG over its 10-minute budget. The steps keep
 their own metrics files (``metrics/{extract,knn,cluster,linear}/<m>.json``); what is lost is that a
 sweep of one step's params (``-S knn.k=...``) re-runs the others too (a few seconds per method on

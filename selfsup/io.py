@@ -172,7 +172,8 @@ def resolve_device(name: str) -> "torch.device":
 
 
 def repo_root() -> Path:
-    """The project root: ``$DVC_ROOT`` under DVC, else the folder holding dvc.yaml above cwd.
+    """The project root: ``$DVC_ROOT`` under DVC, else the folder above cwd holding dvc.yaml and
+    params.yaml (a method's ``pipelines/<m>/dvc.yaml`` has no params.yaml beside it).
 
     Queued ``dvc exp run`` executes in a temporary copy under ``.dvc/tmp/exps/``;
     paths inside it are mapped back to the real repository so that the MLflow
@@ -188,6 +189,6 @@ def repo_root() -> Path:
 
 def _find_up(start: Path) -> Path:
     for p in [start, *start.parents]:
-        if (p / "dvc.yaml").is_file():
+        if (p / "dvc.yaml").is_file() and (p / "params.yaml").is_file():
             return p
     return start

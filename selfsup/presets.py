@@ -155,7 +155,7 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
     put(doc, over, "")
     with open(path, "w") as f:
         ry.dump(doc, f)
-    if (path.parent / "dvc.yaml").is_file():  # the pretraining (and tokenizer) stages of the preset's methods
+    if (path.parent / "dvc.yaml").is_file():  # the preset's methods' pipelines/<m>/dvc.yaml (and the tokenizer stage)
         from selfsup.dag import main as regenerate
 
         regenerate(["--root", str(path.parent)])
@@ -167,7 +167,9 @@ def smoke_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
     """The preset shrunk for a CPU smoke run: one epoch, batches of 8, the SMOKE_CAPS sizes, image-file
     crops of SMOKE_SIDE px, no MLflow, one process; everything else the preset's."""
     p = merged_params(name, params)
-    p.update(device="cpu", workers=0, log_every=1, checkpoint_minutes=0.0)
+    # fp32: a preset's fp16 is for GPUs; on a CPU its half-precision matmuls are emulated, and DINO's
+    # 65536-way head took 150 s a step (tests/test_engine.py runs the fp16 and bf16 paths on a CPU)
+    p.update(device="cpu", workers=0, log_every=1, checkpoint_minutes=0.0, precision="fp32")
     p["mlflow"] = {**p.get("mlflow", {}), "enabled": False}
     p["dist"] = {**p.get("dist", {}), "nproc_per_node": 1, "nnodes": 1}
     p["extract"] = {"batch_size": 16}

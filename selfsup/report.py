@@ -43,7 +43,7 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["nmi"] = clu.get("nmi", math.nan)
         row["ari"] = clu.get("ari", math.nan)
         row["cluster_acc"] = clu.get("acc", math.nan)
-        # detection transfer (stage voc@m): VOC2007 11-point AP50, mean AP over IoU 0.5:0.95, AP75
+        # detection transfer (stage pipelines/m/dvc.yaml:voc): VOC2007 11-point AP50, mean AP over IoU 0.5:0.95, AP75
         voc = st.get("voc", {})
         row["voc_ap50"] = voc.get("map50", math.nan)
         row["voc_ap"] = voc.get("ap", math.nan)
@@ -93,7 +93,7 @@ def load_histories(plots_dir: Path, methods: list[str]) -> dict[str, pd.DataFram
     for m in methods:
         f = plots_dir / f"{m}.csv"
         if not f.is_file():
-            raise InputError(f"{f}: missing (run `dvc repro pretrain@{m}`)")
+            raise InputError(f"{f}: missing (run `dvc repro pipelines/{m}/dvc.yaml:pretrain`)")
         out[m] = pd.read_csv(f)
     return out
 
@@ -127,7 +127,7 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
     for m in methods:
         f = metrics_dir / "voc" / f"{m}_classes.csv"
         if not f.is_file():
-            raise InputError(f"{f}: missing (run `dvc repro voc@{m}`)")
+            raise InputError(f"{f}: missing (run `dvc repro pipelines/{m}/dvc.yaml:voc`)")
         tables[m] = pd.read_csv(f)
     classes = list(next(iter(tables.values()))["class"]) if tables else []
 

@@ -60,15 +60,18 @@ def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = 
     return load_config(params, parse_methods)
 
 
-def check_stage_upstream(dvc_yaml: Path, method: str, upstream: str) -> None:
+def check_stage_upstream(root: Path, method: str, upstream: str) -> None:
     """The upstream file a pretraining reads (params.yaml ``methods.<m>``) must be a DVC dependency
-    of its stage, else DVC would not re-run it when that file changes (``dvc exp run -S
-    methods.mlcd=...`` changes the param but not the generated stage: fail and say how to fix)."""
+    of its stage (``pipelines/<m>/dvc.yaml:pretrain``), else DVC would not re-run it when that file
+    changes (``dvc exp run -S methods.mlcd=...`` changes the param but not the generated stage: fail
+    and say how to fix)."""
+    rel = f"pipelines/{method}/dvc.yaml"  # selfsup.dag.pipeline_file, not imported: it is no code a stage runs
+    dvc_yaml = root / rel
     if not dvc_yaml.is_file():
         return
     import yaml
 
-    stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(f"pretrain-{method}")
+    stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get("pretrain")
     if stage is not None and upstream not in stage.get("deps", []):
-        raise SystemExit(f"dvc.yaml: stage pretrain-{method} does not depend on {upstream} (params.yaml "
+        raise SystemExit(f"{rel}: stage pretrain does not depend on {upstream} (params.yaml "
                          f"methods.{method}); run `python -m selfsup.dag` to regenerate it")

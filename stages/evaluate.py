@@ -1,4 +1,4 @@
-"""evaluate@<method>: every evaluation of the frozen encoder in one process (``selfsup.frozen``): its
+"""pipelines/<method>/dvc.yaml:evaluate: every evaluation of the frozen encoder in one process (``selfsup.frozen``): its
 features (data/features/<m>/), weighted kNN, PCA-whitening + k-means, the linear probe / SVM / per-layer
 probes; each step writes its own metrics file (metrics/{extract,knn,cluster,linear}/<m>.json). With
 several processes the ranks share the extraction and rank 0 evaluates."""
@@ -22,6 +22,6 @@ if out is None:  # not rank 0
 for step, metrics in out.items():
     write_json(P.metrics(step, name), metrics)
 knn, lin = out["knn"], out["linear"]
-print(f"evaluate@{name}: kNN top-1 {knn.get('top1', float('nan')):.1f}, linear top-1 {lin.get('top1', float('nan')):.1f}, "
+print(f"evaluate {name}: kNN top-1 {knn.get('top1', float('nan')):.1f}, linear top-1 {lin.get('top1', float('nan')):.1f}, "
       f"NMI {out['cluster'].get('nmi', float('nan')):.3f}; "
       f"{sum(m.get('seconds', 0.0) for m in out.values()):.1f}s")

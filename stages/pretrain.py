@@ -1,4 +1,4 @@
-"""pretrain-<method>: the training loop (resumable at any step), final encoder, per-epoch history, the live MLflow run."""
+"""pipelines/<method>/dvc.yaml:pretrain: the training loop (resumable at any step), final encoder, per-epoch history, the live MLflow run."""
 import sys
 import time
 from pathlib import Path
@@ -20,7 +20,7 @@ name = sys.argv[1]
 cfg = setup(parse_methods=[name])
 distributed(cfg)  # under torchrun when dist asks for several processes
 P = Paths()
-check_stage_upstream(P.root / "dvc.yaml", name, cfg.methods[name])
+check_stage_upstream(P.root, name, cfg.methods[name])
 data = load_prepared(P.dataset)
 t0 = time.perf_counter()
 # the MLflow run of (DVC experiment, method), live while it trains; later stages' numbers reach it

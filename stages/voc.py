@@ -1,4 +1,4 @@
-"""voc@<method>: Faster R-CNN on the method's backbone, fine-tuned on VOC trainval, VOC07-test AP.
+"""pipelines/<method>/dvc.yaml:voc: Faster R-CNN on the method's backbone, fine-tuned on VOC trainval, VOC07-test AP.
 
 Writes metrics/voc/<m>.json (map50: VOC2007 11-point AP50; map50_area; ap: mean over IoU
 0.5:0.95; ap75; percent) and the per-class table metrics/voc/<m>_classes.csv.
@@ -32,5 +32,5 @@ with atomic_path(P.voc_classes(name)) as tmp:
     pd.DataFrame(out["per_class"]).to_csv(tmp, index=False, float_format="%.4f")
 write_json(P.metrics("voc", name), {**out["summary"], "seconds": time.perf_counter() - t0})
 s = out["summary"]
-print(f"voc@{name}: mAP50 {s['map50']:.1f} (11-point) / {s['map50_area']:.1f} (area), AP {s['ap']:.1f}, "
+print(f"voc {name}: mAP50 {s['map50']:.1f} (11-point) / {s['map50_area']:.1f} (area), AP {s['ap']:.1f}, "
       f"AP75 {s['ap75']:.1f}; {time.perf_counter() - t0:.1f}s")

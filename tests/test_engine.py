@@ -109,8 +109,10 @@ def test_sgd_and_adamw_take_the_method_groups():
 
 
 # ----------------------------------------------------------------- the loop
-def test_bf16_trains_on_a_cpu(digits, tmp_path):
-    cfg = make_cfg(precision="bf16", supervised={"epochs": 3})
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_a_cpu(digits, tmp_path, precision):
+    """Both autocast paths (fp16 with its GradScaler) run and learn; the preset smokes run in fp32."""
+    cfg = make_cfg(precision=precision, supervised={"epochs": 3})
     _, hist = pretrain(cfg, "supervised", small(digits, 400), tmp_path / "s.pt")
     assert np.isfinite([h["loss"] for h in hist]).all() and hist[-1]["loss"] < 0.8 * hist[0]["loss"]
 

@@ -20,15 +20,11 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from selfsup.dag import branch, stages_of
 from selfsup.synthetic import make_image_folder
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)
-BRANCH = ["evaluate", "voc"]  # foreach stages, <stage>@<m>
-
-
-def branch(methods):
-    return {f"pretrain-{m}" for m in methods} | {f"{s}@{m}" for s in BRANCH for m in methods}
 TABLE1 = ["parametric", "nce10"]  # InstDisc's Table 1 sweep, two rows of one epoch
 
 
@@ -48,7 +44,7 @@ def make_repo(dst, folder, methods, upstream, table1_rows, workers):
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         src = ROOT / f
-        if not src.is_file() or f.split("/")[0] in ("metrics", "plots", "reports") or f == "dvc.lock":
+        if not src.is_file() or f.split("/")[0] in ("metrics", "plots", "reports") or f.endswith("dvc.lock"):
             continue  # generated: the test must see them written
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst / f)
@@ -69,7 +65,7 @@ def make_repo(dst, folder, methods, upstream, table1_rows, workers):
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     from selfsup.dag import main as dag
 
-    assert dag(["--root", str(dst)]) == 0  # the pretraining stages of this method list
+    assert dag(["--root", str(dst)]) == 0  # pipelines/<m>/dvc.yaml for this method list
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
     env["DVC_NO_ANALYTICS"] = "1"
@@ -98,12 +94,10 @@ def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
     expected = {"download", "voc_data", "report", "table1_report"} | branch(METHODS) | {f"table1@{r}" for r in TABLE1}
     assert stages_run(repo["first"]) == expected
-    lock = yaml.safe_load((d / "dvc.lock").read_text())
     declared = []
-    for stage in yaml.safe_load((d / "dvc.yaml").read_text())["stages"].values():
-        items = (TABLE1 if "table1" in stage["foreach"] else METHODS) if "foreach" in stage else [None]
+    for stage in stages_of(d).values():
         body = stage.get("do", stage)
-        for m in items:
+        for m in (TABLE1 if "foreach" in stage else [None]):
             for key in ("outs", "metrics", "plots"):
                 for o in body.get(key, []):
                     path = next(iter(o)) if isinstance(o, dict) else o
@@ -111,7 +105,8 @@ def test_repro_writes_every_declared_output(repo):
     assert len(declared) >= 30
     for p in declared:
         assert (d / p).exists(), p
-    assert len(lock["stages"]) == len(expected)
+    locks = [yaml.safe_load(f.read_text())["stages"] for f in [d / "dvc.lock", *(d / "pipelines").glob("*/dvc.lock")]]
+    assert sum(map(len, locks)) == len(expected)
     md = (d / "reports" / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in md
@@ -137,7 +132,7 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
     d = repo["dir"]
     src = (d / "selfsup" / "methods" / "supervised.py").read_text()
     new = d / "selfsup" / "methods" / "supervised2.py"
-    params_before, dvc_before = (d / "params.yaml").read_text(), (d / "dvc.yaml").read_text()
+    params_before = (d / "params.yaml").read_text()
     try:
         new.write_text(src.replace('name = "supervised"', 'name = "supervised2"'))
         params = yaml.safe_load(params_before)
@@ -150,12 +145,13 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
     finally:
         new.unlink(missing_ok=True)
         (d / "params.yaml").write_text(params_before)
-        (d / "dvc.yaml").write_text(dvc_before)
+        run([sys.executable, "-m", "selfsup.dag"], d, repo["env"])  # removes pipelines/supervised2
+    assert not (d / "pipelines" / "supervised2").exists()
 
 
 def test_exp_run_reruns_only_the_deepcluster_branch(repo):
     out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
-    # and the MLCD branch: it clusters DeepCluster's encoder, a dependency of pretrain@mlcd
+    # and the MLCD branch: it clusters DeepCluster's encoder, a dependency of MLCD's pretrain stage
     assert stages_run(out) == branch(["deepcluster", "mlcd"]) | {"report"}, out
     shown = json.loads(run([*repo["dvc"], "exp", "show", "--json"], repo["dir"], repo["env"]))
     text = json.dumps(shown)

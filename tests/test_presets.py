@@ -131,17 +131,21 @@ def test_a_preset_without_instdisc_empties_the_table1_sweep(tmp_path):
     assert (ROOT / "metrics" / "table1" / ".gitkeep").is_file()  # table1_report's dep exists with no rows
 
 
-def test_apply_regenerates_the_pretraining_stages(tmp_path):
-    """Beside a dvc.yaml, apply rewrites its pretrain-<m> stages for the preset's methods, and the
-    tokenizer stage exists only while a method (BEiT) reads its file."""
+def test_apply_regenerates_the_method_pipelines(tmp_path):
+    """Beside a dvc.yaml, apply writes pipelines/<m>/dvc.yaml for the preset's methods and removes the
+    others' (with their locks), and the tokenizer stage exists only while a method (BEiT) reads its file."""
     import shutil
 
-    for f in ("params.yaml", "dvc.yaml"):
-        shutil.copy(ROOT / f, tmp_path / f)
-    assert "tokenizer" in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]  # the default runs BEiT
+    from selfsup.dag import stages_of
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    assert "tokenizer" in stages_of(tmp_path)  # the default runs BEiT
     presets.apply("byol_cifar10", tmp_path / "params.yaml")
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    assert [s for s in stages if s.startswith("pretrain-")] == ["pretrain-byol"] and "tokenizer" not in stages
+    stages = stages_of(tmp_path)
+    assert [s for s in stages if ":" in s] == [f"pipelines/byol/dvc.yaml:{s}" for s in ("pretrain", "evaluate", "voc")]
+    assert "tokenizer" not in stages and [p.name for p in (tmp_path / "pipelines").iterdir()] == ["byol"]
     presets.apply("beit_cifar10", tmp_path / "params.yaml")
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain-beit"]["deps"]
+    stages = stages_of(tmp_path)
+    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pipelines/beit/dvc.yaml:pretrain"]["deps"]

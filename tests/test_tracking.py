@@ -28,6 +28,17 @@ def test_store_resolves_to_the_repository_root(tmp_path, monkeypatch):
     assert tracking_uri(repo_root()) == "http://127.0.0.1:5000"
 
 
+def test_outside_dvc_the_root_is_found_from_a_method_pipeline_folder(tmp_path, monkeypatch):
+    """pipelines/<m>/ holds a dvc.yaml too: the root is the folder with params.yaml beside its dvc.yaml."""
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    sub = tmp_path / "repo" / "pipelines" / "moco"
+    sub.mkdir(parents=True)
+    for f in (tmp_path / "repo" / "dvc.yaml", tmp_path / "repo" / "params.yaml", sub / "dvc.yaml"):
+        f.write_text("{}")
+    monkeypatch.chdir(sub)
+    assert repo_root() == (tmp_path / "repo").resolve()
+
+
 def test_dead_server_warns_once_and_returns_fast(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
     t0 = time.perf_counter()
