@@ -6,7 +6,8 @@ Each import is timed in a fresh interpreter (median of --repeat runs), as a DVC 
     .venv/bin/python benchmarks/imports.py [--repeat 3]
 
 Prints seconds per import (torch, torchvision, torch + torchvision, scikit-learn + scipy as
-selfsup.metrics loads them, faiss, mlflow) and the seconds to create a fresh MLflow SQLite store.
+selfsup.metrics loads them, faiss, mlflow), what ``gc.freeze`` at exit saves after those imports
+(selfsup/stage.py), and the seconds to create a fresh MLflow SQLite store.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ CASES = {
     "faiss": "import faiss",
     "mlflow": "import mlflow",
 }
+EXIT = "import torch, torchvision"  # the interpreter's exit after the imports every training stage makes
+FROZEN_EXIT = "import atexit, gc; atexit.register(gc.freeze); import torch, torchvision"  # selfsup.stage.setup
 STORE = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); "
          "mlflow.set_experiment('bench')")
 
@@ -45,6 +48,9 @@ def main() -> None:
     for name, code in CASES.items():
         t = statistics.median(timed(code) for _ in range(a.repeat)) - base
         print(f"import {name}: {t:.2f} s")
+    plain, frozen = (statistics.median(timed(c) for _ in range(a.repeat)) for c in (EXIT, FROZEN_EXIT))
+    print(f"exit after torch + torchvision: {plain - frozen:.2f} s more than with gc.freeze at exit "
+          f"({plain - base:.2f} s against {frozen - base:.2f} s in all)")
     with tempfile.TemporaryDirectory() as d:
         runs = [timed(STORE, str(Path(d) / f"m{i}.db")) - base for i in range(a.repeat)]
     print(f"mlflow import + new SQLite store: {statistics.median(runs):.2f} s")

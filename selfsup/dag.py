@@ -3,17 +3,23 @@
 The DAG is split over several ``dvc.yaml`` files, each with its own ``dvc.lock``:
 
 - ``dvc.yaml`` (hand-written, code deps regenerated): the shared stages, ``download``,
-  ``tokenizer``, ``voc_data``, ``report`` and InstDisc's Table 1 (``table1@<row>``, ``table1_report``).
+  ``tokenizer``, ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
+  transfer, each in one process; their outputs follow the method list), ``report`` and InstDisc's Table 1 (``table1@<row>``,
+  ``table1_report``).
 - ``pipelines/<method>/dvc.yaml`` (written whole from the templates below, one per
-  ``params.yaml: methods`` entry): that method's branch, stages ``pretrain``, ``evaluate`` and
-  ``voc`` (addressed as ``pipelines/<m>/dvc.yaml:pretrain``; ``dvc repro pipelines/<m>/dvc.yaml``
-  runs one method and what it needs). They run from the repository root (``wdir: ../..``), so
+  ``params.yaml: methods`` entry): that method's training, stage ``pretrain`` (addressed as
+  ``pipelines/<m>/dvc.yaml:pretrain``; ``dvc repro pipelines/<m>/dvc.yaml`` trains one method and
+  what it needs). They run from the repository root (``wdir: ../..``), so
   every path and the params file are the same as in the root file.
 
-Why split: after every stage DVC re-parses and rewrites the whole lock file of its ``dvc.yaml``
+Why split (and why ``evaluate`` and ``voc`` are one stage each): after every stage DVC re-parses and rewrites the whole lock file of its ``dvc.yaml``
 with a pure-Python YAML round trip. With one file for the 21-method default (77 stages, a 550 KB
 lock) that was about 5 s per stage, more than most stages' own work on digits; with one small lock
-per method it is a fraction of a second (README "The DAG", ``benchmarks/stage_overhead.py``).
+per method it is a fraction of a second (README "The DAG", ``benchmarks/stage_overhead.py``). Each
+process start still imports torch (and scikit-learn or torchvision), about 4 s here; an evaluation
+and a detector per method as their own stages cost 44 of them, so the ``evaluate`` and ``voc`` stages
+loop over the methods and reuse a method's result while its model and the rest are unchanged
+(``selfsup.frozen.evaluate_all``, ``selfsup.detection.transfer_all``).
 
 Every stage's code deps (the ``stages/`` and ``selfsup/`` entries) are the import closure of its
 script (``selfsup.codedeps``); data deps stay as written. Pretraining closures differ by method
@@ -40,7 +46,7 @@ from selfsup.codedeps import ROOT, closure
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
 PIPELINES = "pipelines"  # pipelines/<method>/dvc.yaml
-BRANCH = ("pretrain", "evaluate", "voc")  # the stages of one method's file
+BRANCH = ("pretrain",)  # the stages of one method's file
 WDIR = "../.."  # a method's stages run from the repository root
 NO_UPSTREAM = "data/dataset"
 # params a pretraining reads that change its result (workers, log_every, checkpoint_minutes and mlflow
@@ -49,7 +55,7 @@ NO_UPSTREAM = "data/dataset"
 PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "model", "extract.batch_size",
                    "dataset.crop_size", "dataset.resize_size", "dist.nproc_per_node", "dist.nnodes"]
 HEADER = """\
-# The {method} branch of the DAG: pretrain -> {{evaluate, voc}} -> report (root dvc.yaml).
+# The {method} branch of the DAG: pretrain -> {{evaluate, voc}} -> report (those in the root dvc.yaml).
 # Written by `python -m selfsup.dag` from params.yaml `methods` and the templates in
 # selfsup/dag.py: edit those, not this file. Its own file so that its own small dvc.lock is
 # what DVC rewrites after each of these stages (selfsup/dag.py says why).
@@ -99,33 +105,28 @@ def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:
     }
 
 
-def evaluate_stage(method: str) -> dict[str, Any]:
-    """Every evaluation of the frozen encoder in one process (selfsup/frozen.py): features, kNN,
-    PCA-whitening + k-means, linear probe / SVM / per-layer probes, end-to-end fine-tuning; one
-    metrics file per step. One stage, not five: a stage start costs more than these steps on digits."""
-    return {
-        "wdir": WDIR,
-        "cmd": f"python stages/evaluate.py {method}",
-        "deps": closure("stages/evaluate.py") + [NO_UPSTREAM, f"data/models/{method}.pt"],
-        "params": ["seed", "device", "workers", "extract.batch_size", "dataset.crop_size", "dataset.resize_size",
-                   "knn", "whiten.pca_dim", "cluster", "linear", "svm", "probe", "finetune"],
-        "outs": [{f"data/features/{method}": {"cache": False}}],
-        "metrics": [{f"metrics/{step}/{method}.json": {"cache": False}}
-                    for step in ("extract", "knn", "cluster", "linear", "finetune")],
-    }
+EVALUATE = "evaluate"
 
 
-def voc_stage(method: str) -> dict[str, Any]:
-    """Detection transfer (README "VOC detection"): a detector on the method's backbone, on the
-    voc_data stage's data."""
-    return {
-        "wdir": WDIR,
-        "cmd": f"python stages/voc.py {method}",
-        "deps": closure("stages/voc.py") + ["data/dataset/meta.json", "data/voc", f"data/models/{method}.pt"],
-        "params": ["seed", "device", "voc", "dist.nproc_per_node", "dist.nnodes"],
-        "outs": [{f"metrics/voc/{method}_classes.csv": {"cache": False}}],
-        "metrics": [{f"metrics/voc/{method}.json": {"cache": False}}],
-    }
+def evaluate_outputs(methods) -> dict[str, list[Any]]:
+    """The root ``evaluate`` stage's outputs: every method's features and step metrics, and the stored
+    metrics it reuses while a method's key holds (selfsup.frozen.evaluate_all). The features persist:
+    a reused method's stay as they were written."""
+    return {"outs": [{"data/features": {"persist": True, "cache": False}},
+                     {"data/eval_runs": {"persist": True, "cache": False}}],
+            "metrics": [{f"metrics/{step}/{m}.json": {"cache": False}}
+                        for m in methods for step in ("extract", "knn", "cluster", "linear", "finetune")]}
+
+
+VOC = "voc"
+
+
+def voc_outputs(methods) -> dict[str, list[Any]]:
+    """The root ``voc`` stage's outputs: every method's detection numbers, and the per-method results it
+    reuses while their key holds (selfsup.detection.transfer_all)."""
+    return {"outs": [{"data/voc_runs": {"persist": True, "cache": False}},
+                     *[{f"metrics/voc/{m}_classes.csv": {"cache": False}} for m in methods]],
+            "metrics": [{f"metrics/voc/{m}.json": {"cache": False}} for m in methods]}
 
 
 TOKENIZER = "tokenizer"
@@ -183,6 +184,10 @@ def generate(text: str, methods: dict[str, str]) -> str:
         data = [d for d in deps if not is_code(str(d))]
         deps.clear()
         deps.extend(closure(script, TRAINS.get(name)) + data)
+        if name == VOC:  # one detector per method in one process: its outputs follow the method list
+            body.update(voc_outputs(methods))
+        if name == EVALUATE:  # likewise every method's evaluations
+            body.update(evaluate_outputs(methods))
     out = io.StringIO()
     ry.dump(doc, out)
     return out.getvalue()
@@ -190,8 +195,7 @@ def generate(text: str, methods: dict[str, str]) -> str:
 
 def method_pipeline(method: str, upstream: str) -> str:
     """The text of ``pipelines/<method>/dvc.yaml``."""
-    doc = {"stages": {"pretrain": pretrain_stage(method, upstream), "evaluate": evaluate_stage(method),
-                      "voc": voc_stage(method)}}
+    doc = {"stages": {"pretrain": pretrain_stage(method, upstream)}}
     out = io.StringIO()
     _yaml().dump(doc, out)
     return HEADER.format(method=method) + out.getvalue()

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -52,8 +52,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from selfsup import dist
-from selfsup.config import VocCfg
-from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN, ViT
+from selfsup.config import Config, VocCfg, config_hash
+from selfsup.io import ResultCache, derive_seed, folder_stamp, sha256_file
+from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN, ViT, load_backbone
 from selfsup.voc_data import VocDetection, load_split, read_manifest
 from selfsup.voc_eval import evaluate_detections
 
@@ -353,3 +354,38 @@ def run_voc(backbone: Backbone, voc_dir: str | Path, image_mean: list[float], im
     log.info("voc: mAP50 %.1f (11-point) %.1f (area), AP %.1f, AP75 %.1f; %d steps in %.1fs",
              summary["map50"], summary["map50_area"], summary["ap"], summary["ap75"], len(history), t1 - t0)
     return {"summary": summary, "per_class": rows, "history": history}
+
+
+def transfer_all(cfg: Config, models: dict[str, Path], voc_dir: str | Path, image_mean: list[float],
+                 image_std: list[float], device: torch.device, cache_dir: str | Path) -> Iterator[tuple[str, dict[str, Any] | None, bool]]:
+    """Detection transfer of every method's backbone in one process (the ``voc`` stage): yields
+    (method, {"summary", "per_class"} or None on ranks other than 0, reused).
+
+    A method's result is reused from ``cache_dir`` (``selfsup.io.ResultCache``) while its key is
+    unchanged: the model file's content, ``voc:``, the seed, the device type and number of processes,
+    the code the stage runs, the detection data's listing and the normalisation. So a new model of
+    one method re-runs one detector, a changed ``voc`` key all of them. All ranks compute the same keys
+    (same files), so they skip or train the same methods together.
+    """
+    from selfsup.codedeps import closure, code_hash
+
+    cache = ResultCache(cache_dir)
+    base = {"voc": config_hash(cfg.voc), "seed": cfg.seed, "device": device.type,
+            "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes, "code": code_hash(closure("stages/voc.py")),
+            "data": folder_stamp(voc_dir), "norm": [image_mean, image_std]}
+    for name, path in models.items():
+        key = config_hash({**base, "method": name, "model": sha256_file(path)})
+        hit = cache.get(name, key)
+        if hit is not None:
+            log.info("voc %s: model, params, code and data unchanged: result reused (%s)", name, cache.folder)
+            yield name, hit, True
+            continue
+        t0 = time.perf_counter()
+        out = run_voc(load_backbone(path, device), voc_dir, image_mean, image_std, cfg.voc,
+                      derive_seed(cfg.seed, "voc", name), device)
+        if out is None:
+            yield name, None, False
+            continue
+        result = {"summary": {**out["summary"], "seconds": time.perf_counter() - t0}, "per_class": out["per_class"]}
+        cache.put(name, key, result)
+        yield name, result, False

@@ -1,4 +1,6 @@
-"""Every evaluation of one frozen encoder, in one process: ``pipelines/<method>/dvc.yaml:evaluate`` runs this.
+"""Every evaluation of the frozen encoders, in one process: the ``evaluate`` stage runs ``evaluate_all``
+(every method, reusing a method's metrics while its model and the evaluation keys are unchanged), which
+runs these steps per method.
 
 1. features of the train and test splits (eval mode, eval transform; with several processes each
    rank extracts its share) and of the method's saved eval head, written for the user and the report;
@@ -10,27 +12,27 @@
 5. end-to-end fine-tuning of a copy of the encoder with a linear classifier (``selfsup.finetune``:
    BEiT / MAE's recipe, layer-wise lr decay for ViTs), the protocol masked image modelling is judged by.
 
-Why one stage and not five: each DVC stage start imports torch and the libraries and updates its
-``dvc.lock``, seconds on the 2-core CPU, more than the steps themselves cost on digits (``metrics/*/<m>.json:
-seconds``), and five stages per method put the default DAG over its 10-minute budget. The steps keep
-their own metrics files (``metrics/{extract,knn,cluster,linear}/<m>.json``); what is lost is that a
-sweep of one step's params (``-S knn.k=...``) re-runs the others too (a few seconds per method on
-digits; on ImageNet the extraction dominates and the features are written once either way).
+Why one stage and not five per method, nor one per method: each DVC stage start imports torch and the
+libraries and updates its ``dvc.lock``, about 4 s on the 2-core CPU, more than the steps themselves cost
+on digits (``metrics/*/<m>.json: seconds``), and the default DAG must fit its 10-minute budget. The
+steps keep their own metrics files (``metrics/{extract,knn,cluster,linear,finetune}/<m>.json``); what
+is lost is that a sweep of one step's params (``-S knn.k=...``) re-runs the others too (a few seconds
+per method on digits; on ImageNet the extraction dominates and the features are written once either way).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from selfsup import dist
-from selfsup.config import Config, ConfigError
+from selfsup.config import Config, ConfigError, config_hash
 from selfsup.data import load_prepared
 from selfsup.evaluate import _skip, cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
 from selfsup.features import apply_head, extract_sharded
-from selfsup.io import derive_seed, read_features, read_json, write_features, write_json
+from selfsup.io import ResultCache, derive_seed, read_features, read_json, sha256_file, write_features, write_json
 from selfsup.models import load_backbone, load_eval_head
 from selfsup.pca import PCAWhitening
 from selfsup.stage import Paths
@@ -143,6 +145,12 @@ def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> d
     extract = extract_all(cfg, name, P, device)
     if extract is None:
         return None
+    return evaluate_features(cfg, name, P, device, extract)
+
+
+def evaluate_features(cfg: Config, name: str, P: Paths, device: torch.device, extract: dict[str, Any]
+                      ) -> dict[str, dict[str, Any]]:
+    """Steps 2-5 on the features step 1 wrote (rank 0)."""
     num_classes = len(read_json(P.dataset / "meta.json")["classes"])
     tr, ytr = read_features(P.features(name, "train"))  # (N, D), (N,); as written, so the steps see the file
     te, yte = read_features(P.features(name, "test"))
@@ -151,3 +159,50 @@ def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> d
             "cluster": cluster_step(cfg, tr, ytr, te, yte, num_classes),
             "linear": linear_step(cfg, name, P, tr, ytr, te, yte, num_classes, device),
             "finetune": finetune_step(cfg, name, P, ytr, yte, device)}
+
+
+def eval_key(cfg: Config, name: str, P: Paths, device: torch.device) -> str:
+    """What method ``name``'s evaluation depends on: its model file's content, the dataset, every key the
+    ``evaluate`` stage reads (``workers`` aside: the draws do not depend on it), the device type, the
+    number of processes and the code the stage runs."""
+    from selfsup.codedeps import closure, code_hash
+
+    keys = {k: getattr(cfg, k) for k in ("knn", "cluster", "linear", "svm", "probe", "finetune")}
+    return config_hash({"method": name, "model": sha256_file(P.model(name)),
+                        "data": sha256_file(P.dataset / "meta.json"), "params": config_hash(keys),
+                        "shared": [cfg.seed, cfg.extract.batch_size, cfg.dataset.crop_size, cfg.dataset.resize_size,
+                                   cfg.whiten.pca_dim], "device": device.type,
+                        "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes,
+                        "code": code_hash(closure("stages/evaluate.py"))})
+
+
+def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
+                 ) -> Iterator[tuple[str, dict[str, dict[str, Any]], bool]]:
+    """Steps 1-5 for every method, in one process (the ``evaluate`` stage): yields (method, its steps'
+    metrics, reused) on rank 0; nothing on the other ranks.
+
+    A method whose ``eval_key`` is unchanged and whose features are on disk (``data/features`` is a
+    persist output) gets its stored metrics back (``selfsup.io.ResultCache``, ``data/eval_runs``): a
+    new model of one method re-evaluates that method only, a changed evaluation key all of them. Why
+    one stage: each process start imports torch and scikit-learn, about 4 s here, once per method
+    before. With several processes every rank first extracts the features of the methods to
+    evaluate (sharded), then rank 0 evaluates them, so no rank waits in a collective while rank 0
+    fine-tunes."""
+    cache = ResultCache(P.root / "data" / "eval_runs")
+    keys = {m: eval_key(cfg, m, P, device) for m in methods}
+
+    def stored(m: str) -> dict[str, dict[str, Any]] | None:
+        have = all(P.features(m, s).is_file() for s in ("train", "test"))
+        return cache.get(m, keys[m]) if have else None
+
+    todo = [m for m in methods if stored(m) is None]
+    extracted = {m: extract_all(cfg, m, P, device) for m in todo}  # every rank: the sharded extraction
+    if not dist.is_main():
+        return
+    for m in methods:
+        if m not in extracted:
+            yield m, stored(m), True
+            continue
+        out = evaluate_features(cfg, m, P, device, extracted[m])
+        cache.put(m, keys[m], out)
+        yield m, out, False

@@ -150,6 +150,44 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def folder_stamp(folder: str | Path) -> str:
+    """A digest of a folder's listing (relative path, size, mtime of every file): changes whenever a
+    stage rewrites it. Cheap on a VOCdevkit; an unchanged rewrite only costs a recomputation."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ResultCache:
+    """Per-item results of a stage that loops over items (the VOC stage: one detector per method), kept
+    in a ``persist`` folder and reused while the item's key is unchanged.
+
+    Why: one DVC stage for all methods costs one process start instead of one per method (each start
+    imports torch and torchvision, about 4 s here), while a new model of one method still re-runs only
+    that method's detector. The key must digest everything the result depends on (the stage builds it
+    from the model file's content, the params, the code, the data), as ``selfsup.train.run_key`` does
+    for resumed training. Only the main process writes.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def get(self, item: str, key: str) -> Any | None:
+        f = self.folder / f"{item}.json"
+        if not f.is_file():
+            return None
+        entry = read_json(f)
+        return entry["result"] if entry.get("key") == key else None
+
+    def put(self, item: str, key: str, result: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / f"{item}.json", {"key": key, "result": result})
+
+
 def derive_seed(seed: int, *keys: Any) -> int:
     """A child seed from the run seed and any keys (stage, epoch, ...), stable across runs."""
     blob = json.dumps([seed, *keys], default=str).encode()

@@ -1,6 +1,8 @@
 """What every stage script shares: logging, thread count, the config, standard paths."""
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -38,6 +40,10 @@ class Paths:
     def voc(self) -> Path:
         return self.root / "data" / "voc"
 
+    @property
+    def voc_runs(self) -> Path:  # the voc stage's per-method results, reused while their key holds
+        return self.root / "data" / "voc_runs"
+
     def voc_classes(self, m: str) -> Path:
         return self.root / "metrics" / "voc" / f"{m}_classes.csv"
 
@@ -49,6 +55,10 @@ class Paths:
 def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = True) -> Config:
     """Logging (under torchrun only rank 0 logs at INFO), threads, the config. The training and
     feature stages then call ``selfsup.launch.distributed(cfg)``."""
+    # At exit the interpreter tears down torch's and torchvision's modules under the cyclic GC, about
+    # 0.8 s of every stage here (benchmarks/imports.py, "exit"); frozen, the GC skips those objects.
+    # Registered first, so it runs after every other exit handler (MLflow's end of run, DDP's clean-up).
+    atexit.register(gc.freeze)
     rank = int(os.environ.get("RANK", "0"))
     level = os.environ.get("SELFSUP_LOG", "INFO") if rank == 0 else "WARNING"
     logging.basicConfig(level=level, format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s")

@@ -92,7 +92,7 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = {"download", "voc_data", "report", "table1_report"} | branch(METHODS) | {f"table1@{r}" for r in TABLE1}
+    expected = {"download", "voc_data", "evaluate", "voc", "report", "table1_report"} | branch(METHODS) | {f"table1@{r}" for r in TABLE1}
     assert stages_run(repo["first"]) == expected
     declared = []
     for stage in stages_of(d).values():
@@ -141,7 +141,9 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
         (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         run([sys.executable, "-m", "selfsup.dag"], d, repo["env"])
         status = json.loads(run([*repo["dvc"], "status", "--json"], d, repo["env"]))
-        assert set(status) == branch(["supervised2"]) | {"report"}, sorted(status)
+        # and the evaluate and voc stages, whose outputs follow the method list (the other methods'
+        # results are reused when they run)
+        assert set(status) == branch(["supervised2"]) | {"evaluate", "voc", "report"}, sorted(status)
     finally:
         new.unlink(missing_ok=True)
         (d / "params.yaml").write_text(params_before)
@@ -152,7 +154,11 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
 def test_exp_run_reruns_only_the_deepcluster_branch(repo):
     out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
     # and the MLCD branch: it clusters DeepCluster's encoder, a dependency of MLCD's pretrain stage
-    assert stages_run(out) == branch(["deepcluster", "mlcd"]) | {"report"}, out
+    assert stages_run(out) == branch(["deepcluster", "mlcd"]) | {"evaluate", "voc", "report"}, out
+    # the evaluate and voc stages re-ran the two new models and reused the other two methods' results
+    for stage in ("evaluate", "voc"):
+        assert re.search(rf"{stage} random: .*reused", out) and re.search(rf"{stage} mlcd: .*s\n", out), out
+        assert not re.search(rf"{stage} deepcluster: .*reused", out), out
     shown = json.loads(run([*repo["dvc"], "exp", "show", "--json"], repo["dir"], repo["env"]))
     text = json.dumps(shown)
     assert '"k12"' in text
@@ -202,7 +208,7 @@ def unlabelled(tmp_path_factory):
 def test_unlabelled_training_folder_runs_the_whole_dag(unlabelled):
     d = unlabelled["dir"]
     methods = ["deepcluster", "supervised", "random"]
-    expected = {"download", "voc_data", "report", "table1_report", "table1@nce10"} | branch(methods)
+    expected = {"download", "voc_data", "evaluate", "voc", "report", "table1_report", "table1@nce10"} | branch(methods)
     assert stages_run(unlabelled["first"]) == expected
     meta = json.loads((d / "data" / "dataset" / "meta.json").read_text())
     assert meta["format"] == "files" and meta["counts"]["train_unlabeled"] == 90

@@ -274,3 +274,39 @@ def test_iou_exactly_at_the_threshold_follows_iou_compare():
 
 def test_the_default_score_threshold_is_detectron2s():
     assert small_cfg().score_thresh == 0.05 and small_cfg().iou_compare == "gt"
+
+
+def test_the_voc_stage_reuses_a_method_result_until_its_model_or_params_change(tmp_path, monkeypatch):
+    """transfer_all: one detector per method, and a method whose model file, voc params, code and data
+    are unchanged is not fine-tuned again (its stored result comes back, marked reused)."""
+    import dataclasses
+
+    from selfsup import detection
+
+    calls = []
+
+    def fake_run(backbone, voc_dir, mean, std, cfg, seed, device):
+        calls.append(backbone)
+        return {"summary": {"map50": float(len(calls)), "steps": cfg.steps}, "per_class": [], "history": []}
+
+    monkeypatch.setattr(detection, "load_backbone", lambda path, device: path.name)
+    monkeypatch.setattr(detection, "run_voc", fake_run)
+    cfg = load_config({"methods": ["random", "supervised"], "device": "cpu"})
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "manifest.json").write_text("{}")
+    models = {m: tmp_path / f"{m}.pt" for m in cfg.methods}
+    for m, f in models.items():
+        f.write_bytes(m.encode())
+
+    def run(c):
+        out = list(detection.transfer_all(c, models, voc, [0.3], [0.35], torch.device("cpu"), tmp_path / "runs"))
+        return {name: (res["summary"]["map50"], reused) for name, res, reused in out}
+
+    assert run(cfg) == {"random": (1.0, False), "supervised": (2.0, False)}
+    assert run(cfg) == {"random": (1.0, True), "supervised": (2.0, True)} and len(calls) == 2
+    models["random"].write_bytes(b"retrained")  # a new model of one method: only its detector runs
+    assert run(cfg) == {"random": (3.0, False), "supervised": (2.0, True)}
+    longer = dataclasses.replace(cfg, voc=dataclasses.replace(cfg.voc, steps=cfg.voc.steps + 1))
+    assert run(longer) == {"random": (4.0, False), "supervised": (5.0, False)}  # a voc key: all of them
+    assert calls == ["supervised.pt", "random.pt"][::-1] + ["random.pt", "random.pt", "supervised.pt"]
