@@ -50,7 +50,9 @@ META = ("title", "dataset", "source", "differences", "params")
 SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,
               "pca_dim": 8, "relabel_times": 1, "bn_splits": 2, "warmup_epochs": 0, "permutations": 24, "hidden": 256,
               "prototypes": 4, "queue_length": 16, "accumulate": 1,
-              "warmup_teacher_temp_epochs": 0}
+              "warmup_teacher_temp_epochs": 0,
+              # head widths: DINO's 65536-way head (2048 hidden) made its ImageNet smokes ~25 s each on a CPU
+              "out_dim": 4096, "hidden_dim": 1024}
 SMOKE_BATCH = 8
 SMOKE_SIDE = 64  # the crop of image-file stand-ins (ImageNet presets)
 SMOKE_TRAIN, SMOKE_TEST = 16, 8
