@@ -184,7 +184,7 @@ def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
     A method whose ``eval_key`` is unchanged and whose features are on disk (``data/features`` is a
     persist output) gets its stored metrics back (``selfsup.io.ResultCache``, ``data/eval_runs``): a
     new model of one method re-evaluates that method only, a changed evaluation key all of them. Why
-    one stage: each process start imports torch and scikit-learn, about 4 s here, once per method
+    one stage: each process start imports torch and scikit-learn, about 4 s here (benchmarks/imports.py), once per method
     before. With several processes every rank first extracts the features of the methods to
     evaluate (sharded), then rank 0 evaluates them, so no rank waits in a collective while rank 0
     fine-tunes."""

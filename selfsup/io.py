@@ -167,7 +167,7 @@ class ResultCache:
     in a ``persist`` folder and reused while the item's key is unchanged.
 
     Why: one DVC stage for all methods costs one process start instead of one per method (each start
-    imports torch and torchvision, about 4 s here), while a new model of one method still re-runs only
+    imports torch and torchvision, about 4 s here: benchmarks/imports.py), while a new model of one method still re-runs only
     that method's detector. The key must digest everything the result depends on (the stage builds it
     from the model file's content, the params, the code, the data), as ``selfsup.train.run_key`` does
     for resumed training. Only the main process writes.
