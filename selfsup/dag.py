@@ -4,17 +4,17 @@ The DAG is split over several ``dvc.yaml`` files, each with its own ``dvc.lock``
 
 - ``dvc.yaml`` (hand-written, code deps regenerated): the shared stages, ``download``,
   ``tokenizer``, ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
-  transfer, each in one process; their outputs follow the method list), ``report`` and InstDisc's Table 1 (``table1@<row>``,
-  ``table1_report``).
+  transfer, each in one process; their outputs follow the method list), ``report`` and InstDisc's
+  Table 1 (``table1@<row>``, ``table1_report``).
 - ``pipelines/<method>/dvc.yaml`` (written whole from the templates below, one per
   ``params.yaml: methods`` entry): that method's training, stage ``pretrain`` (addressed as
   ``pipelines/<m>/dvc.yaml:pretrain``; ``dvc repro pipelines/<m>/dvc.yaml`` trains one method and
-  what it needs). They run from the repository root (``wdir: ../..``), so
-  every path and the params file are the same as in the root file.
+  what it needs). They run from the repository root (``wdir: ../..``), so every path and the
+  params file are the same as in the root file.
 
-Why split (and why ``evaluate`` and ``voc`` are one stage each): after every stage DVC re-parses and rewrites the whole lock file of its ``dvc.yaml``
-with a pure-Python YAML round trip. With one file for the 21-method default (77 stages, a 550 KB
-lock) that was about 5 s per stage, more than most stages' own work on digits; with one small lock
+Why split (and why ``evaluate`` and ``voc`` are one stage each): after every stage DVC re-parses and
+rewrites the whole lock file of its ``dvc.yaml`` with a pure-Python YAML round trip. With one file
+for the 22-method default (77 stages, a 550 KB lock) that was about 5 s per stage, more than most stages' own work on digits; with one small lock
 per method it is a fraction of a second (README "The DAG", ``benchmarks/stage_overhead.py``). Each
 process start still imports torch (and scikit-learn or torchvision), about 4 s here; an evaluation
 and a detector per method as their own stages cost 44 of them, so the ``evaluate`` and ``voc`` stages
@@ -129,6 +129,7 @@ def voc_outputs(methods) -> dict[str, list[Any]]:
             "metrics": [{f"metrics/voc/{m}.json": {"cache": False}} for m in methods]}
 
 
+PER_METHOD_OUTPUTS = {EVALUATE: evaluate_outputs, VOC: voc_outputs}
 TOKENIZER = "tokenizer"
 TOKENS = "data/tokenizer/tokenizer.pt"  # BEiT's upstream: the tokenizer stage's output
 
@@ -184,10 +185,8 @@ def generate(text: str, methods: dict[str, str]) -> str:
         data = [d for d in deps if not is_code(str(d))]
         deps.clear()
         deps.extend(closure(script, TRAINS.get(name)) + data)
-        if name == VOC:  # one detector per method in one process: its outputs follow the method list
-            body.update(voc_outputs(methods))
-        if name == EVALUATE:  # likewise every method's evaluations
-            body.update(evaluate_outputs(methods))
+        if name in PER_METHOD_OUTPUTS:  # every method in one process: its outputs follow the method list
+            body.update(PER_METHOD_OUTPUTS[name](methods))
     out = io.StringIO()
     ry.dump(doc, out)
     return out.getvalue()

@@ -161,19 +161,17 @@ def evaluate_features(cfg: Config, name: str, P: Paths, device: torch.device, ex
             "finetune": finetune_step(cfg, name, P, ytr, yte, device)}
 
 
-def eval_key(cfg: Config, name: str, P: Paths, device: torch.device) -> str:
-    """What method ``name``'s evaluation depends on: its model file's content, the dataset, every key the
+def eval_base(cfg: Config, P: Paths, device: torch.device) -> dict[str, Any]:
+    """What every method's evaluation depends on besides its model: the dataset, every key the
     ``evaluate`` stage reads (``workers`` aside: the draws do not depend on it), the device type, the
-    number of processes and the code the stage runs."""
+    number of processes and the code the stage runs. A method's key adds its name and model file."""
     from selfsup.codedeps import closure, code_hash
 
     keys = {k: getattr(cfg, k) for k in ("knn", "cluster", "linear", "svm", "probe", "finetune")}
-    return config_hash({"method": name, "model": sha256_file(P.model(name)),
-                        "data": sha256_file(P.dataset / "meta.json"), "params": config_hash(keys),
-                        "shared": [cfg.seed, cfg.extract.batch_size, cfg.dataset.crop_size, cfg.dataset.resize_size,
-                                   cfg.whiten.pca_dim], "device": device.type,
-                        "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes,
-                        "code": code_hash(closure("stages/evaluate.py"))})
+    return {"data": sha256_file(P.dataset / "meta.json"), "params": config_hash(keys),
+            "shared": [cfg.seed, cfg.extract.batch_size, cfg.dataset.crop_size, cfg.dataset.resize_size,
+                       cfg.whiten.pca_dim], "device": device.type,
+            "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes, "code": code_hash(closure("stages/evaluate.py"))}
 
 
 def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
@@ -181,27 +179,26 @@ def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
     """Steps 1-5 for every method, in one process (the ``evaluate`` stage): yields (method, its steps'
     metrics, reused) on rank 0; nothing on the other ranks.
 
-    A method whose ``eval_key`` is unchanged and whose features are on disk (``data/features`` is a
-    persist output) gets its stored metrics back (``selfsup.io.ResultCache``, ``data/eval_runs``): a
-    new model of one method re-evaluates that method only, a changed evaluation key all of them. Why
-    one stage: each process start imports torch and scikit-learn, about 4 s here (benchmarks/imports.py), once per method
-    before. With several processes every rank first extracts the features of the methods to
-    evaluate (sharded), then rank 0 evaluates them, so no rank waits in a collective while rank 0
+    A method whose key (``eval_base``, its name and model file) is unchanged and whose features are
+    on disk (``data/features`` is a persist output) gets its stored metrics back
+    (``selfsup.io.ResultCache``, ``data/eval_runs``): a new model of one method re-evaluates that
+    method only, a changed evaluation key all of them. Why one stage: each process start imports
+    torch and scikit-learn, about 4 s here (benchmarks/imports.py), once per method before. With
+    several processes every rank first extracts the features of the methods to evaluate (sharded),
+    then rank 0 evaluates them, so no rank waits in a collective while rank 0
     fine-tunes."""
     cache = ResultCache(P.root / "data" / "eval_runs")
-    keys = {m: eval_key(cfg, m, P, device) for m in methods}
-
-    def stored(m: str) -> dict[str, dict[str, Any]] | None:
-        have = all(P.features(m, s).is_file() for s in ("train", "test"))
-        return cache.get(m, keys[m]) if have else None
-
-    todo = [m for m in methods if stored(m) is None]
-    extracted = {m: extract_all(cfg, m, P, device) for m in todo}  # every rank: the sharded extraction
+    base = eval_base(cfg, P, device)
+    keys = {m: config_hash({**base, "method": m, "model": sha256_file(P.model(m))}) for m in methods}
+    stored = {m: cache.get(m, keys[m]) if all(P.features(m, s).is_file() for s in ("train", "test")) else None
+              for m in methods}
+    # every rank: the sharded extraction of the methods to evaluate
+    extracted = {m: extract_all(cfg, m, P, device) for m in methods if stored[m] is None}
     if not dist.is_main():
         return
     for m in methods:
         if m not in extracted:
-            yield m, stored(m), True
+            yield m, stored[m], True
             continue
         out = evaluate_features(cfg, m, P, device, extracted[m])
         cache.put(m, keys[m], out)
