@@ -394,7 +394,7 @@ class MlflowCfg:
 
 
 # InstDisc's Table 1 (Wu et al. 2018) as a sweep: each row is the `instdisc` block with
-# these overrides (selfsup/table1.py); dvc.yaml runs one `table1@<row>` stage per row.
+# these overrides (selfsup/table1.py); the dvc.yaml stage table1 runs every row.
 INSTDISC_SOFTMAX = ("nonparametric", "parametric")
 
 
@@ -461,7 +461,7 @@ class EmbeddedVocCfg:
 
 @dataclass
 class VocCfg:
-    """Detection transfer (stages voc_data, pipelines/<m>/dvc.yaml:voc; selfsup/voc_data.py, detection.py, voc_eval.py)."""
+    """Detection transfer (stages voc_data, voc; selfsup/voc_data.py, detection.py, voc_eval.py)."""
 
     # data (the voc_data stage reads only these five)
     dataset: str = "embedded"  # embedded | voc2007 | voc2007+2012 (trainval; test is always VOC2007 test)
@@ -597,7 +597,7 @@ class Config:
     log_every: int = 50
     checkpoint_minutes: float = 20.0
     # method name -> its upstream input, in report order. The value is a DVC dependency
-    # of the method's pretraining (pipelines/<m>/dvc.yaml, selfsup/dag.py): NO_UPSTREAM for none, else a
+    # of the pretrain stage (dvc.yaml, selfsup/dag.py): NO_UPSTREAM for none, else a
     # backbone file (another method's data/models/<m>.pt, or a local weights file) that
     # the method reads (MLCD clusters its features). A list means no upstream for all.
     methods: dict[str, str] = field(default_factory=dict)
@@ -626,6 +626,7 @@ class Config:
         for m, up in self.methods.items():
             if not up:
                 raise ConfigError(f"methods.{m}: empty upstream; use {NO_UPSTREAM} for none")
+        self.training_order()  # an upstream cycle fails here, before any work
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.workers < -1:
@@ -638,6 +639,38 @@ class Config:
         """The upstream file method ``name`` reads, or None."""
         up = self.methods.get(name, NO_UPSTREAM)
         return None if up == NO_UPSTREAM else up
+
+    def trained_upstream(self, name: str) -> str | None:
+        """The method whose final encoder method ``name`` reads (``data/models/<u>.pt`` with ``u`` in
+        ``methods``: trained earlier in the same ``pretrain`` stage), or None."""
+        up = self.upstream(name)
+        for u in self.methods:
+            if up is not None and Path(up) == Path("data/models") / f"{u}.pt":
+                return u
+        return None
+
+    def training_order(self) -> list[str]:
+        """The methods in the order the ``pretrain`` stage trains them: ``methods``' order, except that a
+        method comes after the method whose encoder it reads (MLCD after DeepCluster)."""
+        order: list[str] = []
+        visiting: list[str] = []
+
+        def visit(m: str) -> None:
+            if m in order:
+                return
+            if m in visiting:
+                cycle = " -> ".join([*visiting[visiting.index(m):], m])
+                raise ConfigError(f"methods: the upstream encoders form a cycle ({cycle})")
+            visiting.append(m)
+            u = self.trained_upstream(m)
+            if u is not None:
+                visit(u)
+            visiting.pop()
+            order.append(m)
+
+        for m in self.methods:
+            visit(m)
+        return order
 
     def method(self, name: str) -> Any:
         if name not in self.method_cfgs:

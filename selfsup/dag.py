@@ -1,35 +1,31 @@
-"""Keep the DAG's files equal to what each stage runs: ``python -m selfsup.dag``.
+"""Keep the DAG's file equal to what each stage runs: ``python -m selfsup.dag``.
 
-The DAG is split over several ``dvc.yaml`` files, each with its own ``dvc.lock``:
+``dvc.yaml`` is hand-written except for what follows the method list, which this command writes:
 
-- ``dvc.yaml`` (hand-written, code deps regenerated): the shared stages, ``download``,
-  ``tokenizer``, ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
-  transfer, each in one process; their outputs follow the method list), ``report`` and InstDisc's
-  Table 1 (``table1@<row>``, ``table1_report``).
-- ``pipelines/<method>/dvc.yaml`` (written whole from the templates below, one per
-  ``params.yaml: methods`` entry): that method's training, stage ``pretrain`` (addressed as
-  ``pipelines/<m>/dvc.yaml:pretrain``; ``dvc repro pipelines/<m>/dvc.yaml`` trains one method and
-  what it needs). They run from the repository root (``wdir: ../..``), so every path and the
-  params file are the same as in the root file.
+- ``pretrain``: every method's training in one process (``selfsup.pretraining.train_all``), written
+  whole from ``pretrain_stage``: the union of the methods' import closures, their params blocks,
+  their upstream files (those no other method of the stage writes), every method's outputs;
+- the outputs of ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
+  transfer, each in one process), and the ``tokenizer`` stage (BEiT's visual tokens), present while
+  a method's upstream is its output ``data/tokenizer/tokenizer.pt`` (a preset without BEiT trains no
+  tokeniser);
+- every other stage's code deps (the ``stages/`` and ``selfsup/`` entries): the import closure of its
+  script (``selfsup.codedeps``); data deps stay as written.
 
-Why split (and why ``evaluate`` and ``voc`` are one stage each): after every stage DVC re-parses and
-rewrites the whole lock file of its ``dvc.yaml`` with a pure-Python YAML round trip. With one file
-for the 22-method default (77 stages, a 550 KB lock) that was about 5 s per stage, more than most stages' own work on digits; with one small lock
-per method it is a fraction of a second (README "The DAG", ``benchmarks/stage_overhead.py``). Each
-process start still imports torch (and scikit-learn or torchvision), about 4 s here; an evaluation
-and a detector per method as their own stages cost 44 of them, so the ``evaluate`` and ``voc`` stages
-loop over the methods and reuse a method's result while its model and the rest are unchanged
-(``selfsup.frozen.evaluate_all``, ``selfsup.detection.transfer_all``).
+Why one stage per kind of work, not per method: each process start imports torch (and
+scikit-learn or torchvision) and opens the MLflow store, about 5 s here (benchmarks/imports.py), and
+after every stage DVC re-parses and rewrites the stage file's whole lock (``benchmarks/stage_overhead.py``);
+one stage per method and step was 77 stages for the 22-method default. Each of these stages keeps
+per-method granularity itself: training resumes a method's checkpoint while its key (config, code
+closure, data, upstream encoder) holds (``selfsup.train.run_key``), and ``evaluate`` and ``voc``
+reuse a method's stored result while its model and keys hold (``selfsup.io.ResultCache``). So a
+change to one method's block or file retrains and re-evaluates that method only.
 
-Every stage's code deps (the ``stages/`` and ``selfsup/`` entries) are the import closure of its
-script (``selfsup.codedeps``); data deps stay as written. Pretraining closures differ by method
-(SeLa runs Sinkhorn, MoCo the key queue...), so editing a file only SeLa uses re-runs only SeLa.
-
-The ``tokenizer`` stage (BEiT's visual tokens) is written while a method's upstream is its output
-``data/tokenizer/tokenizer.pt`` and removed otherwise, so a preset without BEiT trains no tokeniser.
+An earlier layout put each method's training in ``pipelines/<m>/dvc.yaml``; this command deletes
+such files (and their locks).
 
 Adding a method: its file, its params block, its ``methods:`` entry, then this command; the test
-``test_dag_files_are_generated`` fails until it has run. ``--check`` exits 1 when a file is stale
+``test_dag_files_are_generated`` fails until it has run. ``--check`` exits 1 when the file is stale
 instead of rewriting it.
 """
 from __future__ import annotations
@@ -45,63 +41,42 @@ import yaml
 from selfsup.codedeps import ROOT, closure
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
-PIPELINES = "pipelines"  # pipelines/<method>/dvc.yaml
-BRANCH = ("pretrain",)  # the stages of one method's file
-WDIR = "../.."  # a method's stages run from the repository root
+PIPELINES = "pipelines"  # the earlier layout's pipelines/<method>/dvc.yaml, deleted when found
+PRETRAIN = "pretrain"
 NO_UPSTREAM = "data/dataset"
 # params a pretraining reads that change its result (workers, log_every, checkpoint_minutes and mlflow
 # do not: every draw is seeded by position, and logging does not touch the state; the checkpoint
 # key leaves them out for the same reason; the number of processes sets the global batch)
 PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "model", "extract.batch_size",
                    "dataset.crop_size", "dataset.resize_size", "dist.nproc_per_node", "dist.nnodes"]
-HEADER = """\
-# The {method} branch of the DAG: pretrain -> {{evaluate, voc}} -> report (those in the root dvc.yaml).
-# Written by `python -m selfsup.dag` from params.yaml `methods` and the templates in
-# selfsup/dag.py: edit those, not this file. Its own file so that its own small dvc.lock is
-# what DVC rewrites after each of these stages (selfsup/dag.py says why).
-"""
-
-
 def is_code(dep: str) -> bool:
     """A Python file of the package or a stage script (regenerated); data files such as
     selfsup/paper_results.yaml are kept as written."""
     return dep.startswith(("stages/", "selfsup/")) and dep.endswith(".py")
 
 
-def pipeline_file(method: str) -> str:
-    return f"{PIPELINES}/{method}/dvc.yaml"
-
-
-def address(method: str, stage: str) -> str:
-    """The name DVC gives a method's stage (``dvc repro``, ``dvc status``, "Running stage ...")."""
-    return f"{pipeline_file(method)}:{stage}"
-
-
-def branch(methods) -> set[str]:
-    """The DVC addresses of the methods' stages."""
-    return {address(m, s) for m in methods for s in BRANCH}
-
-
-def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:
-    """The training loop (resumable at any step), the final encoder, per-epoch history, the live MLflow run."""
-    deps = closure("stages/pretrain.py", method) + [NO_UPSTREAM]
-    if upstream != NO_UPSTREAM:
-        deps.append(upstream)  # the upstream encoder the method reads (MLCD clusters its features)
+def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
+    """Every method's training loop (resumable at any step), final encoder, per-epoch history,
+    pictures and live MLflow run, in one process (``selfsup.pretraining``)."""
+    code = sorted({f for m in methods for f in closure("stages/pretrain.py", m)})
+    # the upstream files the stage reads and does not write (a method's own encoder is written by the
+    # stage before the method reading it: Config.training_order)
+    ups = [u for u in dict.fromkeys(methods.values())
+           if u != NO_UPSTREAM and u not in {f"data/models/{m}.pt" for m in methods}]
     return {
-        "wdir": WDIR,
-        "cmd": f"python stages/pretrain.py {method}",
-        "deps": deps,
-        "params": [*PRETRAIN_PARAMS, f"methods.{method}", method],
+        "cmd": "python stages/pretrain.py",
+        "deps": [*code, NO_UPSTREAM, *ups],
+        "params": [*PRETRAIN_PARAMS, "methods", *methods],
         "outs": [
             # resumable state (checkpoints, MLCD's assignment table): kept across runs and
             # experiments, resumed only on a matching key
-            {f"data/pretrain/{method}": {"persist": True, "cache": False}},
-            f"data/models/{method}.pt",
+            {"data/pretrain": {"persist": True, "cache": False}},
+            *[f"data/models/{m}.pt" for m in methods],
         ],
-        "metrics": [{f"metrics/pretrain/{method}.json": {"cache": False}}],
-        "plots": [{f"plots/pretrain/{method}.csv": {"cache": False, "x": "epoch", "y": "loss"}},
-                  # what the method draws (Method.pictures: the colouriser's outputs), under reports/
-                  *[{f"reports/{p}": {"cache": False}} for p in pictures(method)]],
+        "metrics": [{f"metrics/pretrain/{m}.json": {"cache": False}} for m in methods],
+        "plots": [*[{f"plots/pretrain/{m}.csv": {"cache": False, "x": "epoch", "y": "loss"}} for m in methods],
+                  # what a method draws (Method.pictures: the colouriser's outputs), under reports/
+                  *[{f"reports/{p}": {"cache": False}} for m in methods for p in pictures(m)]],
     }
 
 
@@ -127,6 +102,14 @@ def voc_outputs(methods) -> dict[str, list[Any]]:
     return {"outs": [{"data/voc_runs": {"persist": True, "cache": False}},
                      *[{f"metrics/voc/{m}_classes.csv": {"cache": False}} for m in methods]],
             "metrics": [{f"metrics/voc/{m}.json": {"cache": False}} for m in methods]}
+
+
+TABLE1 = "table1"
+
+
+def table1_outputs(rows) -> dict[str, list[Any]]:
+    """The ``table1`` stage's metrics: one file per row of ``instdisc_table1.rows`` (none: no key)."""
+    return {"metrics": [{f"metrics/table1/{r}.json": {"cache": False}} for r in rows]} if rows else {}
 
 
 PER_METHOD_OUTPUTS = {EVALUATE: evaluate_outputs, VOC: voc_outputs}
@@ -161,9 +144,9 @@ def _yaml():
     return ry
 
 
-def generate(text: str, methods: dict[str, str]) -> str:
-    """The root dvc.yaml ``text`` with its code deps regenerated and the tokenizer stage present
-    exactly while a method reads its output."""
+def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
+    """The root dvc.yaml ``text`` with its code deps regenerated, the ``pretrain`` stage written from
+    the method list, and the tokenizer stage present exactly while a method reads its output."""
     ry = _yaml()
     doc = ry.load(text)
     stages = doc["stages"]
@@ -173,47 +156,44 @@ def generate(text: str, methods: dict[str, str]) -> str:
         stages.insert(at, TOKENIZER, tokenizer_stage())
     elif TOKENS not in methods.values() and TOKENIZER in stages:
         del stages[TOKENIZER]
+    if PRETRAIN in stages:  # written whole, after download and the tokenizer
+        del stages[PRETRAIN]
+    names = list(stages)
+    at = max([names.index(s) + 1 for s in ("download", TOKENIZER) if s in names], default=0)
+    stages.insert(at, PRETRAIN, pretrain_stage(methods))
     for name, stage in stages.items():
-        if name in BRANCH or name.startswith("pretrain-"):
-            raise SystemExit(f"dvc.yaml: stage {name} belongs in {PIPELINES}/<method>/dvc.yaml (written by "
-                             "`python -m selfsup.dag`), not the root dvc.yaml")
         body = stage["do"] if "foreach" in stage else stage
         script = f"stages/{name}.py"
         if not (ROOT / script).is_file():
             raise SystemExit(f"dvc.yaml: stage {name} has no script {script}")
+        if name == PRETRAIN:
+            continue  # written whole above
         deps = body.get("deps") or []
         data = [d for d in deps if not is_code(str(d))]
         deps.clear()
         deps.extend(closure(script, TRAINS.get(name)) + data)
         if name in PER_METHOD_OUTPUTS:  # every method in one process: its outputs follow the method list
             body.update(PER_METHOD_OUTPUTS[name](methods))
+        if name == TABLE1:  # every row in one process: its metrics follow instdisc_table1.rows
+            body.pop("metrics", None)
+            body.update(table1_outputs(rows))
     out = io.StringIO()
     ry.dump(doc, out)
     return out.getvalue()
 
 
-def method_pipeline(method: str, upstream: str) -> str:
-    """The text of ``pipelines/<method>/dvc.yaml``."""
-    doc = {"stages": {"pretrain": pretrain_stage(method, upstream)}}
-    out = io.StringIO()
-    _yaml().dump(doc, out)
-    return HEADER.format(method=method) + out.getvalue()
-
-
-def plan(root: Path, methods: dict[str, str]) -> dict[Path, str | None]:
-    """Every DAG file's wanted text, None for a method file to delete (its method left ``methods``)."""
-    want: dict[Path, str | None] = {root / "dvc.yaml": generate((root / "dvc.yaml").read_text(), methods)}
-    for m, up in methods.items():
-        want[root / pipeline_file(m)] = method_pipeline(m, up)
+def plan(root: Path, methods: dict[str, str], rows: list[str]) -> dict[Path, str | None]:
+    """Every DAG file's wanted text; None for a file of the earlier per-method layout, to delete."""
+    want: dict[Path, str | None] = {root / "dvc.yaml": generate((root / "dvc.yaml").read_text(), methods, rows)}
     for f in sorted((root / PIPELINES).glob("*/dvc.yaml")):
-        if f.parent.name not in methods:
-            want[f] = None
+        want[f] = None
     return want
 
 
-def changed(root: Path, methods: dict[str, str]) -> dict[Path, str | None]:
+def changed(root: Path, methods: dict[str, str], rows: list[str]) -> dict[Path, str | None]:
     """The DAG files whose text differs from ``plan``'s, with the wanted text (None: delete)."""
-    return {f: text for f, text in plan(root, methods).items() if (f.read_text() if f.is_file() else None) != text}
+    return {f: text for f, text in plan(root, methods, rows).items()
+            if (f.read_text() if f.is_file() else None) != text}
 
 
 def methods_of(params: Path) -> dict[str, str]:
@@ -221,14 +201,35 @@ def methods_of(params: Path) -> dict[str, str]:
     return {m: NO_UPSTREAM for m in ms} if isinstance(ms, list) else dict(ms)
 
 
+def rows_of(params: Path) -> list[str]:
+    """The rows of InstDisc's Table 1 (``instdisc_table1.rows``)."""
+    return list(((yaml.safe_load(params.read_text()) or {}).get("instdisc_table1") or {}).get("rows") or {})
+
+
 def stages_of(root: Path) -> dict[str, dict[str, Any]]:
-    """Every stage of the DAG files under ``root`` by its DVC address (foreach stages unexpanded)."""
-    out = {}
-    for f in [root / "dvc.yaml", *sorted((root / PIPELINES).glob("*/dvc.yaml"))]:
-        prefix = "" if f.parent == root else f"{f.relative_to(root)}:"
-        for name, body in (yaml.safe_load(f.read_text()) or {}).get("stages", {}).items():
-            out[prefix + name] = body
-    return out
+    """Every stage of ``root``'s dvc.yaml by name (foreach stages unexpanded)."""
+    return dict((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
+
+
+def stale_lock_entries(root: Path) -> list[str]:
+    """Entries of ``dvc.lock`` for stages ``dvc.yaml`` no longer has: DVC never prunes them, and re-parses
+    and rewrites them after every stage."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return []
+    stages = stages_of(root)
+    keep = set(stages) | {f"{n}@" for n, b in stages.items() if "foreach" in b}
+    entries = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    return [e for e in entries if e not in keep and e.split("@")[0] + "@" not in keep]
+
+
+def prune_lock(root: Path, names: list[str]) -> None:
+    """Drop those entries from ``dvc.lock``, written in DVC's own layout."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(root / "dvc.lock") as doc:
+        for n in names:
+            del doc["stages"][n]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,24 +238,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=str(ROOT))
     a = ap.parse_args(argv)
     root = Path(a.root)
-    todo = changed(root, methods_of(root / "params.yaml"))
+    todo = changed(root, methods_of(root / "params.yaml"), rows_of(root / "params.yaml"))
     if not todo:
-        print("dvc.yaml, pipelines/: up to date")
+        stale = stale_lock_entries(root)
+        if stale and a.check:
+            print(f"dvc.lock: entries of removed stages ({', '.join(stale)}); run `python -m selfsup.dag`",
+                  file=sys.stderr)
+            return 1
+        if stale:
+            prune_lock(root, stale)
+            print(f"dvc.lock: pruned the entries of removed stages: {', '.join(stale)}")
+        print("dvc.yaml: up to date")
         return 0
     rel = ", ".join(str(f.relative_to(root)) for f in todo)
     if a.check:
         print(f"stale: {rel}; run `python -m selfsup.dag`", file=sys.stderr)
         return 1
     for f, text in todo.items():
-        if text is None:  # a method no longer in params.yaml: its branch and its lock go
+        if text is None:  # the earlier layout's pipelines/<m>/dvc.yaml: it and its lock go
             f.unlink()
             (f.parent / "dvc.lock").unlink(missing_ok=True)
             if not any(f.parent.iterdir()):
                 f.parent.rmdir()
+            if (root / PIPELINES).is_dir() and not any((root / PIPELINES).iterdir()):
+                (root / PIPELINES).rmdir()
         else:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(text)
     print(f"regenerated: {rel}")
+    if stale := stale_lock_entries(root):
+        prune_lock(root, stale)
+        print(f"dvc.lock: pruned the entries of removed stages: {', '.join(stale)}")
     return 0
 
 

@@ -211,7 +211,7 @@ def resolve_device(name: str) -> "torch.device":
 
 def repo_root() -> Path:
     """The project root: ``$DVC_ROOT`` under DVC, else the folder above cwd holding dvc.yaml and
-    params.yaml (a method's ``pipelines/<m>/dvc.yaml`` has no params.yaml beside it).
+    params.yaml (a sub-folder's own dvc.yaml has no params.yaml beside it).
 
     Queued ``dvc exp run`` executes in a temporary copy under ``.dvc/tmp/exps/``;
     paths inside it are mapped back to the real repository so that the MLflow

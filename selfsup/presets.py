@@ -158,7 +158,7 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
     put(doc, over, "")
     with open(path, "w") as f:
         ry.dump(doc, f)
-    if (path.parent / "dvc.yaml").is_file():  # the preset's methods' pipelines/<m>/dvc.yaml (and the tokenizer stage)
+    if (path.parent / "dvc.yaml").is_file():  # the pretrain stage for the preset's methods (and the tokenizer stage)
         from selfsup.dag import main as regenerate
 
         regenerate(["--root", str(path.parent)])

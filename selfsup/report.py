@@ -43,7 +43,7 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["nmi"] = clu.get("nmi", math.nan)
         row["ari"] = clu.get("ari", math.nan)
         row["cluster_acc"] = clu.get("acc", math.nan)
-        # detection transfer (stage pipelines/m/dvc.yaml:voc): VOC2007 11-point AP50, mean AP over IoU 0.5:0.95, AP75
+        # detection transfer (stage voc): VOC2007 11-point AP50, mean AP over IoU 0.5:0.95, AP75
         voc = st.get("voc", {})
         row["voc_ap50"] = voc.get("map50", math.nan)
         row["voc_ap"] = voc.get("ap", math.nan)
@@ -93,7 +93,7 @@ def load_histories(plots_dir: Path, methods: list[str]) -> dict[str, pd.DataFram
     for m in methods:
         f = plots_dir / f"{m}.csv"
         if not f.is_file():
-            raise InputError(f"{f}: missing (run `dvc repro pipelines/{m}/dvc.yaml:pretrain`)")
+            raise InputError(f"{f}: missing (run `dvc repro pretrain`)")
         out[m] = pd.read_csv(f)
     return out
 
@@ -127,7 +127,7 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
     for m in methods:
         f = metrics_dir / "voc" / f"{m}_classes.csv"
         if not f.is_file():
-            raise InputError(f"{f}: missing (run `dvc repro pipelines/{m}/dvc.yaml:voc`)")
+            raise InputError(f"{f}: missing (run `dvc repro voc`)")
         tables[m] = pd.read_csv(f)
     classes = list(next(iter(tables.values()))["class"]) if tables else []
 
@@ -278,3 +278,30 @@ def table1(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
 def table1_markdown(table: pd.DataFrame, notes: list[str]) -> str:
     return markdown_table(table, "InstDisc Table 1 (Wu et al. 2018)", notes, "row",
                           {"epochs": "{:.0f}", "final_loss": "{:.3f}"})
+
+
+def table1_files(cfg: Any, results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``reports/instdisc_table1.{md,csv}`` from the rows' metrics (``selfsup.table1.run_rows``), beside
+    the paper's figures; with no rows (a preset without InstDisc empties ``instdisc_table1.rows``) a
+    page that says so."""
+    t1 = cfg.instdisc_table1
+    if not results:
+        return {"instdisc_table1.md": "# InstDisc Table 1 (Wu et al. 2018)\n\nNot run: instdisc_table1.rows is "
+                                      "empty in params.yaml.\n", "instdisc_table1.csv": "row\n"}
+    table = table1(results)
+    notes = [
+        f"Ours: dataset {cfg.dataset.name}, backbone {cfg.model.backbone}, the `instdisc` params block with each "
+        f"row's softmax / nce_m, {table['epochs'].max()} epochs; test-split top-1.",
+        f"knn_top1: weighted kNN, k = {t1.knn_k} (capped at the training-set size), votes exp(sim / T) with T the "
+        "row's training temperature, on the normalised 128-d embedding re-extracted with the test transform "
+        "(the paper's protocol, lemniscate's test.py; it reads the memory bank where we re-extract).",
+        f"svm_top1: linear SVM (C = {cfg.svm.c}) on the L2-normalised backbone features, as the paper's linear "
+        f"column; linear_top1: the linear probe of the main table ({cfg.linear.epochs} epochs).",
+        "Paper numbers: selfsup/paper_results.yaml (source and whether each was checked against the paper's text).",
+        "paper_*: Wu et al. 2018, Table 1: CIFAR-10, ResNet-18, 128-d embedding, 200 epochs.",
+    ]
+    if any(r["nce_m_used"] != r["nce_m"] for r in results.values()):
+        notes.append("nce_m is capped below the training-set size (uniform noise over N images; the method refuses "
+                     "m >= N): rows whose m was capped say so.")
+    return {"instdisc_table1.md": table1_markdown(table, notes),
+            "instdisc_table1.csv": table.to_csv(float_format="%.4f")}

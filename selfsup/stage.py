@@ -70,18 +70,21 @@ def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = 
     return load_config(params, parse_methods)
 
 
-def check_stage_upstream(root: Path, method: str, upstream: str) -> None:
-    """The upstream file a pretraining reads (params.yaml ``methods.<m>``) must be a DVC dependency
-    of its stage (``pipelines/<m>/dvc.yaml:pretrain``), else DVC would not re-run it when that file
-    changes (``dvc exp run -S methods.mlcd=...`` changes the param but not the generated stage: fail
-    and say how to fix)."""
-    rel = f"pipelines/{method}/dvc.yaml"  # selfsup.dag.pipeline_file, not imported: it is no code a stage runs
-    dvc_yaml = root / rel
+def check_stage_upstream(root: Path, cfg: Config) -> None:
+    """Each upstream file a pretraining reads (params.yaml ``methods.<m>``) must be a DVC dependency of
+    the ``pretrain`` stage, unless that stage writes it before (another method's encoder), else DVC
+    would not re-run it when that file changes (``dvc exp run -S methods.mlcd=...`` changes the param
+    but not the generated stage: fail and say how to fix)."""
+    dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return
     import yaml
 
     stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get("pretrain")
-    if stage is not None and upstream not in stage.get("deps", []):
-        raise SystemExit(f"{rel}: stage pretrain does not depend on {upstream} (params.yaml "
-                         f"methods.{method}); run `python -m selfsup.dag` to regenerate it")
+    if stage is None:
+        return
+    for m in cfg.methods:
+        up = cfg.upstream(m)
+        if up is not None and cfg.trained_upstream(m) is None and up not in stage.get("deps", []):
+            raise SystemExit(f"dvc.yaml: stage pretrain does not depend on {up} (params.yaml methods.{m}); "
+                             "run `python -m selfsup.dag` to regenerate it")

@@ -5,8 +5,10 @@ by a linear classifier and the weighted kNN on the learned features.
 A row is the ``instdisc`` params block with the row's ``softmax`` / ``nce_m`` (and
 ``instdisc_table1.epochs`` when set), trained by the one loop (``selfsup.train.pretrain``)
 and evaluated with the shared protocols (``selfsup.features``, ``selfsup.evaluate``), all
-in one process (``run_row``) to save the per-stage start-up. The table itself, with the
-paper's figures, is built by ``selfsup.report.table1``. ``nce_m`` is capped below
+in one process (``run_row``). The ``table1`` stage runs every row in one process too
+(``run_rows``: each process start imports torch, about 4 s here, benchmarks/imports.py), reusing a
+row's stored result while its key holds, so adding a row trains only that row. The table itself,
+with the paper's figures, is built by ``selfsup.report.table1_files``. ``nce_m`` is capped below
 the training-set size (the method refuses m >= N); the table reports the m used.
 
 The paper's numbers are CIFAR-10, ResNet-18, 128-d embedding, 200 epochs; its "linear"
@@ -19,10 +21,10 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from selfsup.config import NO_UPSTREAM, Config, Table1Row
-from selfsup.io import derive_seed, resolve_device
+from selfsup.config import NO_UPSTREAM, Config, Table1Row, config_hash
+from selfsup.io import ResultCache, derive_seed, resolve_device
 
 log = logging.getLogger("selfsup.table1")
 
@@ -40,6 +42,40 @@ def row_config(cfg: Config, row: Table1Row, n_train: int) -> tuple[Any, int]:
     mcfg = dataclasses.replace(base, **over)
     mcfg.check("instdisc")
     return mcfg, m
+
+
+def row_key(cfg: Config, name: str, data: Any) -> str:
+    """What a row's result depends on: its training (``selfsup.train.run_key`` of the row's config: the
+    shared keys, the row's InstDisc block, the dataset, the loop's code), the number of processes, and
+    what the evaluation reads (the kNN k, the linear probe, the SVM, the extraction, this module's code)."""
+    from selfsup import dist
+    from selfsup.codedeps import closure, code_hash
+    from selfsup.train import run_key
+
+    mcfg, _ = row_config(cfg, cfg.instdisc_table1.rows[name], data.n_train)
+    rcfg = dataclasses.replace(cfg, methods={"instdisc": NO_UPSTREAM}, method_cfgs={**cfg.method_cfgs, "instdisc": mcfg})
+    return config_hash({"train": run_key(rcfg, "instdisc", data.meta), "world": dist.world(), "row": name,
+                        "knn_k": cfg.instdisc_table1.knn_k, **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("linear", "svm", "extract")},
+                        "code": code_hash(closure("selfsup/table1.py", "instdisc"))})
+
+
+def run_rows(cfg: Config, data: Any, folder: str | Path) -> Iterator[tuple[str, dict[str, Any] | None, bool]]:
+    """``run_row`` for every row of ``instdisc_table1.rows``, checkpoints under ``folder/<row>/``: yields
+    (row, its metrics (None on ranks other than 0), reused). A row whose ``row_key`` is unchanged gets its
+    stored metrics back (``selfsup.io.ResultCache``, ``folder/results``)."""
+    from selfsup import dist
+
+    cache = ResultCache(Path(folder) / "results")
+    for name in cfg.instdisc_table1.rows:
+        key = row_key(cfg, name, data)
+        stored = cache.get(name, key)
+        if stored is not None:
+            yield name, stored if dist.is_main() else None, True
+            continue
+        out = run_row(cfg, name, data, Path(folder) / name / "ckpt.pt")
+        if out is not None:
+            cache.put(name, key, out)
+        yield name, out, False
 
 
 def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[str, Any] | None:

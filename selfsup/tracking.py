@@ -9,7 +9,8 @@ latest one with its tags ``method`` and ``dvc_experiment`` (``DVC_EXP_NAME``, se
 DVC's metric files are the source of truth; MLflow is a view. Every MLflow call of the process
 runs on one worker thread; a caller waits for it (``start``, ``attach``, ``end``, params,
 artifacts) at most for what is left of a time budget (``BUDGET_S``, shared by all the calls and
-runs of the process, i.e. of a stage), and ``log`` does not wait at all (the worker batches the
+runs of the process, i.e. of a stage, plus ``BUDGET_S`` more per method the ``pretrain`` stage
+trains: ``grant``), and ``log`` does not wait at all (the worker batches the
 metrics in the background). The one-time local set-up (importing MLflow, creating or upgrading
 the SQLite database: ~4 s here, benchmarks/imports.py) is waited for apart, up to ``SETUP_S``, so a
 slow machine does not switch MLflow off. The first failure (store unreachable, locked database,
@@ -199,6 +200,12 @@ class _Link:
 
 
 _LINK = _Link(BUDGET_S)
+
+
+def grant(budget_s: float = BUDGET_S) -> None:
+    """More waiting time for this process: a stage that serves several methods in turn (the
+    ``pretrain`` stage) grants each its own budget. A switched-off MLflow stays off."""
+    _LINK.budget_s += budget_s
 
 
 def reset(budget_s: float = BUDGET_S) -> None:

@@ -1,22 +1,32 @@
-"""table1@<row>: one row of InstDisc's Table 1 (pretrain + extract + kNN + linear in one process)."""
+"""table1: InstDisc's Table 1, every row in one process (``selfsup.table1.run_rows``: pretrain + extract
++ kNN + linear + SVM per row, a row reused while its key holds), then reports/instdisc_table1.md + .csv
+beside the paper's figures."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfsup.data import load_prepared  # noqa: E402
-from selfsup.io import write_json  # noqa: E402
+from selfsup.dist import is_main  # noqa: E402
+from selfsup.io import atomic_path, write_json  # noqa: E402
 from selfsup.launch import distributed  # noqa: E402
+from selfsup.report import table1_files  # noqa: E402
 from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.table1 import run_row  # noqa: E402
+from selfsup.table1 import run_rows  # noqa: E402
 
-name = sys.argv[1]
-cfg = setup()
+cfg = setup(parse_methods=["instdisc"])
 distributed(cfg)
 P = Paths()
-if name not in cfg.instdisc_table1.rows:
-    raise SystemExit(f"instdisc_table1.rows: no row {name!r}")
 data = load_prepared(P.dataset)
-out = run_row(cfg, name, data, P.root / "data" / "table1" / name / "ckpt.pt")
-if out is not None:  # rank 0
-    write_json(P.metrics("table1", name), out)
+results = {}
+for name, out, reused in run_rows(cfg, data, P.root / "data" / "table1"):
+    if out is not None:  # rank 0
+        write_json(P.metrics("table1", name), out)
+        results[name] = out
+        print(f"table1 {name}: kNN {out['knn_top1']:.1f}, SVM {out['svm_top1']:.1f}, linear {out['linear_top1']:.1f}; "
+              + ("reused" if reused else f"{out['seconds']:.1f}s"))
+if is_main():
+    for fname, text in table1_files(cfg, results).items():
+        with atomic_path(P.reports / fname) as tmp:
+            tmp.write_text(text)
+    print((P.reports / "instdisc_table1.md").read_text())

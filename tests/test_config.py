@@ -75,3 +75,20 @@ def test_missing_and_corrupt_inputs_name_the_file(tmp_path, digits):
     f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(InputError, match="f.parquet"):
         read_features(f)
+
+
+def test_training_order_puts_a_method_after_the_encoder_it_reads():
+    """The pretrain stage trains every method in one process: MLCD, listed first, still trains after
+    DeepCluster, whose encoder it clusters; the rest keep the report order."""
+    cfg = make_cfg(methods={"mlcd": "data/models/deepcluster.pt", "random": "data/dataset",
+                            "deepcluster": "data/dataset"})
+    assert list(cfg.methods) == ["mlcd", "random", "deepcluster"]
+    assert cfg.training_order() == ["deepcluster", "mlcd", "random"]
+    assert cfg.trained_upstream("mlcd") == "deepcluster" and cfg.trained_upstream("random") is None
+    # a local weights file is no method of the stage
+    assert make_cfg(methods={"mlcd": "weights/clip.pt"}).trained_upstream("mlcd") is None
+
+
+def test_an_upstream_cycle_fails_naming_methods():
+    with pytest.raises(ConfigError, match=r"methods: .*cycle \(mlcd -> mlcd\)"):
+        make_cfg(methods={"mlcd": "data/models/mlcd.pt"})

@@ -99,7 +99,7 @@ def test_report_puts_ours_beside_the_paper():
 
 def test_report_stage_reads_the_paper_table_as_a_dvc_dependency():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for s in ("report", "table1_report"):
+    for s in ("report", "table1"):
         assert "selfsup/paper_results.yaml" in stages[s]["deps"], s
     assert "report" in stages["report"]["params"]
 
@@ -128,24 +128,30 @@ def test_a_preset_without_instdisc_empties_the_table1_sweep(tmp_path):
     presets.apply("instdisc_cifar10", params)  # InstDisc's preset sets the six rows again
     assert list(load_config(params).instdisc_table1.rows) == ["parametric", "nonparametric", "nce1", "nce10",
                                                               "nce512", "nce4096"]
-    assert (ROOT / "metrics" / "table1" / ".gitkeep").is_file()  # table1_report's dep exists with no rows
 
 
-def test_apply_regenerates_the_method_pipelines(tmp_path):
-    """Beside a dvc.yaml, apply writes pipelines/<m>/dvc.yaml for the preset's methods and removes the
-    others' (with their locks), and the tokenizer stage exists only while a method (BEiT) reads its file."""
+def test_apply_regenerates_the_pretrain_stage(tmp_path):
+    """Beside a dvc.yaml, apply rewrites the pretrain stage for the preset's methods (their params
+    blocks and models) and deletes the earlier layout's pipelines/<m>/ files, and the tokenizer stage
+    exists only while a method (BEiT) reads its file."""
     import shutil
 
     from selfsup.dag import stages_of
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+    old = tmp_path / "pipelines" / "moco"
+    old.mkdir(parents=True)
+    (old / "dvc.yaml").write_text("stages: {}\n")
+    (old / "dvc.lock").write_text("schema: '2.0'\n")
     assert "tokenizer" in stages_of(tmp_path)  # the default runs BEiT
     presets.apply("byol_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
-    assert [s for s in stages if ":" in s] == [f"pipelines/byol/dvc.yaml:{s}" for s in ("pretrain",)]
-    assert "tokenizer" not in stages and [p.name for p in (tmp_path / "pipelines").iterdir()] == ["byol"]
+    pre = stages["pretrain"]
+    assert [o for o in pre["outs"] if isinstance(o, str)] == ["data/models/byol.pt"]
+    assert "byol" in pre["params"] and "moco" not in pre["params"]
+    assert "selfsup/methods/byol.py" in pre["deps"] and "selfsup/methods/moco.py" not in pre["deps"]
+    assert "tokenizer" not in stages and not (tmp_path / "pipelines").exists()
     presets.apply("beit_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
-    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pipelines/beit/dvc.yaml:pretrain"]["deps"]
+    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain"]["deps"]

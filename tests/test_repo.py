@@ -19,13 +19,13 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_dvc_stages_match_scripts_and_params():
-    from selfsup.dag import branch, stages_of
+    from selfsup.dag import stages_of
 
     dvc = stages_of(ROOT)
     cfg = load_config(ROOT / "params.yaml")
     for name, stage in dvc.items():
         body = stage.get("do", stage)
-        script = f"stages/{name.split(':')[-1]}.py"
+        script = f"stages/{name}.py"
         assert body["cmd"].split()[1] == script
         assert script in body["deps"]
         for p in body.get("params", []):
@@ -33,46 +33,41 @@ def test_dvc_stages_match_scripts_and_params():
             assert top == "${key}" or hasattr(cfg, top) or top in cfg.method_cfgs, p
     for m in cfg.methods:
         assert m in REGISTRY and (ROOT / "selfsup" / "methods" / f"{m}.py").is_file()
-    # one branch (pretrain, evaluate, voc) per method and no other method file
-    assert {n for n in dvc if ":" in n} == branch(cfg.methods)
+    # the pretrain stage trains every method: each one's params block, model and metrics
+    pre = dvc["pretrain"]
+    assert set(cfg.methods) <= set(pre["params"]) and "methods" in pre["params"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in pre["outs"]]
+    assert {f"data/models/{m}.pt" for m in cfg.methods} <= set(outs)
+    assert {next(iter(o)) for o in pre["metrics"]} == {f"metrics/pretrain/{m}.json" for m in cfg.methods}
+    assert not (ROOT / "pipelines").exists()
 
 
 def test_dag_files_are_generated():
-    """Every stage's code deps equal its import closure, and each method has its pipelines/<m>/dvc.yaml
-    with its pretraining's closure: `python -m selfsup.dag` writes them."""
-    from selfsup.dag import changed, methods_of
+    """Every stage's code deps equal its import closure, and the pretrain stage's the union of the
+    methods' closures: `python -m selfsup.dag` writes them."""
+    from selfsup.dag import changed, methods_of, rows_of
 
-    stale = changed(ROOT, methods_of(ROOT / "params.yaml"))
+    stale = changed(ROOT, methods_of(ROOT / "params.yaml"), rows_of(ROOT / "params.yaml"))
     assert not stale, f"stale: {sorted(map(str, stale))}: run python -m selfsup.dag"
 
 
-def test_each_method_file_has_its_own_lock_and_the_root_lock_no_stale_stage():
-    """A lock entry DVC no longer needs is never pruned by DVC: the lock files hold exactly the stages
-    their dvc.yaml has (a stale entry is re-parsed and rewritten after every stage)."""
+def test_the_lock_holds_no_stale_stage():
+    """A lock entry DVC no longer needs is never pruned by DVC: the lock holds exactly the stages of
+    dvc.yaml (a stale entry is re-parsed and rewritten after every stage)."""
     from selfsup.dag import stages_of
 
-    def expanded(f):
-        cfg = load_config(ROOT / "params.yaml")
-        out = set()
-        for name, body in (yaml.safe_load(f.read_text()) or {})["stages"].items():
-            out |= {f"{name}@{k}" for k in cfg.instdisc_table1.rows} if "foreach" in body else {name}
-        return out
-
-    files = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
-    assert len(files) == len(load_config(ROOT / "params.yaml").methods) + 1
-    for f in files:
-        lock = f.parent / "dvc.lock"
-        assert lock.is_file(), lock
-        assert set(yaml.safe_load(lock.read_text())["stages"]) == expanded(f), lock
-    assert stages_of(ROOT)
+    lock = ROOT / "dvc.lock"
+    assert set(yaml.safe_load(lock.read_text())["stages"]) == set(stages_of(ROOT)), lock
+    assert "pretrain" in stages_of(ROOT)
 
 
-def test_a_stage_depends_only_on_its_own_method():
-    """The point of deriving deps: SeLa's Sinkhorn is not a dependency of MoCo's training, and no
-    method's stage lists another method's file."""
+def test_a_training_depends_only_on_its_own_method():
+    """The point of per-method closures: the code in a method's checkpoint key (selfsup.train.run_key)
+    is its own, so editing SeLa's Sinkhorn retrains SeLa and not MoCo, and no method's key covers
+    another method's file."""
     from selfsup.codedeps import closure
 
-    moco, sela = set(closure("stages/pretrain.py", "moco")), set(closure("stages/pretrain.py", "sela"))
+    moco, sela = set(closure("selfsup/train.py", "moco")), set(closure("selfsup/train.py", "sela"))
     assert "selfsup/sinkhorn.py" in sela and "selfsup/sinkhorn.py" not in moco
     assert "selfsup/momentum.py" in moco and "selfsup/momentum.py" not in sela
     assert not {f for f in moco if f.startswith("selfsup/methods/")} - {
@@ -92,3 +87,22 @@ def test_the_registry_is_lazy():
             "print(sorted(k for k in sys.modules if k.startswith('selfsup.methods.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['selfsup.methods.base']"
+
+
+def test_dag_prunes_the_lock_entries_of_removed_stages(tmp_path):
+    """DVC keeps a removed stage's lock entry for ever: `python -m selfsup.dag` drops it (--check
+    fails on it), keeping the entries of the stages dvc.yaml has."""
+    import shutil
+
+    from selfsup.dag import main as dag
+
+    for f in ("dvc.yaml", "params.yaml", "dvc.lock"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    kept = set(lock["stages"])
+    lock["stages"]["table1@gone"] = {"cmd": "python stages/table1.py gone"}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    assert dag(["--root", str(tmp_path), "--check"]) == 1
+    assert dag(["--root", str(tmp_path)]) == 0
+    assert set(yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]) == kept
+    assert dag(["--root", str(tmp_path), "--check"]) == 0

@@ -2,6 +2,7 @@
 and the evaluation keys are unchanged (selfsup.frozen.evaluate_all); the voc stage's counterpart is
 tested in tests/test_voc.py."""
 import dataclasses
+import os
 
 import torch
 
@@ -44,3 +45,62 @@ def test_evaluate_all_reuses_a_method_until_its_model_or_the_evaluation_keys_cha
     knn = dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn, temperature=0.1))  # an evaluation key: all
     assert run(knn) == {"random": (5.0, False), "supervised": (6.0, False)}
     assert calls == ["random", "supervised", "supervised", "random", "random", "supervised"]
+
+
+def test_the_pretrain_stage_trains_only_what_changed(digits, tmp_path):
+    """selfsup.pretraining.train_all, the pretrain stage's loop: a second run resumes every finished
+    run (zero batches) and rewrites each model file byte for byte (so evaluate and voc reuse their
+    results); a changed block retrains that method only; MLCD trains after DeepCluster, whose encoder
+    it reads, and retrains when that encoder changes."""
+    from selfsup.pretraining import train_all
+
+    P = Paths(tmp_path)
+    base = {"methods": {"mlcd": "data/models/deepcluster.pt", "random": "data/dataset", "deepcluster": "data/dataset"},
+            "device": "cpu", "mlflow": {"enabled": False},
+            "deepcluster": {"epochs": 1, "k": 10, "pca_dim": 16}, "mlcd": {"epochs": 1, "centres": 20}}
+
+    def run(**over):
+        cfg = load_config({**base, **over})
+        cwd = os.getcwd()
+        os.chdir(tmp_path)  # the MLCD upstream is a path relative to the repository root
+        try:
+            steps = {m: s for m, _, s in train_all(cfg, list(cfg.methods), digits, P, tmp_path)}
+        finally:
+            os.chdir(cwd)
+        return steps, {m: P.model(m).read_bytes() for m in cfg.methods}
+
+    first, models = run()
+    assert list(first) == ["deepcluster", "mlcd", "random"] and first["deepcluster"] > 0 and first["mlcd"] > 0
+    again, models2 = run()
+    assert again == {"deepcluster": 0, "mlcd": 0, "random": 0} and models2 == models
+    for m in ("deepcluster", "mlcd", "random"):
+        assert P.metrics("pretrain", m).is_file() and P.history(m).is_file()
+    k12, models3 = run(deepcluster={**base["deepcluster"], "k": 12})
+    assert k12["deepcluster"] > 0 and k12["mlcd"] > 0 and k12["random"] == 0  # MLCD: a new upstream encoder
+    assert models3["random"] == models["random"] and models3["deepcluster"] != models["deepcluster"]
+
+
+def test_the_table1_stage_reuses_a_row_until_its_key_changes(digits, tmp_path, monkeypatch):
+    """selfsup.table1.run_rows, the table1 stage's loop: a row is trained and evaluated once; a new row
+    runs alone; a changed evaluation key (the linear probe) or InstDisc block runs every row again."""
+    from selfsup import table1
+
+    calls = []
+
+    def fake_row(cfg, name, data, ckpt):
+        calls.append(name)
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(table1, "run_row", fake_row)
+    rows = {"parametric": {"softmax": "parametric", "nce_m": 0}}
+    base = {"methods": ["instdisc"], "device": "cpu", "instdisc_table1": {"rows": rows}}
+
+    def run(**over):
+        return {r: (out["n"], reused) for r, out, reused in table1.run_rows(load_config({**base, **over}), digits, tmp_path)}
+
+    assert run() == {"parametric": (1, False)}
+    assert run() == {"parametric": (1, True)}
+    more = {"instdisc_table1": {"rows": {**rows, "nce10": {"softmax": "nonparametric", "nce_m": 10}}}}
+    assert run(**more) == {"parametric": (1, True), "nce10": (2, False)}
+    assert run(**more, linear={"epochs": 3}) == {"parametric": (3, False), "nce10": (4, False)}
+    assert run(**more, instdisc={"temperature": 0.1}) == {"parametric": (5, False), "nce10": (6, False)}

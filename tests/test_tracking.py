@@ -28,8 +28,9 @@ def test_store_resolves_to_the_repository_root(tmp_path, monkeypatch):
     assert tracking_uri(repo_root()) == "http://127.0.0.1:5000"
 
 
-def test_outside_dvc_the_root_is_found_from_a_method_pipeline_folder(tmp_path, monkeypatch):
-    """pipelines/<m>/ holds a dvc.yaml too: the root is the folder with params.yaml beside its dvc.yaml."""
+def test_outside_dvc_the_root_is_found_from_a_folder_with_its_own_dvc_yaml(tmp_path, monkeypatch):
+    """A sub-folder may hold a dvc.yaml too (the earlier pipelines/<m>/ layout, a nested DVC file): the
+    root is the folder with params.yaml beside its dvc.yaml."""
     monkeypatch.delenv("DVC_ROOT", raising=False)
     sub = tmp_path / "repo" / "pipelines" / "moco"
     sub.mkdir(parents=True)
