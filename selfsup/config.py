@@ -332,8 +332,20 @@ class FinetuneCfg:
     mix_switch_p: float = 0.5  # both on: CutMix with this probability, else mixup (timm)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     flip: bool = True
+    # method -> how many hidden layers of its saved projection head are fine-tuned with the backbone,
+    # the classifier reading the last one's output (SimCLR v2 sec. 2, "fine-tuning from a middle layer
+    # of the projection head": 1; the official flag ft_proj_selector, default 0 = the backbone alone)
+    head_layers: dict[str, int] = field(default_factory=dict)
+    # ViTs: stochastic depth, 0 at the first block rising linearly to this at the last (MAE / BEiT
+    # fine-tuning: 0.1; selfsup.models.ViT.set_drop_path); conv nets ignore it
+    drop_path: float = 0.0
 
     def check(self, p: str) -> None:
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{p}.drop_path: need 0 <= drop_path < 1, got {self.drop_path}")
+        for m, k in self.head_layers.items():
+            if k < 0:
+                raise ConfigError(f"{p}.head_layers.{m}: a number of layers >= 0, got {k}")
         one_of(p, "optimizer", self.optimizer, ("adamw", "sgd"))
         one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
         positive(p, self, "epochs", "batch_size", "lr")
@@ -627,6 +639,9 @@ class Config:
             if not up:
                 raise ConfigError(f"methods.{m}: empty upstream; use {NO_UPSTREAM} for none")
         self.training_order()  # an upstream cycle fails here, before any work
+        for m in self.finetune.head_layers:
+            if m not in self.methods:
+                raise ConfigError(f"finetune.head_layers.{m}: {m!r} is not in methods ({', '.join(self.methods)})")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.workers < -1:

@@ -12,6 +12,7 @@ param of ``finetune:`` so the papers' settings are a preset away:
   are layer 0 and the classifier and final norm layer L + 1 (MAE's ``param_groups_lrd``); conv nets
   are fine-tuned at one lr (the papers tune ResNets that way), so the key only acts on ViTs;
 - no weight decay on biases, norms, the CLS token and the position embedding (MAE's ``no_weight_decay``);
+- stochastic depth for ViTs (``drop_path``: MAE's and BEiT's 0.1, rising linearly over the blocks);
 - label smoothing, mixup and CutMix (Zhang et al. 2018; Yun et al. 2019) on soft targets, one of the
   two per batch with probability ``mix_switch_p`` when both are on (timm's ``Mixup``, which the MAE
   code uses; its per-element modes and RandAugment / random erasing are not reproduced: said in the
@@ -96,10 +97,13 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: Any, g: tor
     return x, lam * t + (1.0 - lam) * t.flip(0)
 
 
-def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, seed: int) -> dict[str, Any]:
+def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, seed: int,
+             head: tuple[nn.Module, int] | None = None) -> dict[str, Any]:
     """Fine-tune ``backbone`` (a loaded ``selfsup.models.Backbone``, changed in place) with a new linear
     classifier on ``data``'s labelled training split as ``cfg.finetune`` says; returns {top1, top5,
-    final_loss, protocol} on the test split."""
+    final_loss, protocol} on the test split. ``head``: (the hidden layers of the method's projection head
+    fine-tuned between the backbone and the classifier, their output width) (SimCLR v2 sec. 2:
+    ``finetune.head_layers``, ``selfsup.heads.hidden_layers``); None: the classifier reads the backbone."""
     from selfsup.features import extract_features
     from selfsup.models import vit_trunk
     from selfsup.optim import build_optimizer
@@ -112,7 +116,8 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
     torch.manual_seed(seed)  # dropout inside the ViT blocks
     model = nn.Module()
     model.backbone = backbone
-    model.fc = nn.Linear(backbone.out_dim, num_classes)
+    model.head = head[0] if head is not None else nn.Identity()  # ViT layer decay: the classifier's layer
+    model.fc = nn.Linear(head[1] if head is not None else backbone.out_dim, num_classes)
     with torch.no_grad():
         model.fc.weight.copy_(torch.empty(model.fc.weight.shape).normal_(0, 0.01, generator=g))
         model.fc.bias.zero_()
@@ -124,6 +129,8 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
             p.requires_grad_(False)
     vit = vit_trunk(backbone)
     depth = len(vit.vit.encoder.layers) if vit is not None else None
+    if vit is not None:
+        vit.set_drop_path(c.drop_path)
     groups = param_groups_lrd(model, c.weight_decay, c.layer_decay, depth)
     base_lr = c.lr * lr_scale(c.lr_scaling, c.batch_size, 256)
     opt = build_optimizer(groups, c)
@@ -143,7 +150,7 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             x, t = mix_batch(batch.x[keep], batch.y[keep], num_classes, c, g)
-            logits = model.fc(backbone(x).float())  # (b, classes)
+            logits = model.fc(model.head(backbone(x)).float())  # (b, classes)
             loss = -(t * F.log_softmax(logits, 1)).sum(1).mean()  # cross-entropy on soft targets
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune: loss is {loss.item()} at epoch {ep} (lower finetune.lr)")
@@ -152,14 +159,17 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
             opt.step()
             step += 1
     model.eval()
-    net = nn.Sequential(backbone, model.fc)
+    net = nn.Sequential(backbone, model.head, model.fc)
     m = data.test.y >= 0
     logits = extract_features(net, data.test, data.meta, device, cfg.extract.batch_size, desc="finetune test",
                               workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
     out = {"top1": 100.0 * topk_accuracy(logits[m], data.test.y[m], 1), "final_loss": float(loss.item()),
            "protocol": (f"fine-tuning: {c.optimizer} lr {c.lr} x B/256, {c.epochs} epochs, layer decay "
-                        f"{c.layer_decay if depth else 'n/a (conv net)'}, smoothing {c.label_smoothing}, "
-                        f"mixup {c.mixup}, cutmix {c.cutmix}")}
+                        f"{c.layer_decay if depth else 'n/a (conv net)'}, drop path {c.drop_path if depth else 'n/a'}, "
+                        f"smoothing {c.label_smoothing}, "
+                        f"mixup {c.mixup}, cutmix {c.cutmix}"
+                        + (f", from hidden layer {len([m for m in model.head if isinstance(m, nn.ReLU)])} of the "
+                           "projection head" if head is not None else ""))}
     if num_classes >= 5:
         out["top5"] = 100.0 * topk_accuracy(logits[m], data.test.y[m], 5)
     return out

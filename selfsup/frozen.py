@@ -32,6 +32,7 @@ from selfsup.config import Config, ConfigError, config_hash
 from selfsup.data import load_prepared
 from selfsup.evaluate import _skip, cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
 from selfsup.features import apply_head, extract_sharded
+from selfsup.heads import hidden_layers
 from selfsup.io import ResultCache, derive_seed, read_features, read_json, sha256_file, write_features, write_json
 from selfsup.models import load_backbone, load_eval_head
 from selfsup.pca import PCAWhitening
@@ -134,8 +135,18 @@ def finetune_step(cfg: Config, name: str, P: Paths, ytr: np.ndarray, yte: np.nda
     if (s := _skip("finetune", ytr, yte)) is not None:
         return s
     t0 = time.perf_counter()
+    head = None
+    if k := cfg.finetune.head_layers.get(name, 0):  # SimCLR v2: fine-tuned from the projection head's k-th layer
+        saved, _ = load_eval_head(P.model(name), device)
+        proj = getattr(saved, "proj", None)
+        if proj is None:
+            raise ConfigError(f"finetune.head_layers.{name}: {P.model(name)} holds no projection head")
+        try:
+            head = hidden_layers(proj, k, f"finetune.head_layers.{name}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     out = finetune(load_backbone(P.model(name), device), load_prepared(P.dataset), cfg, device,
-                   derive_seed(cfg.seed, "finetune", name))
+                   derive_seed(cfg.seed, "finetune", name), head)
     return {**out, "seconds": time.perf_counter() - t0}
 
 

@@ -13,6 +13,8 @@ serve the self-distillation methods.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,19 @@ def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, b
         mods.append(nn.Linear(hidden, out_dim))
         return nn.Sequential(*mods)
     raise ValueError(f"unknown projection head {kind!r}; choose one of {', '.join(HEADS)}")
+
+
+def hidden_layers(proj: nn.Module, k: int, what: str = "head") -> tuple[nn.Sequential, int]:
+    """(the first ``k`` hidden layers of an ``mlp`` projection head, Linear -> [BN] -> ReLU each, as a
+    new module; their output width): what SimCLR v2 fine-tunes with the backbone (sec. 2; the official
+    ``ft_proj_selector`` picks ``hiddens_list[k]``, the output of the k-th hidden layer)."""
+    mods = list(proj.children()) if isinstance(proj, nn.Sequential) else []
+    relus = [i for i, m in enumerate(mods) if isinstance(m, nn.ReLU)]
+    if not 1 <= k <= len(relus):
+        raise ValueError(f"{what}: the saved projection head has {len(relus)} hidden layers, asked for {k} (at least 1)")
+    kept = copy.deepcopy(nn.Sequential(*mods[:relus[k - 1] + 1]))
+    width = [m.out_features for m in kept if isinstance(m, nn.Linear)][-1]
+    return kept, width
 
 
 def mlp(dims: list[int], last_bn: str = "none") -> nn.Sequential:

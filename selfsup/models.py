@@ -187,6 +187,28 @@ class PatchMap(nn.Identity):
     no copy) and returning it unchanged, so forward hooks (``selfsup.probes``) see a conv-like map."""
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) as the ViT papers' code uses it (timm's ``DropPath``, in
+    DeiT / DINO / MAE / BEiT): in training, a residual branch's output is zeroed for a whole sample with
+    probability ``p`` and kept samples are scaled by 1 / (1 - p); identity in eval mode. It stands in
+    for the dropout that ends each branch of torchvision's ``EncoderBlock`` (``dropout`` after the
+    attention, ``mlp[4]``), which it still applies first (``dropout``: that dropout's rate)."""
+
+    def __init__(self, p: float, dropout: float = 0.0):
+        super().__init__()
+        self.p, self.dropout = p, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (B, ...)
+        x = F.dropout(x, self.dropout, self.training)
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ..)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, dropout={self.dropout}"
+
+
 class ViT(nn.Module):
     """A Vision Transformer (Dosovitskiy et al. 2021) built on torchvision's configurable
     ``torchvision.models.vision_transformer.VisionTransformer``: kept by torchvision (installed; timm is
@@ -207,8 +229,11 @@ class ViT(nn.Module):
       "random patch projection"; the official ``--stop-grad-conv1``).
     - ``blocks``: one ``PatchMap`` per transformer block, the probe points ``selfsup.probes`` finds
       (block1 ... blockN: each block's patch tokens as a map).
-    - Differences from the papers' code: no stochastic depth (DINO's student: drop path 0.1) and a
-      learned position embedding (MoCo v3 uses a fixed 2-D sin-cos one), torchvision's init.
+    - ``set_drop_path(rate)``: stochastic depth (``DropPath``), used by the fine-tuning evaluation
+      (``finetune.drop_path``: MAE's and BEiT's 0.1).
+    - Differences from the papers' code: no stochastic depth in pretraining (DINO's student: drop path
+      0.1; BEiT's 0.1) and a learned position embedding (MoCo v3 uses a fixed 2-D sin-cos one),
+      torchvision's init.
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_dim: int,
@@ -233,6 +258,19 @@ class ViT(nn.Module):
     @property
     def patch_embed(self) -> nn.Conv2d:
         return self.vit.conv_proj
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth on every block's two residual branches, rising linearly from 0 at the first
+        block to ``rate`` at the last (timm's ``torch.linspace(0, drop_path_rate, depth)``, the rule of
+        DeiT, DINO, MAE and BEiT); 0 switches it off. Changes no parameter, so a saved trunk loads the
+        same either way."""
+        layers = self.vit.encoder.layers
+        n = len(layers)
+        for i, block in enumerate(layers):
+            p = rate * i / (n - 1) if n > 1 else rate
+            for parent, key in ((block, "dropout"), (block.mlp, "4")):
+                old = parent._modules[key]
+                parent._modules[key] = DropPath(p, old.dropout if isinstance(old, DropPath) else old.p)
 
     def freeze_patch_embed(self) -> None:
         for p in self.vit.conv_proj.parameters():

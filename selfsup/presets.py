@@ -44,7 +44,7 @@ from selfsup.config import NO_UPSTREAM, ConfigError, load_config
 from selfsup.dag import TOKENS
 from selfsup.io import repo_root
 
-REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows")  # set whole by a preset, not merged
+REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows", "finetune.head_layers")  # set whole by a preset, not merged
 META = ("title", "dataset", "source", "differences", "params")
 # smoke: sizes capped so that 16 training images and batches of 8 can hold them
 SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,

@@ -275,7 +275,10 @@ def pretrain(
                             name, ck.get("world", 1), world, pos, start_epoch + 1)
             method.on_resume(ctx)
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
-            log.warning("%s: resuming from %s after %s/%d", name, ckpt_path, where, mcfg.epochs)
+            if start_epoch >= mcfg.epochs and not start_batch:  # e.g. the pretrain stage re-run for another method
+                log.info("%s: %s holds the finished run (%d epochs): nothing to train", name, ckpt_path, mcfg.epochs)
+            else:
+                log.warning("%s: resuming from %s after %s/%d", name, ckpt_path, where, mcfg.epochs)
         elif ck:
             log.warning("%s: %s was written by another config or code version; starting fresh", name, ckpt_path)
     if tracker is not None and main:  # a resumed training continues its MLflow run

@@ -84,3 +84,46 @@ def test_a_short_finetune_learns_and_leaves_the_encoder_file(digits, tmp_path):
     assert (tmp_path / "m.pt").read_bytes() == before
     again = finetune(load_backbone(tmp_path / "m.pt", torch.device("cpu")), digits, cfg, torch.device("cpu"), 0)
     assert again["top1"] == out["top1"] and np.isclose(again["final_loss"], out["final_loss"])  # seeded
+
+
+def test_hidden_layers_are_the_first_part_of_the_projection_head():
+    """SimCLR v2's fine-tuning from the projection head's first layer: the kept part computes exactly the
+    head's first hidden layer, as a copy; asking for more layers than the head has is an error."""
+    from selfsup.heads import hidden_layers, projection_head
+
+    torch.manual_seed(0)
+    proj = projection_head("mlp", 16, 8, hidden_dim=12, bn=True, layers=3).eval()
+    one, width = hidden_layers(proj, 1)
+    two, width2 = hidden_layers(proj, 2)
+    x = torch.randn(5, 16)
+    assert width == 12 and width2 == 12 and len(one) == 3 and len(two) == 6
+    assert torch.equal(one.eval()(x), proj[:3](x)) and torch.equal(two.eval()(x), proj[:6](x))
+    assert one[0].weight is not proj[0].weight  # fine-tuning it leaves the saved head alone
+    with pytest.raises(ValueError, match="2 hidden layers, asked for 3"):
+        hidden_layers(proj, 3)
+
+
+def test_finetune_from_the_first_head_layer_of_simclr_v2(digits, digits_folder, tmp_path):
+    """finetune.head_layers.simclr 1: the evaluate stage's fine-tuning step trains backbone + the first
+    hidden layer of the saved 3-layer head + a classifier on its output (the protocol says so); a method
+    whose file holds no projection head is named in the error."""
+    from selfsup.frozen import finetune_step
+    from selfsup.models import save_backbone
+    from selfsup.stage import Paths
+    from selfsup.train import build_method
+
+    P = Paths(tmp_path)
+    ft = {"epochs": 1, "warmup_epochs": 0, "batch_size": 64, "lr": 4e-3, "mixup": 0.0, "cutmix": 0.0}
+    cfg = make_cfg(methods=["simclr", "random"], simclr={"head_layers": 3, "hidden_dim": 32},
+                   finetune={**ft, "head_layers": {"simclr": 1}})
+    (P.dataset.parent).mkdir(parents=True, exist_ok=True)
+    P.dataset.symlink_to(digits_folder)
+    for m in ("simclr", "random"):
+        save_backbone(P.model(m), build_method(cfg, m, digits), cfg, digits.meta)
+    out = finetune_step(cfg, "simclr", P, digits.train.y, digits.test.y, torch.device("cpu"))
+    assert "from hidden layer 1 of the projection head" in out["protocol"] and out["top1"] > 20
+    bad = make_cfg(methods=["simclr", "random"], finetune={**ft, "head_layers": {"random": 1}})
+    with pytest.raises(ConfigError, match="finetune.head_layers.random"):
+        finetune_step(bad, "random", P, digits.train.y, digits.test.y, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="finetune.head_layers.moco: 'moco' is not in methods"):
+        make_cfg(methods=["simclr"], finetune={"head_layers": {"moco": 1}})

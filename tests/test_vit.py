@@ -204,3 +204,31 @@ def test_sync_batch_norm_keeps_a_frozen_bn_frozen():
     out = sync_batch_norm(net, torch.device("cpu"))
     assert [p.requires_grad for p in out[1].parameters()] == [False, False]
     assert [p.requires_grad for p in out[2].parameters()] == [True, True]
+
+
+def test_drop_path_drops_whole_samples_and_is_off_in_eval():
+    """Stochastic depth (timm's DropPath, DeiT / MAE / BEiT): in training each sample's branch is kept
+    whole (scaled by 1 / (1 - p)) or zeroed; eval mode and p 0 are the identity; set_drop_path rises
+    linearly over the blocks, keeps the blocks' dropout, and adds no parameter (a saved trunk loads)."""
+    import torch
+
+    from selfsup.models import DropPath, ViT
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 3, 5)
+    d = DropPath(0.25).train()
+    y = d(x)
+    kept = (y != 0).flatten(1).all(1)
+    assert torch.equal(y[kept], x[kept] / 0.75) and not y[~kept].any()
+    assert 0.6 < kept.float().mean() < 0.9
+    assert torch.equal(d.eval()(x), x) and torch.equal(DropPath(0.0).train()(x), x)
+    vit = ViT(1, 2, 16, 3, 2, 32, 8)
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    img = torch.randn(4, 1, 8, 8)
+    ref = vit.eval()(img)
+    vit.set_drop_path(0.2)
+    rates = [(b.dropout.p, b.mlp[4].p) for b in vit.vit.encoder.layers]
+    assert rates == [(0.0, 0.0), (0.1, 0.1), (0.2, 0.2)]
+    assert torch.equal(vit.eval()(img), ref) and vit.state_dict().keys() == before.keys()
+    vit.set_drop_path(0.0)
+    assert torch.equal(vit.train()(img), ref)  # no dropout in these blocks, no drop path: the same

@@ -12,8 +12,9 @@
   head output, evaluation on the backbone features h (before g).
 - SimCLR v2 (Chen et al., NeurIPS 2020, sec. 2): a deeper projection head, ``head_layers: 3``
   (official simclr v2 ``num_proj_layers`` 3, each of the backbone's width); the paper fine-tunes from
-  the head's first layer, which this project's fine-tuning evaluation does not do yet (the preset says
-  so); the kNN / linear evaluations read the backbone features h as v1.
+  the head's first layer: ``finetune.head_layers: {simclr: 1}`` in the preset (the official flag
+  ``ft_proj_selector``, 0 by default: the backbone alone); the kNN / linear evaluations read the
+  backbone features h as v1.
 - NT-Xent (``selfsup.contrastive.nt_xent``) at ``temperature``: the mean over the 2B
   anchors (paper Eq. 1; the official code's value is 2x, see there).
 - Official CIFAR-10 settings (README): ResNet-50 (CIFAR stem), batch 512, 1000
