@@ -65,15 +65,27 @@ def test_imagefolder_tar_with_unlabelled_images(tmp_path):
     assert (d.train.x[d.train.y == 0][..., 0] == 255).all() and meta["mean"][1] == pytest.approx(255 / 7 / 255)
 
 
-def test_imagefolder_tar_refuses_escaping_members(tmp_path):
+@pytest.mark.parametrize("filtered", [True, False], ids=["data_filter", "older_python"])
+@pytest.mark.parametrize("evil", ["path", "symlink"])
+def test_imagefolder_tar_refuses_escaping_members(tmp_path, monkeypatch, filtered, evil):
+    """tarfile's data filter (Python >= 3.10.12 / 3.11.4) or, without it, our member-by-member check:
+    a member or a link leaving the extraction folder fails naming the archive, and nothing lands."""
+    if not filtered:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     arc = tmp_path / "evil.tar"
     with tarfile.open(arc, "w") as tar:
         _add(tar, "evil/train/a/0.png", _png((1, 2, 3)))
-        _add(tar, "../../escaped.png", _png((1, 2, 3)))
+        if evil == "path":
+            _add(tar, "../../escaped.png", _png((1, 2, 3)))
+        else:
+            link = tarfile.TarInfo("evil/train/a/1.png")
+            link.type, link.linkname = tarfile.SYMTYPE, "../../../../../etc/passwd"
+            tar.addfile(link)
     cfg = make_cfg(dataset={"name": "imagefolder", "path": str(arc), "root": str(tmp_path / "raw")})
-    with pytest.raises(InputError, match="escapes"):
+    with pytest.raises(InputError, match="evil.tar.*escapes"):
         prepare(cfg.dataset, 0, tmp_path / "ds")
     assert not (tmp_path / "escaped.png").exists() and not (tmp_path.parent / "escaped.png").exists()
+    assert not list((tmp_path / "raw").glob("*evil*"))  # the atomic folder (.evil-*.tmp) is gone too
 
 
 def test_torchvision_offline_gives_a_clear_message(tmp_path, monkeypatch):
