@@ -18,7 +18,6 @@ written.
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,7 +38,6 @@ def train_one(cfg: Config, name: str, data: Data, P: Paths, root: Path) -> tuple
     (``data/models/<m>.pt``), the per-epoch history (``plots/pretrain/<m>.csv``), what the method
     draws (under ``reports/``), ``metrics/pretrain/<m>.json``. Returns (those metrics, the batches
     trained in this call: 0 when a finished run was resumed)."""
-    t0 = time.perf_counter()
     steps = 0
 
     def count(epoch: int, batch: int) -> None:
@@ -57,8 +55,9 @@ def train_one(cfg: Config, name: str, data: Data, P: Paths, root: Path) -> tuple
     metrics = {
         "epochs": len(history),
         "backbone": method.backbone.arch_name,  # <m>.backbone or model.backbone: the report names it per row
-        # summed over epochs: a resumed run reports its whole training time, not this call's
-        "seconds": float(hist["seconds"].sum()) if history else time.perf_counter() - t0,
+        # summed over epochs: a resumed run reports its whole training time, not this call's; a method that
+        # does not train (random init, a skipped one) 0, so re-running the stage leaves its metrics as they were
+        "seconds": float(hist["seconds"].sum()) if history else 0.0,
         **{f"final_{k}": v for k, v in final.items()},
         **({"skipped": method.skipped} if method.skipped else {}),
     }
