@@ -150,15 +150,6 @@ def finetune_step(cfg: Config, name: str, P: Paths, ytr: np.ndarray, yte: np.nda
     return {**out, "seconds": time.perf_counter() - t0}
 
 
-def evaluate_frozen(cfg: Config, name: str, P: Paths, device: torch.device) -> dict[str, dict[str, Any]] | None:
-    """Steps 1-5 for method ``name``: {"extract": .., "knn": .., "cluster": .., "linear": .., "finetune": ..}
-    (each step's metrics) on rank 0; None on the other ranks, which only share the extraction."""
-    extract = extract_all(cfg, name, P, device)
-    if extract is None:
-        return None
-    return evaluate_features(cfg, name, P, device, extract)
-
-
 def evaluate_features(cfg: Config, name: str, P: Paths, device: torch.device, extract: dict[str, Any]
                       ) -> dict[str, dict[str, Any]]:
     """Steps 2-5 on the features step 1 wrote (rank 0)."""
@@ -198,7 +189,7 @@ def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
     several processes every rank first extracts the features of the methods to evaluate (sharded),
     then rank 0 evaluates them, so no rank waits in a collective while rank 0
     fine-tunes."""
-    cache = ResultCache(P.root / "data" / "eval_runs")
+    cache = ResultCache(P.eval_runs)
     base = eval_base(cfg, P, device)
     keys = {m: config_hash({**base, "method": m, "model": sha256_file(P.model(m))}) for m in methods}
     stored = {m: cache.get(m, keys[m]) if all(P.features(m, s).is_file() for s in ("train", "test")) else None

@@ -163,8 +163,8 @@ def folder_stamp(folder: str | Path) -> str:
 
 
 class ResultCache:
-    """Per-item results of a stage that loops over items (the VOC stage: one detector per method), kept
-    in a ``persist`` folder and reused while the item's key is unchanged.
+    """Per-item results of a stage that loops over items (``evaluate`` and ``voc``: one entry per method;
+    ``table1``: one per row), kept in a ``persist`` folder and reused while the item's key is unchanged.
 
     Why: one DVC stage for all methods costs one process start instead of one per method (each start
     imports torch and torchvision, about 4 s here: benchmarks/imports.py), while a new model of one method still re-runs only

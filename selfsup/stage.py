@@ -41,6 +41,10 @@ class Paths:
         return self.root / "data" / "voc"
 
     @property
+    def eval_runs(self) -> Path:  # the evaluate stage's per-method results, reused while their key holds
+        return self.root / "data" / "eval_runs"
+
+    @property
     def voc_runs(self) -> Path:  # the voc stage's per-method results, reused while their key holds
         return self.root / "data" / "voc_runs"
 

@@ -44,6 +44,14 @@ def row_config(cfg: Config, row: Table1Row, n_train: int) -> tuple[Any, int]:
     return mcfg, m
 
 
+def row_run_config(cfg: Config, name: str, n_train: int) -> tuple[Config, Any, int]:
+    """(the run config that trains row ``name``: ``instdisc`` alone, its block the row's; that block;
+    the m it uses)."""
+    mcfg, m = row_config(cfg, cfg.instdisc_table1.rows[name], n_train)
+    rcfg = dataclasses.replace(cfg, methods={"instdisc": NO_UPSTREAM}, method_cfgs={**cfg.method_cfgs, "instdisc": mcfg})
+    return rcfg, mcfg, m
+
+
 def row_key(cfg: Config, name: str, data: Any) -> str:
     """What a row's result depends on: its training (``selfsup.train.run_key`` of the row's config: the
     shared keys, the row's InstDisc block, the dataset, the loop's code), the number of processes, and
@@ -52,8 +60,7 @@ def row_key(cfg: Config, name: str, data: Any) -> str:
     from selfsup.codedeps import closure, code_hash
     from selfsup.train import run_key
 
-    mcfg, _ = row_config(cfg, cfg.instdisc_table1.rows[name], data.n_train)
-    rcfg = dataclasses.replace(cfg, methods={"instdisc": NO_UPSTREAM}, method_cfgs={**cfg.method_cfgs, "instdisc": mcfg})
+    rcfg, _, _ = row_run_config(cfg, name, data.n_train)
     return config_hash({"train": run_key(rcfg, "instdisc", data.meta), "world": dist.world(), "row": name,
                         "knn_k": cfg.instdisc_table1.knn_k, **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("linear", "svm", "extract")},
                         "code": code_hash(closure("selfsup/table1.py", "instdisc"))})
@@ -90,9 +97,7 @@ def run_row(cfg: Config, name: str, data: Any, ckpt_path: str | Path) -> dict[st
 
     t0 = time.perf_counter()
     row = cfg.instdisc_table1.rows[name]
-    mcfg, m = row_config(cfg, row, data.n_train)
-    rcfg = dataclasses.replace(cfg, methods={"instdisc": NO_UPSTREAM},
-                               method_cfgs={**cfg.method_cfgs, "instdisc": mcfg})
+    rcfg, mcfg, m = row_run_config(cfg, name, data.n_train)
     method, history = pretrain(rcfg, "instdisc", data, ckpt_path)
     device = resolve_device(cfg.device)
     bb, meta, bs = method.backbone, data.meta, cfg.extract.batch_size
