@@ -16,6 +16,7 @@ touches its own file, its params block and the ``methods`` list only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib
 import json
@@ -25,11 +26,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 
 class ConfigError(ValueError):
     """A bad key or value in params.yaml (the message names the key)."""
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers in YAML 1.2 spellings too.
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-6``), so ``1e-6``, ``1e-06``
+    and ``1E+12`` load as strings. DVC writes params with ruamel.yaml (YAML 1.2): ``dvc exp run -S
+    moco.weight_decay=1e-6`` leaves ``1e-06`` in params.yaml. This resolver adds the YAML 1.2 core
+    schema's exponent forms (with or without a dot); integers stay integers."""
+
+
+_FLOAT_12 = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params-like YAML (params.yaml, a preset, a ``--set`` value) with ``ParamsLoader``."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def unknown_key(key: str, name: str, known: typing.Iterable[str], extra: str = "",
+                also: typing.Iterable[str] = ()) -> ConfigError:
+    """The error for an unknown key ``name`` (full dotted ``key``): the closest of ``known`` and ``also``
+    first when one is close (``checkpoint_minute`` -> ``checkpoint_minutes``), then every known key."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, [*known, *also], n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"{key}: unknown key; {hint}known keys here: {', '.join(known)}{extra}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -193,7 +224,7 @@ class ExtractCfg:
 
 @dataclass
 class WhitenCfg:
-    pca_dim: int = 32  # final-feature PCA-whitening before the cluster stage
+    pca_dim: int = 32  # final-feature PCA-whitening before the cluster stage (capped at the features' rank)
 
     def check(self, p: str) -> None:
         positive(p, self, "pca_dim")
@@ -201,7 +232,7 @@ class WhitenCfg:
 
 @dataclass
 class ClusterCfg:
-    k: int = 0  # 0: as many clusters as classes
+    k: int = 0  # 0: as many clusters as classes; 10 (at most one per image) on data without classes
     niter: int = 20
     nredo: int = 5  # restarts, keep the best objective (evaluation: less seed noise)
     init: str = "kmeans++"  # random (faiss) | kmeans++
@@ -429,13 +460,26 @@ def _table1_rows() -> dict[str, Table1Row]:
 
 @dataclass
 class InstDiscTable1Cfg:
+    # auto: the sweep runs while instdisc is among `methods` (a preset or folder without InstDisc trains
+    # none of its rows); always / never: regardless of `methods`
+    run: str = "auto"
     epochs: int = 0  # 0: instdisc.epochs (and its lr schedule) unchanged
     knn_k: int = 200  # the paper's weighted kNN, temperature = the row's training temperature
     rows: dict[str, Table1Row] = field(default_factory=_table1_rows)
 
     def check(self, p: str) -> None:
+        one_of(p, "run", self.run, TABLE1_RUN)
         non_negative(p, self, "epochs")
-        positive(p, self, "knn_k")  # rows: {} turns the sweep off (a preset without InstDisc)
+        positive(p, self, "knn_k")  # rows: {} turns the sweep off too
+
+
+TABLE1_RUN = ("auto", "always", "never")
+
+
+def table1_active(run: str, methods: typing.Iterable[str]) -> bool:
+    """Whether InstDisc's Table 1 sweep runs: ``instdisc_table1.run`` and the method list (``python -m
+    selfsup.dag`` declares the rows' outputs by the same rule, on the raw params)."""
+    return run == "always" or (run == "auto" and "instdisc" in methods)
 
 
 VOC_DATASETS = ("embedded", "voc2007", "voc2007+2012")
@@ -687,6 +731,11 @@ class Config:
             visit(m)
         return order
 
+    def table1_rows(self) -> dict[str, Table1Row]:
+        """The rows of InstDisc's Table 1 that the ``table1`` stage runs: none while the sweep is off
+        (``table1_active``)."""
+        return self.instdisc_table1.rows if table1_active(self.instdisc_table1.run, self.methods) else {}
+
     def method(self, name: str) -> Any:
         if name not in self.method_cfgs:
             raise ConfigError(f"methods: {name!r} has no params block")
@@ -765,11 +814,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "method_cfgs"}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(
-            f"{_key(prefix, unknown[0])}: unknown key; known keys here: {', '.join(sorted(names))}"
-        )
+        raise unknown_key(_key(prefix, unknown[0]), str(unknown[0]), names)
     kwargs = {k: _coerce(_key(prefix, k), hints[k], v) for k, v in data.items()}
     obj = cls(**kwargs)
     obj.check(prefix)
@@ -809,7 +856,7 @@ def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool |
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: params file not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     ms = raw.get("methods")
@@ -821,8 +868,8 @@ def load_config(source: str | Path | dict = "params.yaml", parse_methods: bool |
     names = set(method_names())
     for k in raw:
         if k not in known and k not in names:
-            raise ConfigError(f"{k}: unknown key; known keys here: {', '.join(sorted(known - {'method_cfgs'}))}, "
-                              f"or a method block ({', '.join(sorted(names))})")
+            raise unknown_key(str(k), str(k), known - {"method_cfgs"},
+                              f"; or a method block ({', '.join(sorted(names))})", also=names)
     for name in raw.get("methods", {}) or {}:
         if not isinstance(name, str) or name not in names:
             raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(sorted(names))}")

@@ -2,6 +2,10 @@
 
 ``dvc.yaml`` is hand-written except for what follows the method list, which this command writes:
 
+- ``check``: the first stage (params.yaml, every key, through the typed config and
+  ``selfsup.preflight``), whose output every other stage depends on, so a bad key fails before DVC
+  removes any stage's outputs;
+
 - ``pretrain``: every method's training in one process (``selfsup.pretraining.train_all``), written
   whole from ``pretrain_stage``: the union of the methods' import closures, their params blocks,
   their upstream files (those no other method of the stage writes), every method's outputs;
@@ -39,6 +43,8 @@ from typing import Any
 import yaml
 
 from selfsup.codedeps import ROOT, closure
+from selfsup.config import InstDiscTable1Cfg, load_yaml, method_names, table1_active
+from selfsup.stage import CHECKED  # the check stage's output, every other stage's dep
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
 PIPELINES = "pipelines"  # the earlier layout's pipelines/<method>/dvc.yaml, deleted when found
@@ -55,6 +61,26 @@ def is_code(dep: str) -> bool:
     return dep.startswith(("stages/", "selfsup/")) and dep.endswith(".py")
 
 
+CHECK = "check"
+
+
+def check_stage() -> dict[str, Any]:
+    """The first stage: params.yaml, every key of it (``params.yaml:`` with no list), through the typed
+    config and ``selfsup.preflight``, so that a bad key fails before DVC removes any stage's outputs.
+    Its code deps: its script's closure and every method file (each method block is parsed with its
+    method's config class)."""
+    return {"cmd": "python stages/check.py", "deps": [], "params": [{"params.yaml": None}],
+            "outs": [{CHECKED: {"cache": False}}]}
+
+
+def check_code() -> list[str]:
+    """The check stage's code: its script's closure, and the method registry's closure with every method
+    (``load_config`` imports each method by name to parse its block)."""
+    from selfsup.codedeps import REGISTRY_FILE
+
+    return sorted({*closure("stages/check.py"), *(f for m in method_names() for f in closure(REGISTRY_FILE, m))})
+
+
 def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
     """Every method's training loop (resumable at any step), final encoder, per-epoch history,
     pictures and live MLflow run, in one process (``selfsup.pretraining``)."""
@@ -65,7 +91,7 @@ def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
            if u != NO_UPSTREAM and u not in {f"data/models/{m}.pt" for m in methods}]
     return {
         "cmd": "python stages/pretrain.py",
-        "deps": [*code, NO_UPSTREAM, *ups],
+        "deps": [*code, CHECKED, NO_UPSTREAM, *ups],
         "params": [*PRETRAIN_PARAMS, "methods", *methods],
         "outs": [
             # resumable state (checkpoints, MLCD's assignment table): kept across runs and
@@ -150,6 +176,8 @@ def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
     ry = _yaml()
     doc = ry.load(text)
     stages = doc["stages"]
+    if CHECK not in stages:  # first: every other stage depends on it
+        stages.insert(0, CHECK, check_stage())
     # the tokenizer stage exists while a method reads its file (a preset without BEiT: no tokeniser run)
     if TOKENS in methods.values() and TOKENIZER not in stages:
         at = list(stages).index("download") + 1 if "download" in stages else 0
@@ -168,10 +196,12 @@ def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
             raise SystemExit(f"dvc.yaml: stage {name} has no script {script}")
         if name == PRETRAIN:
             continue  # written whole above
-        deps = body.get("deps") or []
+        deps = body.setdefault("deps", [])
         data = [d for d in deps if not is_code(str(d))]
+        if name != CHECK and CHECKED not in data:
+            data.insert(0, CHECKED)
         deps.clear()
-        deps.extend(closure(script, TRAINS.get(name)) + data)
+        deps.extend((check_code() if name == CHECK else closure(script, TRAINS.get(name))) + data)
         if name in PER_METHOD_OUTPUTS:  # every method in one process: its outputs follow the method list
             body.update(PER_METHOD_OUTPUTS[name](methods))
         if name == TABLE1:  # every row in one process: its metrics follow instdisc_table1.rows
@@ -197,13 +227,19 @@ def changed(root: Path, methods: dict[str, str], rows: list[str]) -> dict[Path, 
 
 
 def methods_of(params: Path) -> dict[str, str]:
-    ms = (yaml.safe_load(params.read_text()) or {}).get("methods") or {}
+    ms = (load_yaml(params.read_text()) or {}).get("methods") or {}
     return {m: NO_UPSTREAM for m in ms} if isinstance(ms, list) else dict(ms)
 
 
 def rows_of(params: Path) -> list[str]:
-    """The rows of InstDisc's Table 1 (``instdisc_table1.rows``)."""
-    return list(((yaml.safe_load(params.read_text()) or {}).get("instdisc_table1") or {}).get("rows") or {})
+    """The rows of InstDisc's Table 1 that the ``table1`` stage runs (``instdisc_table1.rows``, none while the
+    sweep is off: ``selfsup.config.table1_active``). The stage's params leave ``methods`` out (a new
+    method would re-run it): the rows' outputs declared here change when the sweep turns on or off, and
+    DVC re-runs a stage whose outputs changed."""
+    t1 = (load_yaml(params.read_text()) or {}).get("instdisc_table1") or {}
+    if not table1_active(t1.get("run", InstDiscTable1Cfg.run), methods_of(params)):
+        return []
+    return list(t1["rows"] or {}) if "rows" in t1 else list(InstDiscTable1Cfg().rows)
 
 
 def stages_of(root: Path) -> dict[str, dict[str, Any]]:

@@ -53,7 +53,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from selfsup import dist
 from selfsup.config import Config, VocCfg, config_hash
-from selfsup.io import ResultCache, derive_seed, folder_stamp, sha256_file
+from selfsup.io import ResultCache, derive_seed, folder_digest, sha256_file
 from selfsup.models import NIN, AlexNetBN, Backbone, SmallCNN, ViT, load_backbone
 from selfsup.voc_data import VocDetection, load_split, read_manifest
 from selfsup.voc_eval import evaluate_detections
@@ -363,7 +363,7 @@ def transfer_all(cfg: Config, models: dict[str, Path], voc_dir: str | Path, imag
 
     A method's result is reused from ``cache_dir`` (``selfsup.io.ResultCache``) while its key is
     unchanged: the model file's content, ``voc:``, the seed, the device type and number of processes,
-    the code the stage runs, the detection data's listing and the normalisation. So a new model of
+    the code the stage runs, the detection data's content (never its mtimes) and the normalisation. So a new model of
     one method re-runs one detector, a changed ``voc`` key all of them. All ranks compute the same keys
     (same files), so they skip or train the same methods together.
     """
@@ -372,7 +372,7 @@ def transfer_all(cfg: Config, models: dict[str, Path], voc_dir: str | Path, imag
     cache = ResultCache(cache_dir)
     base = {"voc": config_hash(cfg.voc), "seed": cfg.seed, "device": device.type,
             "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes, "code": code_hash(closure("stages/voc.py")),
-            "data": folder_stamp(voc_dir), "norm": [image_mean, image_std]}
+            "data": folder_digest(voc_dir), "norm": [image_mean, image_std]}
     for name, path in models.items():
         key = config_hash({**base, "method": name, "model": sha256_file(path)})
         hit = cache.get(name, key)

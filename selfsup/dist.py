@@ -4,7 +4,11 @@ library is written once for one process and for many.
 - ``init_from_env``: joins the process group that ``torchrun`` describes in the environment
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``): NCCL on GPUs,
   gloo on CPUs, with a timeout on every collective, so a rank that dies makes the others fail
-  with an error instead of waiting for ever.
+  with an error instead of waiting for ever. Under torchrun it also starts the agent watchdog
+  (the rank ends as soon as its torchrun agent is gone: nothing reaps or stops a rank whose agent
+  was killed, and it would go on writing checkpoints after its stage failed) and, under
+  ``selfsup.launch``, keeps the rank's record (pid, then how it ended) in ``$SELFSUP_RANK_DIR``, from
+  which the launcher names the rank that was lost.
 - ``all_gather`` (no gradient) and ``all_gather_grad`` (the gradient flows back to every rank's
   own slice: the backward pass all-reduces the incoming gradient and keeps this rank's part, as
   lightly's ``GatherLayer`` and SimCLR's TPU ``cross_replica`` gather); both concatenate along
@@ -20,8 +24,15 @@ over the global batch.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import json
 import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +67,10 @@ def init_from_env(backend: str = "auto", timeout_s: float = 300.0) -> bool:
     """Join torchrun's process group (once); False when not launched by torchrun or world size 1."""
     if is_dist():
         return True
-    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    if not under_torchrun():
+        return False
+    watch_agent()
+    if int(os.environ["WORLD_SIZE"]) == 1:
         return False
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -66,6 +80,98 @@ def init_from_env(backend: str = "auto", timeout_s: float = 300.0) -> bool:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+# ----------------------------------------------------------------- a rank ends with its agent
+RANK_DIR_ENV = "SELFSUP_RANK_DIR"  # set by selfsup.launch: the folder of the ranks' records
+WATCH_POLL_S = 0.5  # how often a rank checks that its agent is alive
+_WATCHING = False
+_RECORD: dict[str, Any] = {}
+_RECORD_LOCK = threading.Lock()
+_PREVIOUS_HOOK = sys.excepthook  # the hook that prints a rank's uncaught exception, before its record
+
+
+def proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(state letter, start time in clock ticks since boot, wait status of a zombie: 0 until it has
+    ended) from Linux's /proc/<pid>/stat; None when there is no such process. Only where
+    ``HAVE_PROC``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the name may hold spaces
+    return fields[0], fields[19], int(fields[-1])
+
+
+HAVE_PROC = proc_stat(os.getpid()) is not None
+
+
+def _write_record(**fields: Any) -> None:
+    """This rank's record in the launcher's folder (replaced whole: the launcher never reads half)."""
+    folder = os.environ.get(RANK_DIR_ENV)
+    if not folder:
+        return
+    with _RECORD_LOCK:
+        _RECORD.update(fields, time=time.time())
+        path = Path(folder) / f"rank{_RECORD['rank']}.json"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_RECORD))
+        os.replace(tmp, path)
+
+
+def _record_exception(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    _PREVIOUS_HOOK(kind, value, tb)
+    _write_record(state="error", error=f"{kind.__name__}: {value}"[:500])
+
+
+def _record_exit() -> None:
+    if _RECORD.get("state") == "running":  # returned or sys.exit; an exception was recorded already
+        _write_record(state="exited")
+
+
+def _end_orphan(agent: int) -> None:
+    """The agent is gone: stop this rank, and its DataLoader workers, at once."""
+    why = ""
+    try:
+        _write_record(state="orphaned")
+    except OSError as e:  # the launcher is gone too (its folder with it): ending this rank matters more
+        why = f" (its record could not be written: {e})"
+    print(f"selfsup: rank {os.environ.get('RANK')} (pid {os.getpid()}): its torchrun agent (pid {agent}) is gone; "
+          f"ending this rank{why}", file=sys.stderr, flush=True)
+    # torchrun starts every rank in a session of its own: its group is the rank and its workers
+    if hasattr(os, "killpg") and os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os._exit(1)
+
+
+def watch_agent(poll_s: float = WATCH_POLL_S) -> None:
+    """Under torchrun (once per process): a daemon thread ends this process as soon as its parent,
+    torchrun's agent, is gone (the rank was re-parented), e.g. when the agent was killed: torchrun
+    stops its ranks only while it runs. The parent-death signal (prctl PR_SET_PDEATHSIG) would be
+    instant, but it fires when the parent *thread* that started the rank ends, which a rank cannot
+    check; the launcher stops whatever outlives this by more than a few seconds (a thread that
+    cannot get the GIL). Under ``selfsup.launch``, also starts the rank's record."""
+    global _WATCHING, _PREVIOUS_HOOK
+    if _WATCHING:
+        return
+    _WATCHING = True
+    agent = os.getppid()
+    if os.environ.get(RANK_DIR_ENV):
+        stat = proc_stat(os.getpid()) if HAVE_PROC else None
+        _write_record(rank=int(os.environ["RANK"]), local_rank=local_rank(), pid=os.getpid(), agent=agent,
+                      start=stat[1] if stat else None, state="running")
+        _PREVIOUS_HOOK = sys.excepthook
+        sys.excepthook = _record_exception
+        atexit.register(_record_exit)
+        if agent == 1:  # the launcher starts torchrun, so it is never pid 1: the agent has died already
+            _end_orphan(agent)
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll_s)
+        _end_orphan(agent)
+
+    threading.Thread(target=watch, name="selfsup-agent-watchdog", daemon=True).start()
 
 
 def shard(n: int, r: int | None = None, w: int | None = None) -> slice:

@@ -21,11 +21,18 @@ from selfsup.knn import knn_eval
 log = logging.getLogger("selfsup.evaluate")
 
 
-def _skip(what: str, ytr: np.ndarray, yte: np.ndarray) -> dict[str, Any] | None:
+def no_labels(ytr: np.ndarray, yte: np.ndarray) -> str | None:
+    """Why a label-based evaluation cannot run (a split without a labelled sample), or None."""
     if not (ytr >= 0).any() or not (yte >= 0).any():
-        reason = f"{what}: skipped, the {'train' if not (ytr >= 0).any() else 'test'} split has no labels"
-        log.warning(reason)
-        return {"skipped": reason}
+        return f"skipped, the {'train' if not (ytr >= 0).any() else 'test'} split has no labels"
+    return None
+
+
+def _skip(what: str, ytr: np.ndarray, yte: np.ndarray, quiet: bool = False) -> dict[str, Any] | None:
+    if (reason := no_labels(ytr, yte)) is not None:
+        if not quiet:
+            log.warning(f"{what}: {reason}")
+        return {"skipped": f"{what}: {reason}"}
     return None
 
 
@@ -55,7 +62,7 @@ def knn_protocols(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarr
         if paper.get("pca_dim"):  # fitted on the training features, labelled or not
             from selfsup.pca import pca_project
 
-            tr, te = pca_project(tr, te, paper["pca_dim"])
+            tr, te = pca_project(tr, te, paper["pca_dim"], paper.get("key", "knn.paper.pca_dim"))
             where = f"{where} + PCA-{paper['pca_dim']}"
         r = knn_eval(tr[mtr], ytr[mtr], te[mte], yte[mte], k, t, num_classes)
         out["paper_top1"] = r["top1"]
@@ -80,7 +87,7 @@ def paper_protocol(key: str, k: int, temperature: float, features: str, protocol
         parts = (["ReLU"] if head.get("relu") else []) + ([f"{head['proj']['kind']} head {head['proj']['out_dim']}-d"]
                                                         if head.get("proj") else []) + (["L2"] if head.get("l2") else [])
         where = " + ".join(parts) or "backbone"
-    return {"k": k, "temperature": float(t), "where": where, "pca_dim": pca_dim}
+    return {"k": k, "temperature": float(t), "where": where, "pca_dim": pca_dim, "key": f"{key}.pca_dim"}
 
 
 def linear_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, num_classes: int, epochs: int,
@@ -95,15 +102,16 @@ def linear_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray
 
 
 def cluster_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, k: int, niter: int,
-                 nredo: int, seed: int, init: str = "kmeans++") -> dict[str, Any]:
+                 nredo: int, seed: int, init: str = "kmeans++", quiet: bool = False) -> dict[str, Any]:
     """k-means on the training features (all of them, labelled or not); metrics against the
-    labels on train, and on test via nearest centroid. The headline numbers are train's."""
+    labels on train, and on test via nearest centroid. The headline numbers are train's. Without
+    labels only the objective (``quiet``: the caller has said why the label metrics skip)."""
     from selfsup.kmeans import assign_to_centroids, faiss_gpu, kmeans
     from selfsup.metrics import ari, hungarian_accuracy, nmi
 
     km = kmeans(tr, k, niter=niter, seed=seed, nredo=nredo, init=init, gpu=faiss_gpu())
     out: dict[str, Any] = {"k": k, "objective": km.objective}
-    if (s := _skip("cluster", ytr, yte)) is not None:
+    if (s := _skip("cluster", ytr, yte, quiet)) is not None:
         return {**out, **s}
     test_assign = assign_to_centroids(te, km.centroids)
     for split, y, a in (("train", ytr, km.assign), ("test", yte, test_assign)):

@@ -21,6 +21,7 @@ per method on digits; on ImageNet the extraction dominates and the features are 
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -30,13 +31,16 @@ import torch
 from selfsup import dist
 from selfsup.config import Config, ConfigError, config_hash
 from selfsup.data import load_prepared
-from selfsup.evaluate import _skip, cluster_eval, knn_protocols, linear_eval, paper_protocol, svm_eval
+from selfsup.evaluate import _skip, cluster_eval, knn_protocols, linear_eval, no_labels, paper_protocol, svm_eval
 from selfsup.features import apply_head, extract_sharded
 from selfsup.heads import hidden_layers
 from selfsup.io import ResultCache, derive_seed, read_features, read_json, sha256_file, write_features, write_json
 from selfsup.models import load_backbone, load_eval_head
 from selfsup.pca import PCAWhitening
 from selfsup.stage import Paths
+
+log = logging.getLogger("selfsup.frozen")
+UNLABELLED_K = 10  # cluster.k 0 on data without classes (documented in params.yaml)
 
 
 def extract_all(cfg: Config, name: str, P: Paths, device: torch.device) -> dict[str, Any] | None:
@@ -82,20 +86,31 @@ def knn_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarray, 
     return {**out, "seconds": time.perf_counter() - t0}
 
 
+def cluster_k(cfg: Config, num_classes: int, n: int) -> int:
+    """``cluster.k``; 0: the number of classes, or ``UNLABELLED_K`` (at most one per training image)
+    for data without classes (an unlabelled folder: only the k-means objective is reported)."""
+    if cfg.cluster.k:
+        if cfg.cluster.k > n:
+            raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters but only {n} training images")
+        return cfg.cluster.k
+    return num_classes or min(UNLABELLED_K, n)
+
+
 def cluster_step(cfg: Config, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray,
-                 num_classes: int) -> dict[str, Any]:
+                 num_classes: int, quiet: bool = False) -> dict[str, Any]:
     """Step 3: PCA-whitening (faiss, fitted on train) + L2, then k-means (faiss) on the whitened train
-    features, its assignment of test: NMI, ARI, Hungarian accuracy."""
+    features, its assignment of test: NMI, ARI, Hungarian accuracy (``quiet``: without labels, the
+    caller has said why those skip). ``whiten.pca_dim`` is capped at the features' rank (a warning)."""
     t0 = time.perf_counter()
     try:
-        pca = PCAWhitening.fit(tr, cfg.whiten.pca_dim)
+        pca = PCAWhitening.fit(tr, cfg.whiten.pca_dim, key="whiten.pca_dim")
     except ValueError as e:
-        raise ConfigError(f"whiten.{e}") from e
+        raise ConfigError(str(e)) from e
     wtr, wte = pca.transform(tr), pca.transform(te)  # (N, pca_dim), L2-normalised
     whiten_s = time.perf_counter() - t0
-    out = cluster_eval(wtr, ytr, wte, yte, k=cfg.cluster.k or num_classes, niter=cfg.cluster.niter,
-                       nredo=cfg.cluster.nredo, seed=cfg.seed, init=cfg.cluster.init)
-    return {**out, "pca_dim": cfg.whiten.pca_dim, "whiten_seconds": whiten_s, "seconds": time.perf_counter() - t0}
+    out = cluster_eval(wtr, ytr, wte, yte, k=cluster_k(cfg, num_classes, len(tr)), niter=cfg.cluster.niter,
+                       nredo=cfg.cluster.nredo, seed=cfg.seed, init=cfg.cluster.init, quiet=quiet)
+    return {**out, "pca_dim": pca.dim, "whiten_seconds": whiten_s, "seconds": time.perf_counter() - t0}
 
 
 def linear_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray,
@@ -152,10 +167,16 @@ def finetune_step(cfg: Config, name: str, P: Paths, ytr: np.ndarray, yte: np.nda
 
 def evaluate_features(cfg: Config, name: str, P: Paths, device: torch.device, extract: dict[str, Any]
                       ) -> dict[str, dict[str, Any]]:
-    """Steps 2-5 on the features step 1 wrote (rank 0)."""
+    """Steps 2-5 on the features step 1 wrote (rank 0). Without labels (a split with none) only the
+    clustering runs (its objective), after one line saying so: the label-based steps do no work."""
     num_classes = len(read_json(P.dataset / "meta.json")["classes"])
     tr, ytr = read_features(P.features(name, "train"))  # (N, D), (N,); as written, so the steps see the file
     te, yte = read_features(P.features(name, "test"))
+    if (reason := no_labels(ytr, yte)) is not None:
+        log.warning("evaluate %s: the label-based evaluations (kNN, linear probe, SVM, per-layer probes, "
+                    "fine-tuning, NMI / ARI) %s", name, reason)
+        return {"extract": extract, **{step: {"skipped": f"{step}: {reason}"} for step in ("knn", "linear", "finetune")},
+                "cluster": cluster_step(cfg, tr, ytr, te, yte, num_classes, quiet=True)}
     return {"extract": extract,
             "knn": knn_step(cfg, name, P, tr, ytr, te, yte, num_classes),
             "cluster": cluster_step(cfg, tr, ytr, te, yte, num_classes),

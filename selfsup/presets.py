@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from selfsup.config import NO_UPSTREAM, ConfigError, load_config
+from selfsup.config import NO_UPSTREAM, ConfigError, load_config, load_yaml
 from selfsup.dag import TOKENS
 from selfsup.io import repo_root
 
@@ -74,7 +74,7 @@ def load(name: str) -> dict[str, Any]:
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset {name!r}: no {path}; known: {', '.join(names())}")
-    d = yaml.safe_load(path.read_text()) or {}
+    d = load_yaml(path.read_text()) or {}
     unknown = sorted(set(d) - set(META))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(META)}")
@@ -97,7 +97,7 @@ def merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[
 
 
 def merged_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
-    base = yaml.safe_load(Path(params or repo_root() / "params.yaml").read_text())
+    base = load_yaml(Path(params or repo_root() / "params.yaml").read_text())
     return merge(base, load(name)["params"])
 
 
@@ -129,8 +129,8 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
         if "=" not in s:
             raise ConfigError(f"--set {s!r}: expected key=value")
         k, v = s.split("=", 1)
-        _set_path(over, k, yaml.safe_load(v))
-    load_config(merge(yaml.safe_load(path.read_text()), over), parse_methods=True)
+        _set_path(over, k, load_yaml(v))
+    load_config(merge(load_yaml(path.read_text()), over), parse_methods=True)
     ry = YAML()
     ry.preserve_quotes = True
     ry.width = 4096

@@ -282,12 +282,15 @@ def table1_markdown(table: pd.DataFrame, notes: list[str]) -> str:
 
 def table1_files(cfg: Any, results: dict[str, dict[str, Any]]) -> dict[str, str]:
     """``reports/instdisc_table1.{md,csv}`` from the rows' metrics (``selfsup.table1.run_rows``), beside
-    the paper's figures; with no rows (a preset without InstDisc empties ``instdisc_table1.rows``) a
-    page that says so."""
+    the paper's figures; with no rows (the sweep off, or ``instdisc_table1.rows`` empty) a page that
+    says why."""
     t1 = cfg.instdisc_table1
     if not results:
-        return {"instdisc_table1.md": "# InstDisc Table 1 (Wu et al. 2018)\n\nNot run: instdisc_table1.rows is "
-                                      "empty in params.yaml.\n", "instdisc_table1.csv": "row\n"}
+        why = "instdisc_table1.rows is empty"
+        if t1.rows:  # rows, but the sweep is off
+            why = f"instdisc_table1.run is {t1.run}" + (" and instdisc is not among methods" if t1.run == "auto" else "")
+        return {"instdisc_table1.md": f"# InstDisc Table 1 (Wu et al. 2018)\n\nNot run: {why} in params.yaml.\n",
+                "instdisc_table1.csv": "row\n"}
     table = table1(results)
     notes = [
         f"Ours: dataset {cfg.dataset.name}, backbone {cfg.model.backbone}, the `instdisc` params block with each "

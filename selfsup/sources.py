@@ -184,14 +184,24 @@ def _listing_digest(root: Path, listings: list[Listing]) -> str:
     return h.hexdigest()
 
 
+def check_source(cfg: DatasetCfg) -> None:
+    """The cheap checks of ``dataset.path`` (it exists, and is what ``dataset.name`` reads), made by the
+    ``check`` stage before the download stage removes ``data/dataset``, and again by the readers."""
+    src = Path(cfg.path)
+    if cfg.name == "imagefolder":
+        if not src.exists():
+            raise DatasetUnavailable(f"dataset.path: {src} does not exist")
+        if src.is_file() and not tarfile.is_tarfile(src):
+            raise DatasetUnavailable(f"dataset.path: {src} is a file but not a tar archive")
+    elif cfg.name == "imagenet" and not src.is_dir():
+        raise DatasetUnavailable(f"dataset.path: {src} is not a folder (dataset.name=imagenet)")
+
+
 def _imagefolder(cfg: DatasetCfg, seed: int) -> Prepared:
     """``train/<class>/*`` and ``test/<class>/*``; images directly in train/ are unlabelled (-1)."""
+    check_source(cfg)
     src = Path(cfg.path)
-    if not src.exists():
-        raise DatasetUnavailable(f"dataset.path: {src} does not exist")
     if src.is_file():
-        if not tarfile.is_tarfile(src):
-            raise DatasetUnavailable(f"dataset.path: {src} is a file but not a tar archive")
         sha = sha256_file(src)
         dest = Path(cfg.root) / f"{src.name.split('.')[0]}-{sha[:12]}"
         if not (dest / ".complete").is_file():
@@ -220,9 +230,8 @@ def _imagenet(cfg: DatasetCfg, seed: int) -> Prepared:
     ImageNet example's), or torchvision's ``ImageNet`` archives (``ILSVRC2012_img_train.tar``,
     ``ILSVRC2012_img_val.tar``, ``ILSVRC2012_devkit_t12.tar.gz``) in ``dataset.path``, which
     torchvision checks (md5) and unpacks into that layout once. The test split is val (50,000)."""
+    check_source(cfg)
     src = Path(cfg.path)
-    if not src.is_dir():
-        raise DatasetUnavailable(f"dataset.path: {src} is not a folder (dataset.name=imagenet)")
     source = f"imagenet:{src}"
     if not ((src / "train").is_dir() and (src / "val").is_dir()):
         if not all((src / a).is_file() for a in IMAGENET_ARCHIVES):

@@ -5,10 +5,15 @@ import atexit
 import gc
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from selfsup.config import Config, load_config
+from selfsup.config import Config, ConfigError, load_config
+
+# the check stage's output, a dependency of every other stage (stages/check.py; its content is constant)
+CHECKED = "data/params.checked"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = 
     # 0.8 s of every stage here (benchmarks/imports.py, "exit"); frozen, the GC skips those objects.
     # Registered first, so it runs after every other exit handler (MLflow's end of run, DDP's clean-up).
     atexit.register(gc.freeze)
+    _config_errors_in_one_line()
     rank = int(os.environ.get("RANK", "0"))
     level = os.environ.get("SELFSUP_LOG", "INFO") if rank == 0 else "WARNING"
     logging.basicConfig(level=level, format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s")
@@ -72,6 +78,24 @@ def setup(params: str | Path = "params.yaml", parse_methods: bool | list[str] = 
 
         torch.set_num_threads(int(os.environ["SELFSUP_THREADS"]))
     return load_config(params, parse_methods)
+
+
+def _config_errors_in_one_line() -> None:
+    """A ConfigError names a key of params.yaml for the user to fix: the stage prints it as one line
+    (``params: <key>: ...``) and exits 1, without the traceback; every other exception is a bug and
+    keeps its traceback."""
+    previous = sys.excepthook
+    if getattr(previous, "one_line_config_errors", False):
+        return
+
+    def hook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(tp, ConfigError):
+            print(f"params: {value}", file=sys.stderr, flush=True)
+        else:
+            previous(tp, value, tb)
+
+    hook.one_line_config_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def check_stage_upstream(root: Path, cfg: Config) -> None:

@@ -67,13 +67,13 @@ def row_key(cfg: Config, name: str, data: Any) -> str:
 
 
 def run_rows(cfg: Config, data: Any, folder: str | Path) -> Iterator[tuple[str, dict[str, Any] | None, bool]]:
-    """``run_row`` for every row of ``instdisc_table1.rows``, checkpoints under ``folder/<row>/``: yields
+    """``run_row`` for every row the sweep runs (``Config.table1_rows``), checkpoints under ``folder/<row>/``: yields
     (row, its metrics (None on ranks other than 0), reused). A row whose ``row_key`` is unchanged gets its
     stored metrics back (``selfsup.io.ResultCache``, ``folder/results``)."""
     from selfsup import dist
 
     cache = ResultCache(Path(folder) / "results")
-    for name in cfg.instdisc_table1.rows:
+    for name in cfg.table1_rows():
         key = row_key(cfg, name, data)
         stored = cache.get(name, key)
         if stored is not None:

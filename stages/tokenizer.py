@@ -13,9 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
 
-from selfsup.config import ConfigError, load_config  # noqa: E402
+from selfsup.config import ConfigError, load_config, load_yaml  # noqa: E402
 from selfsup.data import load_prepared  # noqa: E402
 from selfsup.io import resolve_device, write_json  # noqa: E402
 from selfsup.stage import Paths  # noqa: E402
@@ -30,7 +29,7 @@ def main(root: Path = Path("."), params: str = "params.yaml") -> dict:
         import torch
 
         torch.set_num_threads(int(os.environ["SELFSUP_THREADS"]))
-    raw = yaml.safe_load((root / params).read_text()) or {}
+    raw = load_yaml((root / params).read_text()) or {}
     cfg = load_config(root / params, parse_methods=False)  # unknown keys / bad values named, tokenizer.* too
     tok_cfg = cfg.tokenizer
     check_patch_against(tok_cfg, raw)

@@ -250,6 +250,10 @@ def test_a_lost_rank_stops_the_run_and_it_resumes(tmp_path):
     assert r.returncode != 0 and took < 60 + 60, (r.returncode, took)
     err = r.stderr
     assert "rank: 1" in err and ("Signal 9" in err or "SIGKILL" in err or "exitcode: -9" in err), err[-3000:]
+    # the launcher's verdict names the lost rank (torchrun's "root cause" may name rank 0, stopped after it)
+    verdict = [ln for ln in err.splitlines() if ln.startswith("launch: torchrun failed")]
+    assert len(verdict) == 1 and "rank 1 (pid" in verdict[0] and "was lost" in verdict[0], err[-3000:]
+    assert "rank 0 (pid" not in verdict[0], verdict[0]
     ck = torch.load(tmp_path / "data" / "pretrain" / "moco" / "ckpt.pt", weights_only=False)
     assert (ck["epoch"], ck["world"]) == (1, 2) and ck["batch"] >= 1  # mid-epoch 2, written by rank 0
     params["dist"]["nproc_per_node"] = 1

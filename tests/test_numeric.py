@@ -35,12 +35,26 @@ def test_whitening_identity_covariance_and_unit_rows():
     np.testing.assert_allclose(np.abs(ref), np.abs(y), atol=2e-2)
 
 
-def test_whitening_rejects_bad_dims():
+def test_whitening_caps_its_dimension_at_the_rank(caplog):
+    """A dimension above what the features span is capped with one warning naming the key: at the
+    feature dimension, at N - 1 samples, at the numerical rank; the kept axes are still whitened."""
     x = correlated(n=100, d=8)
-    with pytest.raises(ValueError, match="pca_dim"):
-        PCAWhitening.fit(x, 9)
-    with pytest.raises(ValueError, match="rank"):  # rank-4 data cannot be whitened to 6 dims
-        PCAWhitening.fit(np.repeat(x[:, :4], 2, axis=1), 6)
+    caplog.set_level("WARNING", logger="selfsup.pca")
+    assert PCAWhitening.fit(x, 9, key="whiten.pca_dim").dim == 8
+    assert PCAWhitening.fit(x[:5], 8, key="whiten.pca_dim").dim == 4  # 5 centred samples span 4 axes
+    low = np.repeat(x[:, :4], 2, axis=1)  # rank 4 in 8-d: 6 dims would blow noise up to unit variance
+    w = PCAWhitening.fit(low, 6, key="whiten.pca_dim")
+    assert w.dim == 4
+    y = w.transform(low, l2=False)  # (100, 4)
+    np.testing.assert_allclose(np.cov(y, rowvar=False, bias=True), np.eye(4), atol=2e-3)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 3 and all(m.startswith("whiten.pca_dim: ") for m in msgs), msgs
+    assert "numerical rank 4" in msgs[2], msgs
+    with pytest.raises(ValueError, match="whiten.pca_dim: PCA needs at least 2 samples"):
+        PCAWhitening.fit(x[:1], 4, key="whiten.pca_dim")
+    # full rank and small enough: no warning, the dimension asked for
+    caplog.clear()
+    assert PCAWhitening.fit(x, 6).dim == 6 and not caplog.records
 
 
 def test_kmeans_objective_matches_sklearn():

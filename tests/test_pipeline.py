@@ -39,7 +39,9 @@ def stages_run(out):
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
-def make_repo(dst, folder, methods, upstream, table1_rows, workers):
+def make_repo(dst, folder, methods, upstream, table1_rows, workers, eval_defaults=False, table1_run="auto"):
+    """A git + DVC repository at ``dst`` running ``methods`` on ``folder``, after its first `dvc repro`.
+    ``eval_defaults``: the evaluation keys (whiten, cluster, linear) as params.yaml ships them."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -56,12 +58,13 @@ def make_repo(dst, folder, methods, upstream, table1_rows, workers):
     params["deepcluster"].update(epochs=2, k=10, pca_dim=16)
     params["supervised"].update(epochs=1)
     params["mlcd"].update(epochs=1, centres=20)
-    params["linear"].update(epochs=5)
-    params["whiten"]["pca_dim"] = 8
-    params["cluster"]["nredo"] = 1
+    if not eval_defaults:
+        params["linear"].update(epochs=5)
+        params["whiten"]["pca_dim"] = 8
+        params["cluster"]["nredo"] = 1
     params["voc"].update(steps=10, warmup_steps=2, lr_steps=[8])
     params["voc"]["embedded"].update(trainval_images=16, test_images=8)
-    params["instdisc_table1"].update(epochs=1, rows={r: TABLE1_ROWS[r] for r in table1_rows})
+    params["instdisc_table1"].update(epochs=1, rows={r: TABLE1_ROWS[r] for r in table1_rows}, run=table1_run)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     from selfsup.dag import main as dag
 
@@ -87,12 +90,13 @@ TABLE1_ROWS = {"parametric": {"softmax": "parametric", "nce_m": 0}, "nce10": {"s
 def repo(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     folder = make_image_folder(base / "images", 240, 60, classes=3, size=(16, 40), seed=1)
-    return make_repo(base / "repo", folder, METHODS, UPSTREAM, TABLE1, workers=-1)
+    # InstDisc's Table 1 without InstDisc among the methods: asked for (instdisc_table1.run: always)
+    return make_repo(base / "repo", folder, METHODS, UPSTREAM, TABLE1, workers=-1, table1_run="always")
 
 
 def test_repro_writes_every_declared_output(repo):
     d = repo["dir"]
-    expected = {"download", "pretrain", "voc_data", "evaluate", "voc", "report", "table1"}
+    expected = {"check", "download", "pretrain", "voc_data", "evaluate", "voc", "report", "table1"}
     assert stages_run(repo["first"]) == expected
     declared = []
     for body in stages_of(d).values():
@@ -139,9 +143,9 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
         (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         run([sys.executable, "-m", "selfsup.dag"], d, repo["env"])
         status = json.loads(run([*repo["dvc"], "status", "--json"], d, repo["env"]))
-        # the stages whose params and outputs follow the method list; the tables of InstDisc and the
-        # data stages are untouched
-        assert set(status) == {"pretrain", "evaluate", "voc", "report"}, sorted(status)
+        # the stages whose params and outputs follow the method list, and the check of params.yaml (a new
+        # block, a new method file); the tables of InstDisc and the data stages are untouched
+        assert set(status) == {"check", "pretrain", "evaluate", "voc", "report"}, sorted(status)
     finally:
         new.unlink(missing_ok=True)
         (d / "params.yaml").write_text(params_before)
@@ -151,7 +155,7 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
 
 def test_exp_run_retrains_only_deepcluster_and_mlcd(repo):
     out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
-    assert stages_run(out) == {"pretrain", "evaluate", "voc", "report"}, out
+    assert stages_run(out) == {"check", "pretrain", "evaluate", "voc", "report"}, out
     # DeepCluster retrained, and MLCD, which clusters DeepCluster's encoder; the other two resumed their
     # finished runs, and their model files, rewritten byte for byte, let evaluate and voc reuse them
     assert re.search(r"pretrain supervised: .*reused", out) and re.search(r"pretrain random: .*no training", out), out
@@ -199,27 +203,151 @@ def test_mlflow_has_one_run_per_method(repo):
         assert dc12.data.params["method.k"] == "12"
 
 
+def fingerprint(d):
+    """md5 of every file a finished run wrote (the dataset, models, metrics, plots, reports)."""
+    import hashlib
+
+    out = {}
+    for top in ("data/dataset", "data/models", "data/pretrain", "data/features", "metrics", "plots", "reports"):
+        for f in sorted((d / top).rglob("*")):
+            if f.is_file():
+                out[str(f.relative_to(d))] = hashlib.md5(f.read_bytes()).hexdigest()
+    return out
+
+
+def edit_params(d, fn):
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    fn(params)
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def fails(cmd, cwd, env):
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+BAD_PARAMS = [
+    (lambda p: p["deepcluster"].update(k=-5), "params: deepcluster.k: must be > 0, got -5"),
+    (lambda p: p["dataset"].update(path="/nowhere/images"), "params: dataset.path: /nowhere/images does not exist"),
+    (lambda p: p.update(device="cuda:7"), "params: device: 'cuda:7'"),
+    # a misspelt key that no stage reads: only the check stage, which reads the whole file, sees it
+    (lambda p: p.update(checkpoint_minute=5), "params: checkpoint_minute: unknown key; did you mean 'checkpoint_minutes'?"),
+]
+
+
+def test_a_bad_param_fails_before_dvc_deletes_anything(repo):
+    """A bad value fails in the check stage, the first of the DAG, as one line: DVC removed no output of
+    a finished run (every file's md5 unchanged); fixed, the check re-runs alone."""
+    d, env, dvc = repo["dir"], repo["env"], repo["dvc"]
+    text = (d / "params.yaml").read_text()
+    before = fingerprint(d)
+    assert len(before) > 30
+    try:
+        for edit, message in BAD_PARAMS:
+            edit_params(d, edit)
+            out = fails([*dvc, "repro"], d, env)
+            assert message in out and "Traceback" not in out, out[-3000:]
+            assert stages_run(out) == {"check"}, out[-3000:]
+            assert fingerprint(d) == before, message
+            (d / "params.yaml").write_text(text)
+    finally:
+        (d / "params.yaml").write_text(text)
+    out = run([*dvc, "repro"], d, env)
+    assert stages_run(out) == {"check"}, out
+    assert json.loads(run([*dvc, "status", "--json"], d, env)) == {}
+    assert fingerprint(d) == before
+
+
+def test_a_sweep_writes_yaml_12_numbers_that_parse(repo):
+    """`dvc exp run -S key=1e-6` writes YAML 1.2's `1e-06` into params.yaml; the config reads it as a number
+    (checkpoint_minutes: a float key that only the check stage tracks, so nothing else re-runs)."""
+    d, env, dvc = repo["dir"], repo["env"], repo["dvc"]
+    before = {f: (d / f).read_text() for f in ("params.yaml", "dvc.lock")}
+    try:
+        out = run([*dvc, "exp", "run", "-n", "tiny-float", "-S", "checkpoint_minutes=1e-6"], d, env)
+        assert stages_run(out) == {"check"}, out
+        assert "checkpoint_minutes: 1e-06" in (d / "params.yaml").read_text()
+    finally:
+        for f, text in before.items():
+            (d / f).write_text(text)
+    assert json.loads(run([*dvc, "status", "--json"], d, env)) == {}
+
+
+def test_a_copied_tree_reuses_every_voc_result(repo, tmp_path):
+    """The detection results are keyed on the data's content, not its mtimes: a copy that drops them (here
+    every file of the repository) re-running the voc stage reuses every method's result."""
+    import shutil
+
+    d, env, dvc = repo["dir"], repo["env"], repo["dvc"]
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy, copy_function=shutil.copy, symlinks=True)  # shutil.copy: new mtimes
+    f = next((copy / "data" / "voc").rglob("*.jpg"))
+    assert f.stat().st_mtime_ns != (d / f.relative_to(copy)).stat().st_mtime_ns
+    out = run([*dvc, "repro", "-f", "-s", "voc"], copy, env)
+    for m in METHODS:
+        assert re.search(rf"voc {m}: .*reused", out), out[-3000:]
+
+
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory):
+    """Train and test folders of images without class folders (real photos), no InstDisc: the evaluation
+    keys as shipped."""
     base = tmp_path_factory.mktemp("e2e_unl")
     folder = make_image_folder(base / "images", 90, 30, classes=3, size=(16, 40), seed=2, labelled=False)
-    return make_repo(base / "repo", folder, ["deepcluster", "supervised", "random"], {}, ["nce10"], workers=0)
+    for f in list((folder / "test").rglob("*.jpg")):  # the test split unlabelled too
+        f.rename(folder / "test" / f"{f.parent.name}_{f.name}")
+    for c in [p for p in (folder / "test").iterdir() if p.is_dir()]:
+        c.rmdir()
+    return make_repo(base / "repo", folder, ["deepcluster", "supervised", "random"], {}, ["nce10"], workers=0,
+                     eval_defaults=True)
 
 
-def test_unlabelled_training_folder_runs_the_whole_dag(unlabelled):
+def test_unlabelled_folder_runs_the_whole_dag(unlabelled):
     d = unlabelled["dir"]
     methods = ["deepcluster", "supervised", "random"]
-    expected = {"download", "pretrain", "voc_data", "evaluate", "voc", "report", "table1"}
+    expected = {"check", "download", "pretrain", "voc_data", "evaluate", "voc", "report", "table1"}
     assert stages_run(unlabelled["first"]) == expected
     meta = json.loads((d / "data" / "dataset" / "meta.json").read_text())
-    assert meta["format"] == "files" and meta["counts"]["train_unlabeled"] == 90
+    assert meta["format"] == "files" and meta["classes"] == []
+    assert meta["counts"]["train_unlabeled"] == 90 and meta["counts"]["test_unlabeled"] == 30
     for m in methods:
-        for stage in ("knn", "linear", "cluster"):
+        for stage in ("knn", "linear", "cluster", "finetune"):
             out = json.loads((d / "metrics" / stage / f"{m}.json").read_text())
             assert "no labels" in out["skipped"], (stage, m, out)
+        cluster = json.loads((d / "metrics" / "cluster" / f"{m}.json").read_text())
+        assert cluster["k"] == 10 and cluster["objective"] > 0  # cluster.k 0 without classes: 10
+        assert "probes" not in json.loads((d / "metrics" / "linear" / f"{m}.json").read_text())  # no work
         voc = json.loads((d / "metrics" / "voc" / f"{m}.json").read_text())
         assert 0 <= voc["map50"] <= 100  # VOC has its own labels
+        # one line per method says what skips
+        assert len(re.findall(rf"evaluate {m}: the label-based evaluations", unlabelled["first"])) == 1
     sup = json.loads((d / "metrics" / "pretrain" / "supervised.json").read_text())
     assert "no labels" in sup["skipped"] and sup["epochs"] == 0
     assert json.loads((d / "metrics" / "pretrain" / "deepcluster.json").read_text())["epochs"] == 2
     assert "| deepcluster |" in (d / "reports" / "results.md").read_text()
+    # InstDisc is not among the methods: its Table 1 trains no row, and the page says why
+    assert not (d / "data" / "table1" / "nce10").exists()
+    assert "Not run: instdisc_table1.run is auto and instdisc is not among methods" in \
+        (d / "reports" / "instdisc_table1.md").read_text()
+    assert not list((d / "metrics").glob("table1/*.json"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 3-class folder of 48 JPEGs of varying size (30 train: fewer than whiten.pca_dim's 32 axes), the
+    evaluation keys as shipped."""
+    base = tmp_path_factory.mktemp("e2e_small")
+    folder = make_image_folder(base / "images", 30, 18, classes=3, size=(16, 40), seed=3)
+    return make_repo(base / "repo", folder, ["random", "supervised"], {}, [], workers=0, eval_defaults=True)
+
+
+def test_a_small_folder_runs_with_the_default_evaluation(small):
+    d = small["dir"]
+    assert {"check", "download", "pretrain", "evaluate", "voc", "report"} <= stages_run(small["first"])
+    assert "whiten.pca_dim: 32 is more than 30 samples of dimension 128 can span; using 29" in small["first"]
+    for m in ("random", "supervised"):
+        cluster = json.loads((d / "metrics" / "cluster" / f"{m}.json").read_text())
+        assert cluster["pca_dim"] <= 29 and cluster["k"] == 3 and 0 <= cluster["nmi"] <= 1
+        assert 0 <= json.loads((d / "metrics" / "knn" / f"{m}.json").read_text())["top1"] <= 100
+        assert 0 <= json.loads((d / "metrics" / "linear" / f"{m}.json").read_text())["top1"] <= 100

@@ -29,8 +29,14 @@ def test_dvc_stages_match_scripts_and_params():
         assert body["cmd"].split()[1] == script
         assert script in body["deps"]
         for p in body.get("params", []):
+            if isinstance(p, dict):  # a params file read whole: the check stage, the first one
+                assert p == {"params.yaml": None} and name == "check", (name, p)
+                continue
             top = p.split(".")[0]
             assert top == "${key}" or hasattr(cfg, top) or top in cfg.method_cfgs, p
+    # every other stage runs after the check of params.yaml (its output is their dependency)
+    assert list(dvc)[0] == "check" and all("data/params.checked" in s.get("deps", []) for n, s in dvc.items()
+                                           if n != "check")
     for m in cfg.methods:
         assert m in REGISTRY and (ROOT / "selfsup" / "methods" / f"{m}.py").is_file()
     # the pretrain stage trains every method: each one's params block, model and metrics

@@ -108,7 +108,7 @@ class DeepCluster(Method):
         t1 = time.perf_counter()
         km = None
         if dist.is_main():  # PCA-whitening and k-means on the gathered features, the result broadcast
-            x = pca_whiten(feats, cfg.pca_dim, eig_floor=cfg.pca_eig_floor)  # (N, pca_dim), unit rows
+            x = pca_whiten(feats, cfg.pca_dim, eig_floor=cfg.pca_eig_floor, key="deepcluster.pca_dim")  # (N, pca_dim), unit rows
             km = kmeans(x, cfg.k, niter=cfg.kmeans_iters, seed=derive_seed(ctx.seed, "deepcluster-kmeans", epoch),
                         init=cfg.kmeans_init, gpu=ctx.device.type == "cuda" and faiss_gpu())
         km = dist.broadcast_object(km)

@@ -199,9 +199,9 @@ class MLCD(Method):
         pca = None
         if cfg.pca_dim and dist.is_main():
             try:
-                pca = PCAWhitening.fit(feats, cfg.pca_dim)
+                pca = PCAWhitening.fit(feats, cfg.pca_dim, key="mlcd.pca_dim")
             except ValueError as e:
-                raise ConfigError(f"mlcd.pca_dim: {e}") from e
+                raise ConfigError(str(e)) from e
         pca = dist.broadcast_object(pca)
         sl = dist.shard(len(feats))
         x = pca.transform(feats) if pca is not None else \
