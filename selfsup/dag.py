@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from selfsup.codedeps import ROOT, closure
-from selfsup.config import InstDiscTable1Cfg, load_yaml, method_names, table1_active
+from selfsup.config import load_config, load_yaml, method_names
 from selfsup.stage import CHECKED  # the check stage's output, every other stage's dep
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
@@ -232,14 +232,11 @@ def methods_of(params: Path) -> dict[str, str]:
 
 
 def rows_of(params: Path) -> list[str]:
-    """The rows of InstDisc's Table 1 that the ``table1`` stage runs (``instdisc_table1.rows``, none while the
-    sweep is off: ``selfsup.config.table1_active``). The stage's params leave ``methods`` out (a new
-    method would re-run it): the rows' outputs declared here change when the sweep turns on or off, and
-    DVC re-runs a stage whose outputs changed."""
-    t1 = (load_yaml(params.read_text()) or {}).get("instdisc_table1") or {}
-    if not table1_active(t1.get("run", InstDiscTable1Cfg.run), methods_of(params)):
-        return []
-    return list(t1["rows"] or {}) if "rows" in t1 else list(InstDiscTable1Cfg().rows)
+    """The rows of InstDisc's Table 1 that the ``table1`` stage runs (``Config.table1_rows``: none while the
+    sweep is off). The stage's params leave ``methods`` out (a new method would re-run it): the rows'
+    outputs declared here change when the sweep turns on or off, and DVC re-runs a stage whose outputs
+    changed."""
+    return list(load_config(params, parse_methods=False).table1_rows())
 
 
 def stages_of(root: Path) -> dict[str, dict[str, Any]]:
