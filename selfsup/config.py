@@ -277,22 +277,47 @@ class KnnCfg:
 class LinearCfg:
     # frozen: features extracted once, standardised, cosine schedule (fast); augmented: MoCo's
     # main_lincls (random crops + flips every epoch through the frozen backbone, lr 30, x0.1 at
-    # lr_steps 60 / 80 of 100 epochs, weight decay 0; selfsup/lincls.py)
+    # lr_steps 60 / 80 of 100 epochs, weight decay 0; selfsup/lincls.py). The papers' ViT protocols
+    # (selfsup/linprotocols.py; crops + flips every epoch through the frozen backbone, centre-crop test):
+    # mae: facebookresearch/mae main_linprobe.py: BatchNorm1d(affine=False, eps 1e-6) + Linear on the
+    #   CLS token, MAE's LARS, weight decay 0, lr 0.1 x B/256 (lr_scaling linear), per-step warm-up
+    #   (warmup_epochs 10) then half-cosine, 90 epochs;
+    # dino: facebookresearch/dino eval_linear.py: Linear on the CLS tokens of the last n_last_blocks
+    #   blocks (ViT-S 4; ViT-B 1 + avgpool_patchtokens), SGD momentum 0.9, weight decay 0, lr 0.001 x B/256,
+    #   cosine per epoch to 0, 100 epochs;
+    # beit: microsoft/unilm beit/run_linear_eval.py: one Linear per block on [CLS, mean patch token] of
+    #   the block's output, AdamW (weight decay 1e-4), lr 4e-3 (lr_scaling none), cosine per epoch; the
+    #   best block is the result, as the official script reports.
+    # Conv nets under mae / dino / beit: the backbone's pooled output (DINO's eval_linear.py on a ResNet).
     protocol: str = "frozen"
     epochs: int = 100
     batch_size: int = 256
     lr: float = 0.1
+    lr_scaling: str = "none"  # none | linear: lr x batch_size / 256 (MAE's blr, DINO's rule)
     weight_decay: float = 1e-4
     lr_steps: list[int] = field(default_factory=list)  # augmented: x0.1 at each (MoCo: [60, 80])
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # augmented: RandomResizedCrop's
-    flip: bool = True  # augmented: random horizontal flips
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # not frozen: RandomResizedCrop's
+    flip: bool = True  # not frozen: random horizontal flips
+    warmup_epochs: int = 0  # mae / dino / beit: linear warm-up from 0 (MAE: 10, per step)
+    n_last_blocks: int = 1  # dino: CLS tokens of this many last blocks, concatenated (ViT-S 4, ViT-B 1)
+    avgpool_patchtokens: bool = False  # dino: append the last block's mean patch token (ViT-B)
+
+    PAPER = ("mae", "dino", "beit")  # the protocols of selfsup/linprotocols.py
 
     def check(self, p: str) -> None:
-        one_of(p, "protocol", self.protocol, ("frozen", "augmented"))
-        positive(p, self, "epochs", "batch_size", "lr")
-        non_negative(p, self, "weight_decay")
+        one_of(p, "protocol", self.protocol, ("frozen", "augmented", *self.PAPER))
+        one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear"))
+        positive(p, self, "epochs", "batch_size", "lr", "n_last_blocks")
+        non_negative(p, self, "weight_decay", "warmup_epochs")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.warmup_epochs and self.protocol not in self.PAPER:
+            raise ConfigError(f"{p}.warmup_epochs: the {self.protocol} protocol has no warm-up; use 0")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ConfigError(f"{p}.warmup_epochs: {self.warmup_epochs} must be below epochs ({self.epochs})")
+        if self.protocol != "dino" and (self.n_last_blocks != 1 or self.avgpool_patchtokens):
+            key = "n_last_blocks" if self.n_last_blocks != 1 else "avgpool_patchtokens"
+            raise ConfigError(f"{p}.{key}: only the dino protocol reads it (protocol is {self.protocol})")
 
 
 @dataclass
@@ -343,8 +368,9 @@ class FinetuneCfg:
     # end-to-end fine-tuning of every method's backbone + a linear classifier on the labelled training
     # split (selfsup/finetune.py; BEiT / MAE main_finetune.py). MAE ViT-B/16: adamw, lr (blr) 5e-4 x B/256,
     # batch 1024, 100 epochs, warm-up 5, weight decay 0.05, layer_decay 0.65, smoothing 0.1, mixup 0.8,
-    # cutmix 1.0 (BEiT ViT-B: lr 4e-3, layer_decay 0.65, 100 epochs)
-    enabled: bool = True
+    # cutmix 1.0 (BEiT ViT-B: lr 4e-3, layer_decay 0.65, 100 epochs). Off unless a preset (or the digits
+    # default) turns it on: the fine-tuning recipe is the MAE / BEiT papers' protocol, not every paper's
+    enabled: bool = False
     epochs: int = 100
     batch_size: int = 256
     optimizer: str = "adamw"  # adamw | sgd
@@ -370,8 +396,58 @@ class FinetuneCfg:
     # ViTs: stochastic depth, 0 at the first block rising linearly to this at the last (MAE / BEiT
     # fine-tuning: 0.1; selfsup.models.ViT.set_drop_path); conv nets ignore it
     drop_path: float = 0.0
+    # autocast of the training forward: fp32 (off) | bf16 | fp16 (with a GradScaler); MAE / BEiT
+    # main_finetune.py train under torch.cuda.amp (fp16). The test pass stays fp32
+    precision: str = "fp32"
+    # gradient accumulation: an optimiser step every this many batches, so the global batch is
+    # batch_size x accumulate (MAE's accum_iter, BEiT's update_freq); lr scaling and the schedule use it
+    accumulate: int = 1
+    # timm's RandAugment spec on the training crops, "" off (MAE / BEiT: rand-m9-mstd0.5-inc1); torchvision's
+    # RandAugment ops (selfsup.finetune.RandAug says where they differ from timm's)
+    randaugment: str = ""
+    reprob: float = 0.0  # random erasing probability after normalisation, per-pixel N(0, 1) noise (MAE / BEiT: 0.25)
+    # ViTs: the classifier's input. cls: the CLS token after the final LayerNorm; mean: the mean of the
+    # last block's patch tokens then a new LayerNorm fc_norm, the final norm unused (MAE's global_pool,
+    # BEiT's use_mean_pooling). Conv nets ignore it
+    pool: str = "cls"
+    # the classifier's init: weight ~ N(0, head_init_std) (0: PyTorch's nn.Linear default), bias 0, then
+    # both x head_init_scale. MAE: std 2e-5 (trunc_normal_, cut at +-2: never reached); BEiT: std 0.02, scale 0.001
+    head_init_std: float = 0.01
+    head_init_scale: float = 1.0
+
+    def randaugment_params(self, p: str = "finetune") -> tuple[int, float, float] | None:
+        """(ops per image, magnitude 0-10, magnitude std) of ``randaugment`` in timm's syntax
+        (``rand-m9-mstd0.5-inc1``; n defaults to 2, mstd to 0), None when off. Only the increasing op set
+        (inc1) has torchvision counterparts: inc0 is refused."""
+        if not self.randaugment:
+            return None
+        bad = ConfigError(f"{p}.randaugment: expected timm's rand-m<magnitude>[-n<ops>][-mstd<std>]-inc1, "
+                          f"got {self.randaugment!r}")
+        head, *parts = self.randaugment.split("-")
+        got: dict[str, float] = {"n": 2.0, "mstd": 0.0, "inc": 0.0}
+        for part in parts:
+            key = re.fullmatch(r"(mstd|inc|m|n)([0-9]+(?:\.[0-9]*)?)", part)
+            if key is None:
+                raise bad
+            got[key.group(1)] = float(key.group(2))
+        if head != "rand":
+            raise bad
+        n, m, mstd, inc = int(got["n"]), got.get("m"), got["mstd"], got["inc"]
+        if m is None or not 0.0 <= m <= 10.0 or n < 1 or mstd < 0:
+            raise bad
+        if inc != 1:
+            raise ConfigError(f"{p}.randaugment: only timm's increasing op set (inc1) is reproduced, got "
+                              f"{self.randaugment!r}")
+        return n, m, mstd
 
     def check(self, p: str) -> None:
+        one_of(p, "precision", self.precision, ("fp32", "bf16", "fp16"))
+        one_of(p, "pool", self.pool, ("cls", "mean"))
+        positive(p, self, "accumulate", "head_init_scale")
+        non_negative(p, self, "head_init_std")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ConfigError(f"{p}.reprob: need a probability in [0, 1], got {self.reprob}")
+        self.randaugment_params(p)
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"{p}.drop_path: need 0 <= drop_path < 1, got {self.drop_path}")
         for m, k in self.head_layers.items():
@@ -406,12 +482,22 @@ class ProbeCfg:
     lr: float = 0.1
     weight_decay: float = 1e-4
     max_train: int = 0  # 0: every training image; else a seeded subset (ImageNet: a layer must fit in memory)
+    # fast: centre-crop features extracted once (max_train of them), standardised, a one-crop test;
+    # paper: DeepCluster's eval_linear.py / SeLa's eval_linear_probes.py: the whole training set, random
+    # resized crops + flips through the frozen backbone every epoch, BatchNorm(affine=False) on the pooled
+    # map, every layer's probe trained from one pass, a 10-crop test (softmax averaged, DeepCluster's tencrops)
+    protocol: str = "fast"
+    pooling: str = "avg"  # avg (DeepCluster's AvgPool2d) | max (SeLa's and RotNet's MaxPool2d)
 
     def check(self, p: str) -> None:
         if "all" in self.layers and self.layers != ["all"]:
             raise ConfigError(f"{p}.layers: 'all' stands alone, got {self.layers}")
+        one_of(p, "protocol", self.protocol, ("fast", "paper"))
+        one_of(p, "pooling", self.pooling, ("avg", "max"))
         positive(p, self, "target_dim", "epochs", "batch_size", "lr")
         non_negative(p, self, "weight_decay", "max_train")
+        if self.protocol == "paper" and self.max_train:
+            raise ConfigError(f"{p}.max_train: the paper protocol trains on the whole training set; use 0")
 
 
 @dataclass

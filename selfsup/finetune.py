@@ -15,17 +15,28 @@ param of ``finetune:`` so the papers' settings are a preset away:
 - stochastic depth for ViTs (``drop_path``: MAE's and BEiT's 0.1, rising linearly over the blocks);
 - label smoothing, mixup and CutMix (Zhang et al. 2018; Yun et al. 2019) on soft targets, one of the
   two per batch with probability ``mix_switch_p`` when both are on (timm's ``Mixup``, which the MAE
-  code uses; its per-element modes and RandAugment / random erasing are not reproduced: said in the
-  README);
-- the classifier: ``Linear(D, classes)``, weights N(0, 0.01) (MAE: trunc-normal 2e-5 after a BN), bias 0.
+  code uses; its per-element modes are not reproduced: said in the README);
+- timm's training transform after the crop and flip (MAE / BEiT ``build_transform``): RandAugment
+  (``randaugment``, ``RandAug``: torchvision's ops, where they differ from timm's said there), then
+  normalisation, then random erasing (``reprob``, per-pixel N(0, 1) noise: timm's mode 'pixel');
+- mixed precision (``precision``: autocast of the training forward, fp16 with a ``GradScaler``) and
+  gradient accumulation (``accumulate``: MAE's ``accum_iter``; one optimiser step, one schedule step,
+  per ``accumulate`` batches, the lr scaled by the global batch ``batch_size x accumulate``);
+- the classifier's input (``pool``): the CLS token, or for a ViT the mean patch token through a new
+  LayerNorm ``fc_norm`` (MAE's ``global_pool``, BEiT's ``use_mean_pooling``);
+- the classifier: ``Linear(D, classes)``, weight N(0, ``head_init_std``) (0.01; MAE 2e-5; BEiT 0.02),
+  bias 0, both x ``head_init_scale`` (BEiT's ``init_scale`` 0.001).
 
-Test: the centre-crop eval transform of the other evaluations, the whole network in eval mode.
+Fine-tuning runs in one process (rank 0 of the ``evaluate`` stage), so the global batch has no
+process factor. Test: the centre-crop eval transform of the other evaluations, the whole network in
+eval mode, fp32.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +108,168 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: Any, g: tor
     return x, lam * t + (1.0 - lam) * t.flip(0)
 
 
+class RandAug:
+    """timm's ``rand-m<m>-n<n>-mstd<s>-inc1`` (MAE / BEiT ``build_transform``: ``rand-m9-mstd0.5-inc1``)
+    from torchvision's ``transforms.v2.RandAugment``, one image at a time (each image its own draws).
+
+    As timm (``timm/data/auto_augment.py``): ``n`` ops per image drawn with replacement, each applied
+    with probability 0.5, each with its own magnitude ~ N(m, s) clipped to [0, 10] (of timm's 10 levels:
+    torchvision's 101 magnitude bins, a level resolution of 0.1), geometric ops filled with the mean
+    colour (timm's ``img_mean``), on uint8 pixels. Where it differs from timm's inc1 set: torchvision
+    draws from Identity, ShearX/Y, TranslateX/Y, Rotate, Brightness, Color, Contrast, Sharpness,
+    Posterize, Solarize, AutoContrast, Equalize, so it has Identity and lacks timm's Invert and
+    SolarizeAdd; its Posterize keeps 8 down to 4 bits over the levels (timm's PosterizeIncreasing 4
+    down to 0); translation reaches 150/331 of the side (timm 0.45); resampling is bilinear (timm
+    draws bilinear or bicubic). Shear, rotation, the enhance ops and Solarize match timm's increasing
+    versions level for level."""
+
+    BINS = 101  # magnitude index i = level x 10: torchvision's linspace(0, max, 101)[i] = max x level / 10
+
+    def __init__(self, n: int, m: float, mstd: float, mean: Sequence[float]):
+        self.n, self.m, self.mstd = n, m, mstd
+        self.fill = [int(round(255 * v)) for v in mean]
+        self._ops: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def op(self, level: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One op at ``level`` (0-10), applied with probability 0.5 (timm's ``AugmentOp`` prob)."""
+        from torchvision.transforms import v2
+
+        i = int(round(level * (self.BINS - 1) / 10))
+        if i not in self._ops:
+            ra = v2.RandAugment(num_ops=1, magnitude=i, num_magnitude_bins=self.BINS,
+                                interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
+            self._ops[i] = v2.RandomApply([ra], p=0.5)
+        return self._ops[i]
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> uint8 (B, C, H, W); magnitudes from ``g``, the ops' own draws from the
+        global RNG (torchvision's; the caller forks and seeds it)."""
+        out = torch.empty_like(x)
+        for b in range(len(x)):
+            img = x[b]  # (C, H, W)
+            for _ in range(self.n):
+                level = min(max(self.m + self.mstd * float(torch.randn((), generator=g)), 0.0), 10.0)
+                img = self.op(level)(img)
+            out[b] = img
+        return out
+
+
+def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
+    """timm's ``RandomErasing(p, mode='pixel')`` on normalised images (B, C, H, W), one image at a time:
+    with probability p a box of 2-33 % of the area, log-uniform aspect in [0.3, 1 / 0.3], filled with
+    N(0, 1) noise per pixel and channel (torchvision's ``value='random'``: the same draw rule)."""
+    from torchvision.transforms import v2
+
+    erase = v2.RandomErasing(p=p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
+    return torch.stack([erase(img) for img in x])
+
+
+def timm_train_transform(x: torch.Tensor, c: Any, mean: Sequence[float], std: Sequence[float],
+                         aug: RandAug | None, seed: int) -> torch.Tensor:
+    """The part of timm's training transform after the crop and flip, on a normalised batch (B, C, H, W)
+    from the loader: back to uint8, RandAugment, normalisation, random erasing (timm's order). Seeded
+    by ``seed`` without touching the global RNG (dropout and drop path keep their stream)."""
+    if aug is None and not c.reprob:
+        return x
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if aug is not None:  # timm runs it on the PIL crop: uint8 pixels
+            u8 = ((x * s + m).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)  # (B, C, H, W)
+            x = (aug(u8, torch.Generator().manual_seed(seed)).to(x.dtype) / 255.0 - m) / s
+        if c.reprob:
+            x = random_erasing(x, c.reprob)
+    return x
+
+
+class MeanPool(nn.Module):
+    """A ViT backbone whose output is the mean of the last block's patch tokens through a new LayerNorm
+    (eps 1e-6): MAE's ``global_pool`` (models_vit.py ``forward_features``: the final norm deleted,
+    ``fc_norm`` after the mean) and BEiT's ``use_mean_pooling`` (``norm`` an identity, ``fc_norm``).
+    The backbone's own final LayerNorm is left unused (it gets no gradient)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        from selfsup.models import vit_trunk
+
+        if vit_trunk(backbone) is None:
+            raise ValueError("finetune.pool: mean pools a ViT's patch tokens; a conv net has none")
+        self.backbone = backbone
+        self.fc_norm = nn.LayerNorm(backbone.out_dim, eps=1e-6)
+        self.out_dim = backbone.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
+        from selfsup.models import vit_trunk
+
+        for m in self.backbone.front():
+            x = m(x)
+        t = vit_trunk(self.backbone).block_tokens(x)[-1]  # (B, 1 + h w, D), before the final norm
+        return self.fc_norm(t[:, 1:].mean(1))
+
+
+def init_head(fc: nn.Linear, std: float, scale: float, g: torch.Generator) -> None:
+    """weight ~ N(0, std), bias 0 (std 0: ``nn.Linear``'s own init kept), then both x ``scale`` (BEiT's
+    ``head.weight.data.mul_(init_scale)``). timm's ``trunc_normal_`` cuts at +-2 absolute, which a
+    std of 0.02 or below never reaches, so a plain normal draws the same distribution."""
+    with torch.no_grad():
+        if std > 0:
+            fc.weight.copy_(torch.empty(fc.weight.shape).normal_(0, std, generator=g))
+            fc.bias.zero_()
+        if scale != 1.0:
+            fc.weight.mul_(scale)
+            fc.bias.mul_(scale)
+
+
+def soft_cross_entropy(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c t_c log softmax(logits)_c: (B, classes), (B, classes) -> ()."""
+    return -(t * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The training forward's autocast context (fp32: none)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def accumulated_step(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+                     micro: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str,
+                     scaler: Any = None) -> torch.Tensor:
+    """One optimiser step on the micro-batches ``micro`` [(x (b_i, C, H, W), soft targets (b_i, classes))]:
+    each loss weighted by b_i / sum b (MAE's ``loss /= accum_iter`` for equal b_i), gradients summed,
+    so the step is the one of the concatenated batch. Returns the last micro-batch's (unweighted) loss."""
+    n = sum(len(x) for x, _ in micro)
+    opt.zero_grad(set_to_none=True)
+    loss = torch.tensor(math.nan)
+    for x, t in micro:
+        with autocast(device, precision):
+            logits = forward(x).float()  # (b, classes)
+        loss = soft_cross_entropy(logits, t)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"finetune: loss is {loss.item()} (lower finetune.lr)")
+        weighted = loss if len(micro) == 1 else loss * (len(x) / n)
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
+    if scaler is None:
+        opt.step()
+    else:  # fp16: unscale, skip the step on inf / NaN gradients, adapt the scale (torch.cuda.amp's recipe)
+        scaler.step(opt)
+        scaler.update()
+    return loss
+
+
+def groups_of(batches: Iterator[Any], k: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``k`` items (the last one shorter)."""
+    group: list[Any] = []
+    for b in batches:
+        group.append(b)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, seed: int,
              head: tuple[nn.Module, int] | None = None) -> dict[str, Any]:
     """Fine-tune ``backbone`` (a loaded ``selfsup.models.Backbone``, changed in place) with a new linear
@@ -114,62 +287,82 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
     num_classes = len(data.meta["classes"])
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout inside the ViT blocks
+    vit = vit_trunk(backbone)
     model = nn.Module()
-    model.backbone = backbone
+    model.backbone = MeanPool(backbone) if c.pool == "mean" and vit is not None else backbone
     model.head = head[0] if head is not None else nn.Identity()  # ViT layer decay: the classifier's layer
     model.fc = nn.Linear(head[1] if head is not None else backbone.out_dim, num_classes)
-    with torch.no_grad():
-        model.fc.weight.copy_(torch.empty(model.fc.weight.shape).normal_(0, 0.01, generator=g))
-        model.fc.bias.zero_()
+    init_head(model.fc, c.head_init_std, c.head_init_scale, g)
     model.to(device)
     for p in model.parameters():  # everything trains, a frozen patch projection included
         p.requires_grad_(True)
     for m in backbone.front():  # but not the fixed front end (Sobel, colourisation's L adapter)
         for p in m.parameters():
             p.requires_grad_(False)
-    vit = vit_trunk(backbone)
     depth = len(vit.vit.encoder.layers) if vit is not None else None
     if vit is not None:
         vit.set_drop_path(c.drop_path)
     groups = param_groups_lrd(model, c.weight_decay, c.layer_decay, depth)
-    base_lr = c.lr * lr_scale(c.lr_scaling, c.batch_size, 256)
+    base_lr = c.lr * lr_scale(c.lr_scaling, c.batch_size * c.accumulate, 256)  # the global batch
     opt = build_optimizer(groups, c)
+    scaler = torch.amp.GradScaler(device.type) if c.precision == "fp16" else None
+    ra = c.randaugment_params()
+    aug = RandAug(*ra, data.meta["mean"]) if ra is not None else None
     spec = ViewSpec(count=1, size=0, crop=True, scale=tuple(c.crop_scale), flip_p=0.5 if c.flip else 0.0)
     make = batch_maker(cfg, data, device)
-    steps_per_epoch = max(math.ceil(int((data.train.y >= 0).sum()) / c.batch_size), 1)
+    batches_per_epoch = max(math.ceil(int((data.train.y >= 0).sum()) / c.batch_size), 1)
+    steps_per_epoch = math.ceil(batches_per_epoch / c.accumulate)  # optimiser steps
     total, warm = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
     step, loss = 0, torch.tensor(math.nan)
-    for ep in tqdm(range(c.epochs), desc="finetune", unit="ep", leave=False, mininterval=2):
-        model.train()
-        for batch in make([spec], derive_seed(seed, "finetune", ep), c.batch_size):
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (b, C, H, W) -> (b, classes)
+        return model.fc(model.head(model.backbone(x)).float())
+
+    def micro_batches(ep: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, batch in enumerate(make([spec], derive_seed(seed, "finetune", ep), c.batch_size)):
             keep = batch.y >= 0
             if not keep.any():
                 continue
+            x = timm_train_transform(batch.x[keep], c, data.meta["mean"], data.meta["std"], aug,
+                                     derive_seed(seed, "finetune-aug", ep, i))
+            yield mix_batch(x, batch.y[keep], num_classes, c, g)
+
+    for ep in tqdm(range(c.epochs), desc="finetune", unit="ep", leave=False, mininterval=2):
+        model.train()
+        for micro in groups_of(micro_batches(ep), c.accumulate):
             lr = base_lr * (step / warm if step < warm else
                             0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1))))
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x, t = mix_batch(batch.x[keep], batch.y[keep], num_classes, c, g)
-            logits = model.fc(model.head(backbone(x)).float())  # (b, classes)
-            loss = -(t * F.log_softmax(logits, 1)).sum(1).mean()  # cross-entropy on soft targets
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune: loss is {loss.item()} at epoch {ep} (lower finetune.lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            try:
+                loss = accumulated_step(forward, opt, micro, device, c.precision, scaler)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at epoch {ep}") from None
             step += 1
     model.eval()
-    net = nn.Sequential(backbone, model.head, model.fc)
+    net = nn.Sequential(model.backbone, model.head, model.fc)
     m = data.test.y >= 0
     logits = extract_features(net, data.test, data.meta, device, cfg.extract.batch_size, desc="finetune test",
                               workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size)
     out = {"top1": 100.0 * topk_accuracy(logits[m], data.test.y[m], 1), "final_loss": float(loss.item()),
-           "protocol": (f"fine-tuning: {c.optimizer} lr {c.lr} x B/256, {c.epochs} epochs, layer decay "
-                        f"{c.layer_decay if depth else 'n/a (conv net)'}, drop path {c.drop_path if depth else 'n/a'}, "
-                        f"smoothing {c.label_smoothing}, "
-                        f"mixup {c.mixup}, cutmix {c.cutmix}"
-                        + (f", from hidden layer {len([m for m in model.head if isinstance(m, nn.ReLU)])} of the "
-                           "projection head" if head is not None else ""))}
+           "protocol": protocol_text(c, depth, model.head if head is not None else None)}
     if num_classes >= 5:
         out["top5"] = 100.0 * topk_accuracy(logits[m], data.test.y[m], 5)
     return out
+
+
+def protocol_text(c: Any, depth: int | None, head: nn.Module | None) -> str:
+    """The metrics' one-line description of the recipe (the keys at their defaults add nothing)."""
+    text = (f"fine-tuning: {c.optimizer} lr {c.lr} x B/256, {c.epochs} epochs, layer decay "
+            f"{c.layer_decay if depth else 'n/a (conv net)'}, drop path {c.drop_path if depth else 'n/a'}, "
+            f"smoothing {c.label_smoothing}, mixup {c.mixup}, cutmix {c.cutmix}")
+    extra = [f"{c.precision} autocast" if c.precision != "fp32" else "",
+             f"accumulate {c.accumulate} (B = {c.batch_size * c.accumulate})" if c.accumulate > 1 else "",
+             f"RandAugment {c.randaugment}" if c.randaugment else "", f"random erasing {c.reprob}" if c.reprob else "",
+             "mean-pooled patch tokens + fc_norm" if c.pool == "mean" and depth else "",
+             f"head init N(0, {c.head_init_std}) x {c.head_init_scale}"
+             if (c.head_init_std, c.head_init_scale) != (0.01, 1.0) else ""]
+    text += "".join(f", {e}" for e in extra if e)
+    if head is not None:
+        text += f", from hidden layer {len([m for m in head if isinstance(m, nn.ReLU)])} of the projection head"
+    return text

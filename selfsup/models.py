@@ -286,17 +286,37 @@ class ViT(nn.Module):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pe.dtype)
         return torch.cat([pe[:, :1], grid.flatten(2).transpose(1, 2)], 1)
 
-    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """(B, C, H, W) -> ((B, 1 + h w, D) tokens after the final LayerNorm, CLS first; h; w)."""
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C, H, W) -> ((B, 1 + h w, D) the first block's input: CLS + patch tokens + position; h; w)."""
         v = self.vit
         x = v.conv_proj(x)  # (B, D, h, w)
         b, _, h, w = x.shape
         x = torch.cat([v.class_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 1 + h w, D)
-        x = v.encoder.dropout(x + self.pos_embed(h, w))
-        for block, tap in zip(v.encoder.layers, self.blocks):
+        return v.encoder.dropout(x + self.pos_embed(h, w)), h, w
+
+    def block_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C, H, W) -> every block's output (B, 1 + h w, D), first to last, before the final LayerNorm
+        (BEiT's ``get_intermediate_layers``; DINO's applies the final norm to each: ``self.norm`` below)."""
+        x, h, w = self.embed(x)
+        out = []
+        for block, tap in zip(self.vit.encoder.layers, self.blocks):
+            x = block(x)
+            tap(x[:, 1:].transpose(1, 2).unflatten(2, (h, w)))
+            out.append(x)
+        return out
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        """The final LayerNorm (eps 1e-6), applied to the last block's tokens by ``tokens``."""
+        return self.vit.encoder.ln
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(B, C, H, W) -> ((B, 1 + h w, D) tokens after the final LayerNorm, CLS first; h; w)."""
+        x, h, w = self.embed(x)
+        for block, tap in zip(self.vit.encoder.layers, self.blocks):
             x = block(x)
             tap(x[:, 1:].transpose(1, 2).unflatten(2, (h, w)))  # probe point: (B, D, h, w)
-        return v.encoder.ln(x), h, w
+        return self.vit.encoder.ln(x), h, w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
         return self.tokens(x)[0][:, 0]  # the CLS token after the final LayerNorm

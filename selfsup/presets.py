@@ -1,23 +1,31 @@
-"""Presets: the settings of a paper's table, as an overlay on ``params.yaml``.
+"""Presets: the settings of a paper's table, on the typed defaults, with a ledger against the official recipe.
 
 A preset is ``presets/<name>.yaml``: a title, the dataset, the official script or paper it follows,
-the differences from it that we know of, and ``params``: the keys it sets. Mappings merge into
-``params.yaml`` key by key, except ``methods``, ``knn.paper``, ``report.paper`` and
-``instdisc_table1.rows``, which a preset replaces whole (it names the methods it runs, the published
-numbers they meet, and empties InstDisc's Table 1 sweep unless it is InstDisc's).
+``sources`` (named public texts: a repository at a commit and a path, or a paper's section / table),
+``recipe`` (the ledger: one row per official setting, ``{key, official, source[, declared]}``) and
+``params``: the keys it sets. Its effective config is every key's typed default, then ``params``
+(mappings merged key by key, except the REPLACED keys, which a preset sets whole: the methods it runs,
+the published numbers they meet, InstDisc's Table 1 sweep). The digits default is the preset
+``digits``, whose params block is the template of ``params.yaml`` (its keys and comments).
 
     python -m selfsup.presets                 # list: name, dataset, methods, source
-    python -m selfsup.presets show NAME       # the overlay
-    python -m selfsup.presets apply NAME [--set key=value ...]   # write it into params.yaml
+    python -m selfsup.presets show NAME [--effective]   # the overlay (or every key in effect)
+    python -m selfsup.presets diff NAME | --all [--json]  # the ledger: ours | official | source | verdict
+    python -m selfsup.presets apply NAME [--set key=value ...]   # write params.yaml from it
     python -m selfsup.presets smoke NAME      # a few steps of every method on a tiny stand-in
 
-``apply`` rewrites ``params.yaml`` round-trip (comments kept), so ``dvc repro`` / ``dvc exp run``
-run the preset and ``git checkout params.yaml`` returns to the digits default; ``dvc exp run
---queue`` after each ``apply`` queues several. Why not DVC's Hydra composition (the ecosystem's
-preset switch): with ``hydra.enabled`` DVC regenerates ``params.yaml`` from ``conf/`` at every
-``dvc exp run``, dropping the comments that document every key there, and a plain ``dvc repro``
-does not compose at all; an overlay applied to the one params file keeps both commands and the
-comments.
+``apply`` writes the template with the preset's effective values (``render``), so the file depends on
+the preset (and ``--set``) alone: applying A then B gives the file B alone gives, comments kept, and
+``apply digits`` restores the default. ``dvc repro`` / ``dvc exp run`` then run the preset; ``dvc exp
+run --queue`` after each ``apply`` queues several. Why not DVC's Hydra composition (the ecosystem's
+preset switch): with ``hydra.enabled`` DVC regenerates ``params.yaml`` from ``conf/`` at every ``dvc exp
+run``, dropping the comments that document every key there, and a plain ``dvc repro`` does not compose
+at all; one params file written from the preset keeps both commands and the comments.
+
+``diff`` compares each ledger row's official value with the effective config: ``same``, ``declared:
+<reason>``, ``UNDECLARED`` (differs, no reason) or ``STALE`` (a reason, but equal); it exits non-zero on
+the last two or when fewer than MIN_ROWS settings are compared. The report's note on a preset's
+differences is generated from its declared rows.
 
 ``smoke`` validates the merged config the way a stage does, then trains each method of the
 preset for one epoch of two batches on a generated stand-in of the preset's data (the same image
@@ -31,7 +39,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -45,7 +55,11 @@ from selfsup.dag import TOKENS
 from selfsup.io import repo_root
 
 REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows", "finetune.head_layers")  # set whole by a preset, not merged
-META = ("title", "dataset", "source", "differences", "params")
+META = ("title", "dataset", "source", "sources", "recipe", "params")
+DEFAULT = "digits"  # the preset params.yaml is written from in the repository (its params block: the comments)
+ROW_KEYS = ("key", "official", "source", "declared")
+MIN_ROWS = 10  # a preset's ledger compares at least this many settings
+ABSENT = "(no such setting)"  # ours, for an official setting this project has no key for
 # smoke: sizes capped so that 16 training images and batches of 8 can hold them
 SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,
               "pca_dim": 8, "relabel_times": 1, "bn_splits": 2, "warmup_epochs": 0, "permutations": 24, "hidden": 256,
@@ -81,6 +95,12 @@ def load(name: str) -> dict[str, Any]:
     for k in META:
         if k not in d:
             raise ConfigError(f"{path}: missing {k!r}")
+    if not isinstance(d["recipe"], list) or not isinstance(d["sources"], dict):
+        raise ConfigError(f"{path}: recipe is a list of rows and sources a mapping")
+    for i, row in enumerate(d["recipe"]):
+        bad = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, dict) else ["(not a mapping)"]
+        if bad or not all(k in row for k in ("key", "official", "source")):
+            raise ConfigError(f"{path}: recipe[{i}]: a row is {{key, official, source[, declared]}}, got {row!r}")
     return d
 
 
@@ -96,14 +116,145 @@ def merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[
     return out
 
 
+def typed_defaults() -> dict[str, Any]:
+    """Every key of params.yaml at its typed default: the sections of ``selfsup.config.Config`` and
+    every method's config class (what a key left out of params.yaml means)."""
+    from selfsup.config import Config, method_class, method_names
+
+    d = dataclasses.asdict(Config())
+    d.pop("method_cfgs")
+    for m in method_names():
+        d[m] = dataclasses.asdict(method_class(m).Config())
+    return d
+
+
+def overlay(name: str, sets: list[str] | None = None) -> dict[str, Any]:
+    """The keys preset ``name`` sets, plus ``sets`` ("key=value", values in YAML), plus the report
+    notes that say what the preset is and where it departs from the official recipe."""
+    pre = load(name)
+    over = copy.deepcopy(pre["params"])
+    notes = [f"Preset {name}: {pre['title']} ({pre['source']})."]
+    diffs = differences(name)
+    if diffs:
+        notes.append(f"Differences from the official recipe: {diffs}")
+    if name != DEFAULT:
+        over.setdefault("report", {})["notes"] = notes
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected key=value")
+        k, v = s.split("=", 1)
+        _set_path(over, k, load_yaml(v))
+    return over
+
+
+def effective(name: str, sets: list[str] | None = None) -> dict[str, Any]:
+    """Preset ``name``'s whole config: the typed defaults of every key, then the preset (the same
+    whatever params.yaml held before)."""
+    return merge(typed_defaults(), overlay(name, sets))
+
+
 def merged_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
-    base = load_yaml(Path(params or repo_root() / "params.yaml").read_text())
-    return merge(base, load(name)["params"])
+    """The params a stage reads after ``apply name``: the keys of the written file (``params`` is
+    accepted for compatibility and ignored: a preset does not depend on the file it is applied to)."""
+    return load_yaml(render(name))
 
 
 def check(name: str, params: str | Path | None = None) -> Any:
     """The preset's whole config, validated (every method block parsed), as a stage would."""
-    return load_config(merged_params(name, params), parse_methods=True)
+    return load_config(merged_params(name), parse_methods=True)
+
+
+# --------------------------------------------------------------------------- the recipe ledger
+def _lookup(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return ABSENT
+        d = d[part]
+    return d
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Settings equal as values: numbers within float rounding (1.0e-4 == 0.0001, 30 == 30.0), bools
+    only as bools, lists and mappings item by item."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+@dataclasses.dataclass
+class LedgerRow:
+    key: str
+    ours: Any
+    official: Any
+    source: str
+    status: str  # same | declared | UNDECLARED | STALE (declared, but ours equals the official value)
+    reason: str = ""
+
+    def verdict(self) -> str:
+        return f"declared: {self.reason}" if self.status == "declared" else self.status
+
+
+def ledger(name: str) -> list[LedgerRow]:
+    """Preset ``name``'s recipe ledger: per official setting, our effective value beside it."""
+    pre = load(name)
+    eff = merge(typed_defaults(), pre["params"])  # the notes apply adds are not settings
+    rows = []
+    for r in pre["recipe"]:
+        ours = _lookup(eff, str(r["key"]))
+        src = expand_source(str(r["source"]), pre["sources"])
+        same = ours is not ABSENT and same_value(ours, r["official"])
+        reason = " ".join(str(r.get("declared") or "").split())
+        status = ("STALE" if reason else "same") if same else ("declared" if reason else "UNDECLARED")
+        rows.append(LedgerRow(str(r["key"]), ours, r["official"], str(src), status, reason))
+    return rows
+
+
+def expand_source(text: str, sources: dict[str, str]) -> str:
+    """A row's source with the preset's source ids spelled out: each ``;``-separated part that starts
+    with an id (``code``, ``code (--lr 0.03)``) becomes that source's text plus the rest."""
+    parts = []
+    for part in text.split(";"):
+        m = re.match(r"\s*([\w-]+)(.*)$", part, re.S)
+        parts.append(f"{sources[m.group(1)]}{m.group(2)}" if m and m.group(1) in sources else part.strip())
+    return "; ".join(p.strip() for p in parts)
+
+
+def counts(rows: list[LedgerRow]) -> dict[str, int]:
+    return {"same": sum(r.status == "same" for r in rows), "declared": sum(r.status == "declared" for r in rows),
+            "undeclared": sum(r.status in ("UNDECLARED", "STALE") for r in rows)}
+
+
+def differences(name: str) -> str:
+    """The preset's differences from the official recipe, generated from its declared ledger rows."""
+    return " ".join(f"{r.key}: ours {_fmt(r.ours)}, official {_fmt(r.official)} ({r.reason})."
+                    for r in ledger(name) if r.status == "declared")
+
+
+def _fmt(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def ledger_problems(name: str) -> list[str]:
+    rows = ledger(name)
+    out = [f"{name}: {r.key}: {r.verdict()} (ours {_fmt(r.ours)}, official {_fmt(r.official)})"
+           for r in rows if r.status in ("UNDECLARED", "STALE")]
+    if len(rows) < MIN_ROWS:
+        out.append(f"{name}: the ledger compares {len(rows)} settings, fewer than {MIN_ROWS}: incomplete")
+    return out
+
+
+def print_ledger(name: str) -> None:
+    rows = ledger(name)
+    print(f"# {name}: {load(name)['title']}")
+    w = max(len(r.key) for r in rows) if rows else 3
+    for r in rows:
+        print(f"{r.key:<{w}}  ours {_fmt(r.ours)} | official {_fmt(r.official)} | {r.source} | {r.verdict()}")
 
 
 # --------------------------------------------------------------------------- apply
@@ -114,23 +265,29 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[last] = value
 
 
-def apply(name: str, params: str | Path | None = None, sets: list[str] | None = None) -> Path:
-    """Write preset ``name`` (+ ``sets``: "key=value", values in YAML) into ``params``, comments
-    kept; validated first, so a bad preset leaves the file untouched."""
+def template_text() -> str:
+    """The params block of the default preset, unindented: params.yaml's keys and comments."""
+    lines = (presets_dir() / f"{DEFAULT}.yaml").read_text().splitlines(True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "params:"), None)
+    if start is None:
+        raise ConfigError(f"presets/{DEFAULT}.yaml: no 'params:' line (the template of params.yaml)")
+    body = lines[start + 1:]
+    if any(ln.strip() and not ln.startswith("  ") for ln in body):
+        raise ConfigError(f"presets/{DEFAULT}.yaml: params must be the last key (its block indented by two)")
+    return "".join(ln[2:] if ln.strip() else "\n" for ln in body)
+
+
+HEADER = """# selfsup pipeline parameters, written by `python -m selfsup.presets apply {name}`{sets}.
+# The keys and comments come from presets/{default}.yaml, the values from the preset; a key left out
+# has its typed default (selfsup/config.py, selfsup/methods/<name>.py). Every key is validated before
+# any work starts. Edit freely or sweep with `dvc exp run -S key=value`; `apply NAME` rewrites this
+# file from the preset alone, and `apply {default}` restores the default.
+"""
+
+
+def _yaml() -> Any:
     from ruamel.yaml import YAML
 
-    path = Path(params or repo_root() / "params.yaml")
-    pre = load(name)
-    over = copy.deepcopy(pre["params"])
-    # the report states what the preset is and where it departs from the paper (data, schedule)
-    over.setdefault("report", {})["notes"] = [f"Preset {name}: {pre['title']} ({pre['source']})."] + (
-        [f"Differences from the paper: {' '.join(pre['differences'].split())}"] if pre["differences"] else [])
-    for s in sets or []:
-        if "=" not in s:
-            raise ConfigError(f"--set {s!r}: expected key=value")
-        k, v = s.split("=", 1)
-        _set_path(over, k, load_yaml(v))
-    load_config(merge(load_yaml(path.read_text()), over), parse_methods=True)
     ry = YAML()
     ry.preserve_quotes = True
     ry.width = 4096
@@ -145,19 +302,74 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
         return rep.represent_scalar("tag:yaml.org,2002:float", t)
 
     ry.representer.add_representer(float, yaml11_float)
-    doc = ry.load(path.read_text())
+    return ry
 
-    def put(node: Any, ov: dict[str, Any], prefix: str) -> None:
-        for k, v in ov.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and isinstance(node.get(k), dict) and key not in REPLACED:
-                put(node[k], v, key + ".")
-            else:
-                node[k] = v
 
-    put(doc, over, "")
-    with open(path, "w") as f:
-        ry.dump(doc, f)
+def _styled(old: Any, new: Any) -> Any:
+    """``new`` as a node in ``old``'s flow / block style (a flow list stays ``[a, b]``)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    flow = getattr(getattr(old, "fa", None), "flow_style", lambda: None)()
+    if isinstance(new, dict):
+        node = CommentedMap((k, _styled(None, v)) for k, v in new.items())
+    elif isinstance(new, list):
+        node = CommentedSeq(_styled(None, v) for v in new)
+    else:
+        return new
+    if flow or (flow is None and isinstance(new, list) and not any(isinstance(v, (dict, list)) for v in new)):
+        node.fa.set_flow_style()
+    return node
+
+
+def render(name: str, sets: list[str] | None = None) -> str:
+    """params.yaml for preset ``name``: the default preset's keys and comments with the preset's effective
+    values, then the preset's keys the template lacks. A function of the preset (and ``sets``) alone."""
+    ry = _yaml()
+    doc = ry.load(template_text())
+    eff = effective(name, sets)
+    over = overlay(name, sets)
+
+    def put(node: Any, want: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
+        for k in list(node):
+            key, v = f"{prefix}{k}", want.get(k, ABSENT)
+            if v is ABSENT:
+                raise ConfigError(f"presets/{DEFAULT}.yaml: {key}: not a setting")
+            if isinstance(v, dict) and isinstance(node[k], dict) and key not in REPLACED:
+                put(node[k], v, extra.get(k) or {}, key + ".")
+            elif not same_value(_plain(node[k]), v):
+                node[k] = _styled(node[k], v)
+        for k, v in extra.items():  # the preset's keys the template has no line for
+            if k not in node:
+                node[k] = _styled(None, want[k] if not isinstance(v, dict) or f"{prefix}{k}" in REPLACED
+                                  else {kk: want[k][kk] for kk in v})
+
+    put(doc, eff, over, "")
+    import io
+
+    buf = io.StringIO()
+    ry.dump(doc, buf)
+    tail = "".join(f" --set {s}" for s in sets or [])
+    return HEADER.format(name=name, sets=tail, default=DEFAULT) + buf.getvalue()
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def apply(name: str, params: str | Path | None = None, sets: list[str] | None = None) -> Path:
+    """Write preset ``name`` (+ ``sets``: "key=value", values in YAML) as ``params``: the default
+    preset's keys and comments with this preset's values (``render``). Validated first, so a bad preset
+    leaves the file untouched; the result does not depend on what the file held."""
+    path = Path(params or repo_root() / "params.yaml")
+    text = render(name, sets)
+    load_config(load_yaml(text), parse_methods=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     if (path.parent / "dvc.yaml").is_file():  # the pretrain stage for the preset's methods (and the tokenizer stage)
         from selfsup.dag import main as regenerate
 
@@ -314,9 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     for c in ("show", "smoke", "apply", "check"):
         s = sub.add_parser(c)
         s.add_argument("name")
-        s.add_argument("--params", default=None, help="params file (default: the repo's params.yaml)")
         if c == "apply":
+            s.add_argument("--params", default=None, help="the file to write (default: the repo's params.yaml)")
             s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        if c == "show":
+            s.add_argument("--effective", action="store_true", help="every key: the typed defaults, then the preset")
+    d = sub.add_parser("diff", help="the recipe ledger: ours | official | source | same / declared / UNDECLARED")
+    d.add_argument("name", nargs="?")
+    d.add_argument("--all", action="store_true", help="every preset")
+    d.add_argument("--json", action="store_true", help="per preset, the counts of same / declared / undeclared")
     a = ap.parse_args(argv)
     if a.cmd is None:
         rows = listing()
@@ -327,18 +545,32 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['source']}")
         return 0
     if a.cmd == "show":
-        print(yaml.safe_dump(load(a.name), sort_keys=False, width=100))
+        print(yaml.safe_dump(effective(a.name) if a.effective else load(a.name), sort_keys=False, width=100))
     elif a.cmd == "check":
-        check(a.name, a.params)
+        check(a.name)
         print(f"preset {a.name}: ok")
     elif a.cmd == "apply":
         path = apply(a.name, a.params, a.set)
-        print(f"{path}: preset {a.name} applied (git checkout {path.name} restores the default)")
+        print(f"{path}: preset {a.name} applied (`python -m selfsup.presets apply {DEFAULT}` restores the default)")
     elif a.cmd == "smoke":
         t0 = time.perf_counter()
-        for m, r in smoke(a.name, a.params).items():
+        for m, r in smoke(a.name).items():
             print(f"{a.name} {m}: loss {r['loss']:.4f}, kNN {r['knn']:.1f} ({r['protocol']}), {r['seconds']:.1f}s")
         print(f"smoke {a.name}: ok in {time.perf_counter() - t0:.1f}s")
+    elif a.cmd == "diff":
+        if bool(a.all) == bool(a.name):
+            ap.error("diff: name a preset or pass --all")
+        todo = names() if a.all else [a.name]
+        problems = [p for n in todo for p in ledger_problems(n)]
+        if a.json:
+            print(json.dumps({n: {**counts(ledger(n)), "compared": len(ledger(n))} for n in todo}, indent=1))
+        else:
+            for n in todo:
+                print_ledger(n)
+                print()
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 

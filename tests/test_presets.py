@@ -57,13 +57,106 @@ def test_apply_writes_the_preset_and_keeps_the_comments(tmp_path):
     assert cfg.method("moco").crop_scale == [0.08, 1.0] and cfg.method("moco").epochs == 3
     assert cfg.knn.paper["moco"].features == "head" and list(cfg.knn.paper) == ["moco"]  # replaced, not merged
     assert cfg.report.notes[0].startswith("Preset moco_cifar10_demo: MoCo, CIFAR-10")
-    assert "Differences from the paper: The demo splits BN" in cfg.report.notes[1]
+    diffs = presets.differences("moco_cifar10_demo")  # generated from the ledger's declared rows
+    assert cfg.report.notes[1:] == ([f"Differences from the official recipe: {diffs}"] if diffs else [])
     before = params.read_text()
     with pytest.raises(ConfigError, match="moco.queue_size"):
         presets.apply("moco_cifar10_demo", params, sets=["moco.queue_size=-1"])
     assert params.read_text() == before  # a bad preset leaves the file as it was
     with pytest.raises(ConfigError, match="nope"):
         presets.load("nope")
+
+
+def test_params_yaml_is_the_default_preset_written_out():
+    """params.yaml is what `apply digits` writes: the template's keys and comments, the default's values."""
+    assert (ROOT / "params.yaml").read_text() == presets.render(presets.DEFAULT)
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_a_preset_does_not_depend_on_what_was_applied_before(name, tmp_path):
+    """apply B onto the default and onto another preset's params.yaml: the same file, byte for byte (comments
+    kept), and the same effective config; keys a preset leaves out are the typed defaults, not the default's."""
+    names = presets.names()
+    other = names[(names.index(name) + 1) % len(names)]
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text((ROOT / "params.yaml").read_text())
+    presets.apply(name, a)
+    presets.apply(other, b)
+    presets.apply(name, b)
+    assert a.read_text() == b.read_text()
+    assert load_config(a).to_dict() == load_config(b).to_dict()
+    eff = load_config(presets.effective(name)).to_dict()
+    assert load_config(a).to_dict() == eff
+    if name != presets.DEFAULT:
+        assert "# MoCo v2 (He et al. 2020; Chen et al. 2020)" in a.read_text()  # the template's comments
+
+
+def test_the_recipe_ledger_has_no_undeclared_difference(capsys):
+    """`diff --all` exits 0: every preset compares at least MIN_ROWS settings with the official recipe and
+    every difference is declared; --json gives the counts."""
+    import json
+
+    assert presets.main(["diff", "--all", "--json"]) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == set(presets.names())
+    for name, c in out.items():
+        assert c["undeclared"] == 0 and c["compared"] >= presets.MIN_ROWS, (name, c)
+        assert c["same"] + c["declared"] == c["compared"], name
+
+
+def test_the_ledger_marks_same_declared_undeclared_and_stale(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copy(presets.presets_dir() / f"{presets.DEFAULT}.yaml", tmp_path)
+    (tmp_path / "toy.yaml").write_text("""title: a toy
+dataset: cifar10
+source: nowhere
+sources: {code: owner/repo@abcdef1 train.py}
+recipe:
+  - {key: moco.lr, official: 0.06, source: code}
+  - {key: moco.m, official: 0.99, source: code (--moco-m), declared: "a documented choice"}
+  - {key: moco.epochs, official: 800, source: code}
+  - {key: moco.temperature, official: 0.2, source: code, declared: "left over"}
+  - {key: moco.no_such_setting, official: 1, source: code, declared: "not implemented"}
+params:
+  methods: {moco: data/dataset}
+  moco: {lr: 0.06, m: 0.999, epochs: 200, temperature: 0.2}
+""")
+    monkeypatch.setattr(presets, "presets_dir", lambda: tmp_path)
+    rows = {r.key: r for r in presets.ledger("toy")}
+    assert [rows[k].status for k in ("moco.lr", "moco.m", "moco.epochs", "moco.temperature", "moco.no_such_setting")] \
+        == ["same", "declared", "UNDECLARED", "STALE", "declared"]
+    assert rows["moco.m"].source == "owner/repo@abcdef1 train.py (--moco-m)" and rows["moco.no_such_setting"].ours \
+        == presets.ABSENT
+    assert presets.differences("toy") == ("moco.m: ours 0.999, official 0.99 (a documented choice). moco.no_such_setting: "
+                                         "ours (no such setting), official 1 (not implemented).")
+    assert presets.main(["diff", "toy"]) == 1
+    err = capsys.readouterr().err
+    assert "moco.epochs: UNDECLARED" in err and "moco.temperature: STALE" in err and "fewer than 10" in err
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in presets.REPLACED:
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
+
+
+@pytest.mark.parametrize("name", [n for n in presets.names() if n != presets.DEFAULT])
+def test_a_digits_sized_value_in_a_preset_is_in_its_ledger(name):
+    """A preset's setting that equals the digits default's value but not the typed default (lr 0.1, batch 32,
+    wd 5e-4, blur 0 ...) is compared with the official recipe in the ledger, so no digits value rides along
+    unchecked; data location, processes and the report's ids are not recipe settings."""
+    digits, typed = presets.effective(presets.DEFAULT), presets.typed_defaults()
+    pre = presets.load(name)
+    ledger = {r["key"] for r in pre["recipe"]}
+    loose = [k for k, v in _leaves(pre["params"])
+             if k.split(".")[0] not in ("methods", "report", "knn", "instdisc_table1", "dataset", "dist")
+             and presets.same_value(v, presets._lookup(digits, k)) and not presets.same_value(v, presets._lookup(typed, k))
+             and k not in ledger]
+    assert not loose, f"{name}: digits-valued settings missing from the recipe ledger: {loose}"
 
 
 def test_paper_results_are_sourced_and_every_preset_id_exists():

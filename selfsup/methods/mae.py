@@ -40,6 +40,7 @@ from selfsup.methods.base import Batch, Method, StepOut
 
 @dataclass
 class MAECfg(TrainCfg):
+    epochs: int = 800  # facebookresearch/mae PRETRAIN.md (the released checkpoints: 1600)
     optimizer: str = "adamw"
     lr: float = 1.5e-4  # the base lr at batch 256 (lr_scaling linear)
     lr_scaling: str = "linear"
