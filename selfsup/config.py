@@ -605,6 +605,9 @@ class EmbeddedVocCfg:
 class VocCfg:
     """Detection transfer (stages voc_data, voc; selfsup/voc_data.py, detection.py, voc_eval.py)."""
 
+    # off unless a preset whose paper reports VOC detection (MoCo) or the digits default turns it on:
+    # the voc stage then trains no detector and the voc_data stage fetches nothing
+    enabled: bool = False
     # data (the voc_data stage reads only these five)
     dataset: str = "embedded"  # embedded | voc2007 | voc2007+2012 (trainval; test is always VOC2007 test)
     root: str = "data/raw/voc"  # torchvision's VOC download / extraction folder

@@ -170,7 +170,7 @@ def _yaml():
     return ry
 
 
-def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
+def generate(text: str, methods: dict[str, str], rows: list[str], voc: bool = True) -> str:
     """The root dvc.yaml ``text`` with its code deps regenerated, the ``pretrain`` stage written from
     the method list, and the tokenizer stage present exactly while a method reads its output."""
     ry = _yaml()
@@ -203,7 +203,7 @@ def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
         deps.clear()
         deps.extend((check_code() if name == CHECK else closure(script, TRAINS.get(name))) + data)
         if name in PER_METHOD_OUTPUTS:  # every method in one process: its outputs follow the method list
-            body.update(PER_METHOD_OUTPUTS[name](methods))
+            body.update(PER_METHOD_OUTPUTS[name](methods if voc or name != VOC else {}))
         if name == TABLE1:  # every row in one process: its metrics follow instdisc_table1.rows
             body.pop("metrics", None)
             body.update(table1_outputs(rows))
@@ -212,17 +212,17 @@ def generate(text: str, methods: dict[str, str], rows: list[str]) -> str:
     return out.getvalue()
 
 
-def plan(root: Path, methods: dict[str, str], rows: list[str]) -> dict[Path, str | None]:
+def plan(root: Path, methods: dict[str, str], rows: list[str], voc: bool = True) -> dict[Path, str | None]:
     """Every DAG file's wanted text; None for a file of the earlier per-method layout, to delete."""
-    want: dict[Path, str | None] = {root / "dvc.yaml": generate((root / "dvc.yaml").read_text(), methods, rows)}
+    want: dict[Path, str | None] = {root / "dvc.yaml": generate((root / "dvc.yaml").read_text(), methods, rows, voc)}
     for f in sorted((root / PIPELINES).glob("*/dvc.yaml")):
         want[f] = None
     return want
 
 
-def changed(root: Path, methods: dict[str, str], rows: list[str]) -> dict[Path, str | None]:
+def changed(root: Path, methods: dict[str, str], rows: list[str], voc: bool = True) -> dict[Path, str | None]:
     """The DAG files whose text differs from ``plan``'s, with the wanted text (None: delete)."""
-    return {f: text for f, text in plan(root, methods, rows).items()
+    return {f: text for f, text in plan(root, methods, rows, voc).items()
             if (f.read_text() if f.is_file() else None) != text}
 
 
@@ -237,6 +237,11 @@ def rows_of(params: Path) -> list[str]:
     outputs declared here change when the sweep turns on or off, and DVC re-runs a stage whose outputs
     changed."""
     return list(load_config(params, parse_methods=False).table1_rows())
+
+
+def voc_of(params: Path) -> bool:
+    """Whether the ``voc`` stage trains detectors (``voc.enabled``): its per-method outputs exist only then."""
+    return load_config(params, parse_methods=False).voc.enabled
 
 
 def stages_of(root: Path) -> dict[str, dict[str, Any]]:
@@ -271,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=str(ROOT))
     a = ap.parse_args(argv)
     root = Path(a.root)
-    todo = changed(root, methods_of(root / "params.yaml"), rows_of(root / "params.yaml"))
+    params = root / "params.yaml"
+    todo = changed(root, methods_of(params), rows_of(params), voc_of(params))
     if not todo:
         stale = stale_lock_entries(root)
         if stale and a.check:

@@ -7,8 +7,8 @@ runs these steps per method.
 2. weighted kNN at each ``knn.k`` (and the method's paper protocol, ``knn.paper.<m>``);
 3. PCA-whitening fitted on train + L2, then k-means on the whitened features: NMI, ARI, Hungarian
    accuracy (the DeepCluster evaluation);
-4. the linear probe (frozen features, or MoCo's augmented protocol), the linear SVM and the per-layer
-   probes;
+4. the linear probe (frozen features, MoCo's augmented protocol, or MAE's / DINO's / BEiT's ViT
+   protocols: ``selfsup.linprotocols``), the linear SVM and the per-layer probes;
 5. end-to-end fine-tuning of a copy of the encoder with a linear classifier (``selfsup.finetune``:
    BEiT / MAE's recipe, layer-wise lr decay for ViTs), the protocol masked image modelling is judged by.
 
@@ -115,28 +115,36 @@ def cluster_step(cfg: Config, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, y
 
 def linear_step(cfg: Config, name: str, P: Paths, tr: np.ndarray, ytr: np.ndarray, te: np.ndarray,
                 yte: np.ndarray, num_classes: int, device: torch.device) -> dict[str, Any]:
-    """Step 4: the linear probe on frozen features (fixed schedule, test top-1 at the end) or MoCo's
-    augmented protocol, the linear SVM, and the per-layer probes when ``probe.layers`` asks for them."""
+    """Step 4: the linear probe on frozen features (fixed schedule, test top-1 at the end), MoCo's
+    augmented protocol or a paper's ViT protocol (``linear.protocol``), the linear SVM, and the per-layer
+    probes when ``probe.layers`` asks for them."""
+    from selfsup.schedules import lr_scale
+
     t0 = time.perf_counter()
     c = cfg.linear
-    if c.protocol == "augmented" or cfg.probe.layers:  # these read the encoder again, on the dataset
+    if c.protocol != "frozen" or cfg.probe.layers:  # these read the encoder again, on the dataset
         net, data = load_backbone(P.model(name), device), load_prepared(P.dataset)
     if c.protocol == "frozen":
         out = linear_eval(tr, ytr, te, yte, num_classes=num_classes, epochs=c.epochs, batch_size=c.batch_size,
-                          lr=c.lr, weight_decay=c.weight_decay, seed=derive_seed(cfg.seed, "linear", name),
-                          device=device)
-    else:  # MoCo's protocol: augmented views through the frozen encoder every epoch
+                          lr=c.lr * lr_scale(c.lr_scaling, c.batch_size, 256), weight_decay=c.weight_decay,
+                          seed=derive_seed(cfg.seed, "linear", name), device=device)
+    elif c.protocol == "augmented":  # MoCo's protocol: augmented views through the frozen encoder every epoch
         from selfsup.lincls import augmented_linear_probe
 
         out = augmented_linear_probe(net, data, cfg, te, yte, device, derive_seed(cfg.seed, "linear", name))
+    else:  # the papers' ViT protocols (mae, dino, beit): crops through the frozen encoder every epoch
+        from selfsup.linprotocols import paper_linear_probe
+
+        out = paper_linear_probe(net, data, cfg, device, derive_seed(cfg.seed, "linear", name))
     if cfg.svm.enabled:
         out.update(svm_eval(tr, ytr, te, yte, cfg.svm.c, derive_seed(cfg.seed, "svm", name)))
     if cfg.probe.layers:
         from selfsup.probes import probe_all
+        from selfsup.train import batch_maker
 
         out["probes"] = probe_all(net, data, device, cfg.probe, derive_seed(cfg.seed, "probe", name),
                                   workers=cfg.workers, resize=cfg.dataset.resize_size, crop=cfg.dataset.crop_size,
-                                  batch_size=cfg.extract.batch_size)
+                                  batch_size=cfg.extract.batch_size, make=batch_maker(cfg, data, device))
     return {**out, "seconds": time.perf_counter() - t0}
 
 

@@ -25,6 +25,7 @@ def augmented_linear_probe(backbone: nn.Module, data: Any, cfg: Any, test_feats:
     """Train ``nn.Linear(D, classes)`` on ``backbone(augmented view)`` (``cfg``: the whole Config; its
     ``linear`` block: epochs, batch_size, lr, lr_steps, weight_decay, crop_scale); evaluate on
     ``test_feats`` (N, D), the backbone's eval-transform features."""
+    from selfsup.schedules import lr_scale
     from selfsup.train import batch_maker  # the training loop's loader + device augmentation
 
     c = cfg.linear
@@ -39,11 +40,12 @@ def augmented_linear_probe(backbone: nn.Module, data: Any, cfg: Any, test_feats:
     with torch.no_grad():  # MoCo: fc.weight ~ N(0, 0.01), bias 0
         fc.weight.copy_(torch.empty(fc.weight.shape).normal_(0, 0.01, generator=g))
         fc.bias.zero_()
-    opt = torch.optim.SGD(fc.parameters(), lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
+    base = c.lr * lr_scale(c.lr_scaling, c.batch_size, 256)  # none: c.lr (MoCo's lr 30 is unscaled)
+    opt = torch.optim.SGD(fc.parameters(), lr=base, momentum=0.9, weight_decay=c.weight_decay)
     loss = torch.tensor(0.0)
     for ep in tqdm(range(c.epochs), desc="linear (augmented)", unit="ep", leave=False, mininterval=2):
         for group in opt.param_groups:  # MoCo's adjust_learning_rate: x0.1 at each milestone
-            group["lr"] = c.lr * 0.1 ** sum(ep >= s for s in c.lr_steps)
+            group["lr"] = base * 0.1 ** sum(ep >= s for s in c.lr_steps)
         for batch in make([spec], derive_seed(seed, "lincls", ep), c.batch_size):
             keep = batch.y >= 0
             if not keep.any():

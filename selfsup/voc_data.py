@@ -276,6 +276,11 @@ def prepare_voc(cfg: VocCfg, seed: int, test_fraction: float, out_dir: str | Pat
     """Write ``out_dir/manifest.json`` (and, for the embedded set, the images) and return it."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        if not cfg.enabled:  # no detection transfer: nothing drawn or downloaded
+            man = {"source": "off (voc.enabled: false)", "classes": [], "trainval": [], "test": [],
+                   "n_trainval": 0, "n_test": 0}
+            write_json(tmp / "manifest.json", man)
+            return man
         if cfg.dataset == "embedded":
             made = compose_embedded(cfg, seed, test_fraction, tmp)
             classes = made["classes"]

@@ -49,11 +49,11 @@ if "colorization" in cfg.methods:
     notes.append("Colourisation's pictures (originals, grayscale inputs, colourised outputs with the annealed mean): "
                  "reports/colorization.png.")
 notes += cfg.report.notes  # a preset's title and its differences from the paper (presets apply)
-notes.append(
+notes.append("voc_ap50 / voc_ap / voc_ap75: off (voc.enabled: false)." if not cfg.voc.enabled else
     f"voc_ap50 / voc_ap / voc_ap75: Faster R-CNN ({cfg.voc.arch} for ResNets, BN {cfg.voc.bn}) fine-tuned on "
     f"{cfg.voc.dataset} trainval, VOC2007-style test: AP50 with the VOC2007 11-point metric, AP averaged over "
     f"IoU 0.5:0.95 and AP75 with the {cfg.voc.ap_metric} VOC AP (detectron2 / MoCo); per class: reports/voc.md.")
-voc_md = voc_markdown(P.root / "metrics", list(cfg.methods), [
+voc_md = voc_markdown(P.root / "metrics", list(cfg.methods) if cfg.voc.enabled else [], [
     f"Data: {cfg.voc.dataset}; detector: Faster R-CNN, arch {cfg.voc.arch} (ResNets), BN {cfg.voc.bn}, "
     f"{cfg.voc.steps} SGD steps of {cfg.voc.batch_size} images, lr {cfg.voc.lr}.",
     "Difficult objects are neither true nor false positives (devkit); '–': no non-difficult object of the class.",

@@ -23,7 +23,7 @@ distributed(cfg)  # several processes: DDP fine-tuning (voc.bn: sync synchronise
 P = Paths()
 t0 = time.perf_counter()
 meta = read_json(P.dataset / "meta.json")  # the pre-training normalisation the backbones expect
-models = {m: P.model(m) for m in cfg.methods}
+models = {m: P.model(m) for m in cfg.methods} if cfg.voc.enabled else {}  # voc.enabled false: no detector
 for name, out, reused in transfer_all(cfg, models, P.voc, meta["mean"], meta["std"], resolve_device(cfg.device),
                                       P.voc_runs):
     if out is None:  # not rank 0
@@ -34,4 +34,4 @@ for name, out, reused in transfer_all(cfg, models, P.voc, meta["mean"], meta["st
     s = out["summary"]
     print(f"voc {name}: mAP50 {s['map50']:.1f} (11-point) / {s['map50_area']:.1f} (area), AP {s['ap']:.1f}, "
           f"AP75 {s['ap75']:.1f}; " + ("reused" if reused else f"{s['seconds']:.1f}s"))
-print(f"voc: {len(models)} methods in {time.perf_counter() - t0:.1f}s")
+print(f"voc: {len(models)} methods in {time.perf_counter() - t0:.1f}s" if cfg.voc.enabled else "voc: off (voc.enabled: false)")

@@ -1,7 +1,7 @@
 """voc_data: the VOC detection data (embedded digits set, torchvision's VOC downloads, or a local
 VOCdevkit) -> data/voc/manifest.json (+ the embedded set's devkit folders).
 
-A stage of its own so that only the ``voc.dataset / root / path / download / embedded`` keys
+A stage of its own so that only the ``voc.enabled / dataset / root / path / download / embedded`` keys
 (and the digits split it draws from: seed, dataset.test_fraction) re-run it.
 """
 import sys

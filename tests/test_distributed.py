@@ -274,7 +274,7 @@ def _voc(voc_dir):
     from selfsup.detection import run_voc
     from selfsup.models import build_backbone
 
-    cfg = build(VocCfg, {"embedded": {"trainval_images": 12, "test_images": 8}, "steps": 4, "warmup_steps": 1,
+    cfg = build(VocCfg, {"enabled": True, "embedded": {"trainval_images": 12, "test_images": 8}, "steps": 4, "warmup_steps": 1,
                          "lr_steps": [3], "bn": "sync", "batch_size": 4}, "voc")
     calls = []
     fwd = dist.GlobalBatchNorm.forward
@@ -322,7 +322,7 @@ def test_voc_fine_tunes_under_ddp_with_synchronised_bn(tmp_path):
     from selfsup.config import VocCfg, build
     from selfsup.voc_data import prepare_voc
 
-    prepare_voc(build(VocCfg, {"embedded": {"trainval_images": 12, "test_images": 8}}, "voc"), 0, 0.2,
+    prepare_voc(build(VocCfg, {"enabled": True, "embedded": {"trainval_images": 12, "test_images": 8}}, "voc"), 0, 0.2,
                 tmp_path / "voc")
     r0, r1 = run_ranks(_voc, 2, (str(tmp_path / "voc"),))
     assert r0["summary"]["steps"] == 4 and 0 <= r0["summary"]["map50"] <= 100

@@ -175,6 +175,23 @@ def test_paper_results_are_sourced_and_every_preset_id_exists():
             assert res[pid]["method"] == m and res[pid]["value"] is not None, pid
 
 
+def test_sources_name_public_texts_only():
+    """A published number's source, note and where_checked, and a preset's ledger sources, name papers and
+    repositories, never how or with what a number was looked up."""
+    import re
+
+    words = re.compile(r"session|from memory|find_string|search (corpus|result)|not reachable|lecture|look-?up id",
+                       re.I)
+    for pid, r in load_paper_results().items():
+        for k in ("source", "note", "where_checked"):
+            assert not words.search(str(r[k])), (pid, k, r[k])
+    for name in presets.names():
+        pre = presets.load(name)
+        texts = [*pre["sources"].values(), *(str(r["source"]) for r in pre["recipe"]),
+                 *(str(r.get("declared", "")) for r in pre["recipe"]), pre["source"], pre["title"]]
+        assert not any(words.search(t) for t in texts), name
+
+
 def test_report_puts_ours_beside_the_paper():
     res = load_paper_results()
     t = pd.DataFrame({"knn200_top1": [70.0, 60.0], "knn_paper_top1": [78.0, math.nan],
@@ -245,6 +262,9 @@ def test_apply_regenerates_the_pretrain_stage(tmp_path):
     assert "byol" in pre["params"] and "moco" not in pre["params"]
     assert "selfsup/methods/byol.py" in pre["deps"] and "selfsup/methods/moco.py" not in pre["deps"]
     assert "tokenizer" not in stages and not (tmp_path / "pipelines").exists()
+    # BYOL's paper reports no VOC detection: voc.enabled keeps its typed default (off), no per-method outputs
+    assert stages["voc"].get("metrics", []) == [] and stages["voc"]["outs"] == [{"data/voc_runs": {"persist": True,
+                                                                                                  "cache": False}}]
     presets.apply("beit_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
     assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain"]["deps"]

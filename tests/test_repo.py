@@ -51,9 +51,9 @@ def test_dvc_stages_match_scripts_and_params():
 def test_dag_files_are_generated():
     """Every stage's code deps equal its import closure, and the pretrain stage's the union of the
     methods' closures: `python -m selfsup.dag` writes them."""
-    from selfsup.dag import changed, methods_of, rows_of
+    from selfsup.dag import changed, methods_of, rows_of, voc_of
 
-    stale = changed(ROOT, methods_of(ROOT / "params.yaml"), rows_of(ROOT / "params.yaml"))
+    stale = changed(ROOT, methods_of(ROOT / "params.yaml"), rows_of(ROOT / "params.yaml"), voc_of(ROOT / "params.yaml"))
     assert not stale, f"stale: {sorted(map(str, stale))}: run python -m selfsup.dag"
 
 

@@ -143,7 +143,7 @@ def test_parser_rejects_malformed_file_naming_it(tmp_path, text):
 # --------------------------------------------------------------------------- embedded set
 def small_cfg(**over):
     emb = {"trainval_images": 12, "test_images": 8, "truncated_p": 0.4, "difficult_p": 0.4}
-    return build(VocCfg, {"embedded": emb, "steps": 6, "warmup_steps": 2, "lr_steps": [4], **over}, "voc")
+    return build(VocCfg, {"enabled": True, "embedded": emb, "steps": 6, "warmup_steps": 2, "lr_steps": [4], **over}, "voc")
 
 
 def test_embedded_set_is_deterministic_and_valid_voc(tmp_path):
@@ -170,11 +170,20 @@ def test_embedded_set_is_deterministic_and_valid_voc(tmp_path):
 
 
 def test_real_voc_offline_fails_clearly(tmp_path):
-    cfg = build(VocCfg, {"dataset": "voc2007", "path": str(tmp_path / "nowhere")}, "voc")
+    cfg = build(VocCfg, {"enabled": True, "dataset": "voc2007", "path": str(tmp_path / "nowhere")}, "voc")
     from selfsup.sources import DatasetUnavailable
 
     with pytest.raises(DatasetUnavailable, match="VOC2007"):
         prepare_voc(cfg, 0, 0.2, tmp_path / "voc")
+
+
+def test_voc_off_fetches_and_draws_nothing(tmp_path):
+    """voc.enabled false (the typed default; presets whose paper has no detection table): an empty manifest,
+    even for a VOC dataset that is not on this machine."""
+    cfg = build(VocCfg, {"dataset": "voc2007", "path": str(tmp_path / "nowhere")}, "voc")
+    man = prepare_voc(cfg, 0, 0.2, tmp_path / "voc")
+    assert man["n_trainval"] == man["n_test"] == 0 and read_manifest(tmp_path / "voc") == man
+    assert sorted(p.name for p in (tmp_path / "voc").iterdir()) == ["manifest.json"]
 
 
 # --------------------------------------------------------------------------- detector
