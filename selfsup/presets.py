@@ -388,6 +388,15 @@ def smoke_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
     p["mlflow"] = {**p.get("mlflow", {}), "enabled": False}
     p["dist"] = {**p.get("dist", {}), "nproc_per_node": 1, "nnodes": 1}
     p["extract"] = {"batch_size": 16}
+    # the evaluation protocols the preset selects, run for one epoch of batches of 8 (smoke runs them all)
+    p["linear"] = {**p.get("linear", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "lr_steps": []}
+    p["probe"] = {**p.get("probe", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "max_train": 0}
+    p["finetune"] = {**p.get("finetune", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "warmup_epochs": 0}
+    for sec in ("linear", "finetune"):
+        if "warmup_epochs" in p[sec]:
+            p[sec]["warmup_epochs"] = 0
+        if "accumulate" in p[sec]:
+            p[sec]["accumulate"] = 1
     d = dict(p.get("dataset") or {})
     crop = int(d.get("crop_size", 224))
     if STAND_INS.get(d.get("name"), (0,))[0] is None and crop > SMOKE_SIDE:
@@ -411,11 +420,13 @@ def smoke_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
     return p
 
 
-def _stand_in(dataset: dict[str, Any], root: Path, seed: int) -> Any:
-    """A tiny generated set of the preset's data shape, loaded as the stages load theirs."""
+def _stand_in(dataset: dict[str, Any], folder: Path, seed: int) -> Any:
+    """A tiny generated set of the preset's data shape, written to ``folder`` in the download stage's
+    format and loaded as the stages load theirs (the evaluation steps read it back from there)."""
     import numpy as np
 
-    from selfsup.data import Data, Split, load_prepared
+    from selfsup.data import load_prepared
+    from selfsup.io import write_json
     from selfsup.sources import prepare
     from selfsup.synthetic import make_image_folder
 
@@ -423,40 +434,45 @@ def _stand_in(dataset: dict[str, Any], root: Path, seed: int) -> Any:
     cls = min(classes, 4)  # a few classes are enough to smoke; the head sizes follow the data
     if side is not None:
         rng = np.random.default_rng(seed)
-
-        def split(n: int) -> Split:
-            return Split(rng.integers(0, 256, (n, side, side, ch), dtype=np.uint8),
-                         (np.arange(n) % cls).astype(np.int64))
-
-        meta = {"name": f"{dataset['name']} stand-in", "classes": [str(i) for i in range(cls)],
-                "n_train": SMOKE_TRAIN, "n_test": SMOKE_TEST, "image_size": [side, side], "channels": ch,
-                "mean": [0.5] * ch, "std": [0.25] * ch}
-        return Data(split(SMOKE_TRAIN), split(SMOKE_TEST), meta)
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", SMOKE_TRAIN), ("test", SMOKE_TEST)):
+            np.save(folder / f"{split}_x.npy", rng.integers(0, 256, (n, side, side, ch), dtype=np.uint8))
+            np.save(folder / f"{split}_y.npy", (np.arange(n) % cls).astype(np.int64))
+        write_json(folder / "meta.json", {
+            "name": f"{dataset['name']} stand-in", "format": "array", "classes": [str(i) for i in range(cls)],
+            "n_train": SMOKE_TRAIN, "n_test": SMOKE_TEST, "image_size": [side, side], "channels": ch,
+            "mean": [0.5] * ch, "std": [0.25] * ch})
+        return load_prepared(folder)
     crop = int(dataset.get("crop_size", 224))
-    folder = make_image_folder(root / "images", SMOKE_TRAIN, SMOKE_TEST, classes=cls,
+    images = make_image_folder(folder.parent / "images", SMOKE_TRAIN, SMOKE_TEST, classes=cls,
                                size=(crop, int(crop * 1.4)), seed=seed)
     cfg = load_config({"methods": ["random"], "dataset": {**{k: v for k, v in dataset.items()
                                                              if k not in ("name", "path", "root")},
-                                                          "name": "imagefolder", "path": str(folder)}},
+                                                          "name": "imagefolder", "path": str(images)}},
                       parse_methods=False)
-    prepare(cfg.dataset, seed, root / "dataset")
-    return load_prepared(root / "dataset")
+    prepare(cfg.dataset, seed, folder)
+    return load_prepared(folder)
 
 
 def smoke(name: str, params: str | Path | None = None, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Run preset ``name`` for two steps per method on its stand-in; returns per-method
-    {loss, steps, knn (the preset's paper protocol where it sets one, else the common kNN), seconds}."""
+    """Run preset ``name`` for two steps per method on its stand-in, then the evaluations it selects (the kNN
+    protocols, its linear protocol, the SVM, the per-layer probes and fine-tuning when on) for one epoch each,
+    as the evaluate stage runs them; returns per-method {loss, epochs, knn (the preset's paper protocol where
+    it sets one, else the common kNN), protocol, linear, linear_protocol, probes, finetune, seconds}."""
     import torch
 
     from selfsup.evaluate import knn_protocols, paper_protocol
     from selfsup.features import apply_head, extract_features
+    from selfsup.frozen import finetune_step, linear_step
     from selfsup.models import save_backbone
+    from selfsup.stage import Paths
 
     p = smoke_params(name, params)
     cfg = load_config(p, parse_methods=True)  # the preset's keys, validated as a stage would
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)
-        data = _stand_in(p["dataset"], root, cfg.seed)
+        P = Paths(root)
+        data = _stand_in(p["dataset"], P.dataset, cfg.seed)
         cpu = torch.device("cpu")
         out: dict[str, Any] = {}
         models: dict[str, Path] = {}
@@ -481,7 +497,7 @@ def smoke(name: str, params: str | Path | None = None, workdir: str | Path | Non
             from selfsup.train import pretrain
 
             method, hist = pretrain(mcfg, m, data, root / m / "ckpt.pt")
-            models[m] = root / "models" / f"{m}.pt"
+            models[m] = P.model(m)
             models[m].parent.mkdir(parents=True, exist_ok=True)
             save_backbone(models[m], method, mcfg, data.meta)
             enc = method.encoder()
@@ -504,9 +520,14 @@ def smoke(name: str, params: str | Path | None = None, workdir: str | Path | Non
             loss = hist[-1]["loss"] if hist else math.nan
             if hist and not math.isfinite(loss):
                 raise FloatingPointError(f"preset {name}: {m} smoke loss {loss}")
+            ncls = len(data.meta["classes"])
+            lin = linear_step(mcfg, m, P, tr, data.train.y, te, data.test.y, ncls, cpu)
+            ft = finetune_step(mcfg, m, P, data.train.y, data.test.y, cpu)
             out[m] = {"loss": loss, "epochs": len(hist), "knn": knn.get("paper_top1", knn.get("top1")),
                       "protocol": knn.get("paper_protocol", knn.get("protocol")),
-                      "seconds": time.perf_counter() - t0}
+                      "linear": lin["top1"], "linear_protocol": cfg.linear.protocol,
+                      "probes": sorted((lin.get("probes") or {}).get("layers", {})),
+                      "finetune": ft.get("top1"), "seconds": time.perf_counter() - t0}
         return out
 
 
@@ -555,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "smoke":
         t0 = time.perf_counter()
         for m, r in smoke(a.name).items():
-            print(f"{a.name} {m}: loss {r['loss']:.4f}, kNN {r['knn']:.1f} ({r['protocol']}), {r['seconds']:.1f}s")
+            print(f"{a.name} {m}: loss {r['loss']:.4f}, kNN {r['knn']:.1f} ({r['protocol']}), linear "
+                  f"{r['linear']:.1f} ({r['linear_protocol']})"
+                  + (f", probes {', '.join(r['probes'])}" if r["probes"] else "")
+                  + ("" if r["finetune"] is None else f", fine-tuned {r['finetune']:.1f}") + f", {r['seconds']:.1f}s")
         print(f"smoke {a.name}: ok in {time.perf_counter() - t0:.1f}s")
     elif a.cmd == "diff":
         if bool(a.all) == bool(a.name):

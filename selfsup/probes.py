@@ -11,17 +11,26 @@ linear classifier. Here:
   and strides that land on the same grids);
 - the affine-free batch norm is the fixed train-set standardisation of ``selfsup.linear`` (the same
   transform with the statistics of the whole training set instead of each batch's);
-- the classifier trains on features extracted once with the eval transform (the centre crop). The
-  official probes train on random crops every epoch and test on 10 crops; that costs a full
-  backbone pass per epoch and is not done here (a documented difference, reported beside the
-  numbers).
-
-``probe.max_train`` caps the training rows (a seeded subset) so a layer of ImageNet fits in memory.
+- ``probe.pooling``: ``avg`` (DeepCluster's ``AvgPool2d``) or ``max`` (SeLa's ``eval_linear_probes.py``
+  and RotNet's probes ``MaxPool2d``);
+- ``probe.protocol: fast``: the classifier trains on features extracted once with the eval transform
+  (the centre crop), a one-crop test; ``probe.max_train`` caps the training rows (a seeded subset) so
+  a layer of ImageNet fits in memory;
+- ``probe.protocol: paper`` (``probe_paper``): the whole training set, a random resized crop + flip of
+  every image each epoch through the frozen backbone (every layer's probe trained from the same pass,
+  as SeLa's ``Probes``), ``BatchNorm2d(affine=False)`` on the pooled map (SeLa's; running statistics
+  at test), and a 10-crop test (the four corners and the centre of the image resized to
+  ``resize_size``, and their mirror images), the softmax averaged over the crops (DeepCluster's
+  ``eval_linear.py --tencrops``; SeLa averages the logits). Differences: DeepCluster trains on
+  RandomCrop(224) of the 256 centre square and decays the lr as lr0 / sqrt(1 + lr0 wd t); SeLa's lr
+  steps x0.1 every 10 of 36 epochs; here SGD with the ``probe`` lr, weight decay and a per-step cosine,
+  as the fast protocol. Image arrays (digits, CIFAR) have no resize: their ten crops are taken at the
+  native side from the image upsampled by ``resize_size / crop_size``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +40,7 @@ from tqdm import tqdm
 from selfsup import dist
 from selfsup.data import FileSplit, Split
 from selfsup.features import normalize
-from selfsup.loader import eval_batches
+from selfsup.loader import eval_batches, resolve_workers
 
 
 def probe_points(backbone: nn.Module) -> dict[str, nn.Module]:
@@ -54,11 +63,17 @@ def pool_side(channels: int, side: int, target_dim: int) -> int:
     return max(1, min(side, round(math.sqrt(target_dim / channels))))
 
 
+def pool(a: torch.Tensor, target_dim: int, pooling: str = "avg") -> torch.Tensor:
+    """(B, C, H, W) activations -> (B, C, s, s), s = ``pool_side``, adaptive average or max pooling."""
+    s = pool_side(a.shape[1], min(a.shape[2:]), target_dim)
+    return nn.functional.adaptive_avg_pool2d(a, s) if pooling == "avg" else nn.functional.adaptive_max_pool2d(a, s)
+
+
 @torch.no_grad()
 def layer_features(backbone: nn.Module, split: Split | FileSplit, meta: dict[str, Any], device: torch.device,
                    layers: list[str], target_dim: int = 9216, batch_size: int = 256, workers: int = -1,
                    resize: int = 256, crop: int = 224, indices: np.ndarray | None = None,
-                   desc: str = "probe features") -> dict[str, np.ndarray]:
+                   desc: str = "probe features", pooling: str = "avg") -> dict[str, np.ndarray]:
     """layer -> (N, C * s * s) float32 pooled activations of ``split`` (eval mode, eval transform),
     from one pass of the backbone per batch (forward hooks)."""
     points = probe_points(backbone)
@@ -77,9 +92,7 @@ def layer_features(backbone: nn.Module, split: Split | FileSplit, meta: dict[str
                        leave=False, mininterval=2, total=-(-n // batch_size), disable=not dist.is_main()):
             backbone(normalize(xb.to(device, non_blocking=True), meta["mean"], meta["std"]))
             for name in layers:
-                a = grabbed[name].float()  # (B, C, H, W)
-                g = pool_side(a.shape[1], min(a.shape[2:]), target_dim)
-                f = torch.flatten(nn.functional.adaptive_avg_pool2d(a, g), 1)  # (B, C * g * g)
+                f = torch.flatten(pool(grabbed[name].float(), target_dim, pooling), 1)  # (B, C * s * s)
                 if name not in out:
                     out[name] = np.empty((n, f.shape[1]), np.float32)
                 out[name][s:s + len(f)] = f.cpu().numpy()
@@ -95,13 +108,19 @@ def layer_features(backbone: nn.Module, split: Split | FileSplit, meta: dict[str
 
 
 def probe_all(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, seed: int,
-              workers: int = -1, resize: int = 256, crop: int = 224, batch_size: int = 256) -> dict[str, Any]:
+              workers: int = -1, resize: int = 256, crop: int = 224, batch_size: int = 256,
+              make: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Per-layer linear probes of ``backbone`` (``cfg``: the ``probe`` params block) on ``data``:
-    {"layers": {name: {"top1", "top5", "dim"}}, "protocol": ...}. Layers one at a time (one layer's
-    pooled features in memory)."""
+    {"layers": {name: {"top1", "top5", "dim"}}, "protocol": ...}. Fast protocol: layers one at a time
+    (one layer's pooled features in memory); paper protocol: ``probe_paper`` (``make``: the training
+    loop's ``batch_maker``, which it needs for its crops)."""
     from selfsup.evaluate import linear_eval
 
     names = list(probe_points(backbone)) if cfg.layers == ["all"] else list(cfg.layers)
+    if cfg.protocol == "paper":
+        if make is None:
+            raise ValueError("probe.protocol: paper needs the training batches (make)")
+        return probe_paper(backbone, data, device, cfg, seed, names, make, workers, resize, crop, batch_size)
     idx = None
     if cfg.max_train and cfg.max_train < len(data.train):
         idx = np.sort(np.random.default_rng(seed).choice(len(data.train), cfg.max_train, replace=False))
@@ -109,12 +128,161 @@ def probe_all(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, se
     res: dict[str, Any] = {}
     for name in names:
         geo = {"workers": workers, "resize": resize, "crop": crop, "target_dim": cfg.target_dim,
-               "batch_size": batch_size}
+               "batch_size": batch_size, "pooling": cfg.pooling}
         tr = layer_features(backbone, data.train, data.meta, device, [name], indices=idx,
                             desc=f"probe {name} train", **geo)[name]
         te = layer_features(backbone, data.test, data.meta, device, [name], desc=f"probe {name} test", **geo)[name]
         r = linear_eval(tr, ytr, te, data.test.y, num_classes=len(data.meta["classes"]), epochs=cfg.epochs,
                         batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device)
         res[name] = {**r, "dim": int(tr.shape[1])}
-    return {"layers": res, "protocol": f"avg-pooled to ~{cfg.target_dim} dims, standardised, linear, "
+    return {"layers": res, "protocol": f"{cfg.pooling}-pooled to ~{cfg.target_dim} dims, standardised, linear, "
                                        f"{cfg.epochs} epochs on centre-crop features"}
+
+
+# --------------------------------------------------------------------------- the paper protocol
+def ten_crops(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 10, C, crop, crop): the shorter side resized to ``resize`` (antialiased
+    bilinear), then torchvision's ``TenCrop`` order: top-left, top-right, bottom-left, bottom-right,
+    centre, and the same five of the horizontally mirrored image."""
+    from torchvision.transforms.v2 import functional as F
+
+    return torch.stack(F.ten_crop(F.resize(x, [resize], antialias=True), [crop, crop]), 1)
+
+
+class _TenCropFiles(torch.utils.data.Dataset):
+    def __init__(self, split: FileSplit, resize: int, crop: int):
+        self.split, self.resize, self.crop = split, resize, crop
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return ten_crops(self.split.read(i)[None], self.resize, self.crop)[0]  # (10, 3, crop, crop)
+
+
+def ten_crop_batches(split: Split | FileSplit, batch_size: int, workers: int = -1, resize: int = 256,
+                     crop: int = 224) -> Iterator[torch.Tensor]:
+    """uint8 (B, 10, C, S, S) batches of ``split`` in index order: image files as DeepCluster's test
+    (Resize(resize) + TenCrop(crop), S = crop); image arrays at their native side S, from the image
+    upsampled by resize / crop (the same geometry: the crops cover crop / resize of the side)."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(split, Split):
+        for xb in eval_batches(split, batch_size):  # (B, C, H, W), the whole images
+            side = min(xb.shape[2:])
+            yield ten_crops(xb, round(side * resize / crop), side)
+        return
+    nw = resolve_workers(workers, split)
+    yield from DataLoader(_TenCropFiles(split, resize, crop), batch_size=batch_size, num_workers=nw,
+                          shuffle=False, prefetch_factor=4 if nw > 0 else None)
+
+
+def tencrop_scores(logits: torch.Tensor, crops: int = 10) -> torch.Tensor:
+    """(B x crops, classes) logits, the crops of an image consecutive -> (B, classes): the softmax
+    averaged over the crops (DeepCluster's ``validate`` with ``--tencrops``)."""
+    return nn.functional.softmax(logits, 1).view(-1, crops, logits.shape[1]).mean(1)
+
+
+class _Grab:
+    """Forward hooks on the probe points ``layers``: ``grab(x)`` runs the backbone and returns
+    {layer: (B, C, H, W) activation}."""
+
+    def __init__(self, backbone: nn.Module, layers: list[str]):
+        points = probe_points(backbone)
+        unknown = [n for n in layers if n not in points]
+        if unknown:
+            raise ValueError(f"probe.layers: {unknown[0]!r} is not a stage of this backbone; it has {', '.join(points)}")
+        self.backbone, self.got = backbone, {}
+        self.hooks = [points[n].register_forward_hook(lambda _m, _i, o, n=n: self.got.__setitem__(n, o))
+                      for n in layers]
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.got.clear()
+        self.backbone(x)
+        return dict(self.got)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def paper_heads(acts: dict[str, torch.Tensor], cfg: Any, num_classes: int, g: torch.Generator) -> nn.ModuleDict:
+    """Per layer: BatchNorm2d(affine=False) on the pooled (C, s, s) map (SeLa's probe), flattened, then
+    Linear(C s s, classes) with weight N(0, 0.01), bias 0 (the fast probe's init)."""
+    heads = {}
+    for name, a in acts.items():
+        c, s = a.shape[1], pool_side(a.shape[1], min(a.shape[2:]), cfg.target_dim)
+        fc = nn.Linear(c * s * s, num_classes)
+        with torch.no_grad():
+            fc.weight.copy_(torch.empty(fc.weight.shape).normal_(0, 0.01, generator=g))
+            fc.bias.zero_()
+        heads[name] = nn.Sequential(nn.BatchNorm2d(c, affine=False), nn.Flatten(), fc)
+    return nn.ModuleDict(heads)
+
+
+def probe_paper(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, seed: int, names: list[str],
+                make: Callable[..., Any], workers: int, resize: int, crop: int, batch_size: int) -> dict[str, Any]:
+    """The paper protocol (module docstring) for the layers ``names``, all trained from one backbone
+    pass per batch; the test on ten crops."""
+    from selfsup.augment import ViewSpec
+    from selfsup.io import derive_seed
+    from selfsup.knn import topk_accuracy
+
+    num_classes = len(data.meta["classes"])
+    was = backbone.training
+    backbone.eval()  # frozen, BN statistics included
+    grab = _Grab(backbone, names)
+    spec = ViewSpec(count=1, size=0, crop=True, flip_p=0.5)  # RandomResizedCrop (0.08-1) + flip
+    try:
+        heads = opt = sched = None
+        losses: dict[str, torch.Tensor] = {}
+        steps = cfg.epochs * max(math.ceil(int(data.n_train) / cfg.batch_size), 1)
+        for ep in tqdm(range(cfg.epochs), desc="probe (paper)", unit="ep", leave=False, mininterval=2,
+                       disable=not dist.is_main()):
+            for batch in make([spec], derive_seed(seed, "probe", ep), cfg.batch_size):
+                keep = batch.y >= 0
+                if int(keep.sum()) < 2:  # batch norm needs two samples
+                    continue
+                with torch.no_grad():
+                    feats = {n: pool(a.float(), cfg.target_dim, cfg.pooling) for n, a in grab(batch.x[keep]).items()}
+                if heads is None:  # the layers' shapes are known from the first batch
+                    heads = paper_heads(feats, cfg, num_classes, torch.Generator().manual_seed(seed)).to(device)
+                    opt = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+                heads.train()
+                losses = {n: nn.functional.cross_entropy(heads[n](f), batch.y[keep]) for n, f in feats.items()}
+                loss = sum(losses.values())  # independent heads: each gets its own layer's gradient
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"probe (paper): loss is {loss.item()} (lower probe.lr)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        if heads is None:
+            raise ValueError("probe.protocol: paper found no training batch with two labelled images")
+        heads.eval()
+        hits = {n: np.zeros(2) for n in names}
+        n_test, s = 0, 0
+        with torch.no_grad():
+            for xb in ten_crop_batches(data.test, batch_size, workers, resize, crop):  # (B, 10, C, S, S)
+                y = data.test.y[s:s + len(xb)]
+                s += len(xb)
+                m, b = y >= 0, int((y >= 0).sum())
+                if not b:
+                    continue
+                x = normalize(xb.flatten(0, 1).to(device), data.meta["mean"], data.meta["std"])  # (B x 10, C, S, S)
+                for n, a in grab(x).items():
+                    p = tencrop_scores(heads[n](pool(a.float(), cfg.target_dim, cfg.pooling))).cpu().numpy()[m]
+                    hits[n] += [b * topk_accuracy(p, y[m], 1), b * topk_accuracy(p, y[m], min(5, num_classes))]
+                n_test += b
+    finally:
+        grab.close()
+        backbone.train(was)
+    res = {}
+    for n in names:
+        dim = heads[n][2].in_features
+        res[n] = {"top1": 100.0 * hits[n][0] / n_test, "final_loss": float(losses[n].item()), "dim": int(dim)}
+        if num_classes >= 5:
+            res[n]["top5"] = 100.0 * hits[n][1] / n_test
+    return {"layers": res, "protocol": f"paper: {cfg.pooling}-pooled to ~{cfg.target_dim} dims, BN(affine=False), "
+                                       f"linear, {cfg.epochs} epochs on random crops, 10-crop test"}
