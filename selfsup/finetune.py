@@ -119,9 +119,9 @@ class RandAug:
     draws from Identity, ShearX/Y, TranslateX/Y, Rotate, Brightness, Color, Contrast, Sharpness,
     Posterize, Solarize, AutoContrast, Equalize, so it has Identity and lacks timm's Invert and
     SolarizeAdd; its Posterize keeps 8 down to 4 bits over the levels (timm's PosterizeIncreasing 4
-    down to 0); translation reaches 150/331 of the side (timm 0.45); resampling is bilinear (timm
-    draws bilinear or bicubic). Shear, rotation, the enhance ops and Solarize match timm's increasing
-    versions level for level."""
+    down to 0); translation reaches 150/331 of the side (timm 0.45); resampling is bilinear (MAE's and
+    BEiT's transform ask timm for bicubic, which torchvision's tensor affine lacks). Shear, rotation,
+    the enhance ops and Solarize match timm's increasing versions level for level, up to rounding."""
 
     BINS = 101  # magnitude index i = level x 10: torchvision's linspace(0, max, 101)[i] = max x level / 10
 

@@ -69,8 +69,8 @@ class MaeLARS(torch.optim.Optimizer):
                     d = d.add(p, alpha=g["weight_decay"])
                     w_norm, d_norm = torch.norm(p), torch.norm(d)
                     one = torch.ones_like(w_norm)
-                    d = d.mul(torch.where(w_norm > 0.0, torch.where(d_norm > 0, g["trust_coefficient"] * w_norm / d_norm,
-                                                                     one), one))
+                    trust = torch.where(d_norm > 0, g["trust_coefficient"] * w_norm / d_norm, one)
+                    d = d.mul(torch.where(w_norm > 0.0, trust, one))
                 mu = self.state[p].setdefault("mu", torch.zeros_like(p))
                 mu.mul_(g["momentum"]).add_(d)
                 p.add_(mu, alpha=-g["lr"])
@@ -233,7 +233,8 @@ def paper_linear_probe(backbone: nn.Module, data: Any, cfg: Any, device: torch.d
             loss = train_step(heads, opt, feats, batch.y[keep], lr)
     acc = test_accuracy(backbone, heads, data, cfg, device)
     best = int(np.argmax([a for a, _ in acc]))
-    out: dict[str, Any] = {"top1": acc[best][0], "final_loss": float(loss.item()), "protocol": protocol_text(backbone, c)}
+    out: dict[str, Any] = {"top1": acc[best][0], "final_loss": float(loss.item()),
+                           "protocol": protocol_text(backbone, c)}
     if num_classes >= 5:
         out["top5"] = acc[best][1]
     if len(acc) > 1:  # beit: every block
@@ -249,7 +250,8 @@ def protocol_text(backbone: nn.Module, c: Any) -> str:
         what = "conv net: the backbone output"
     else:
         pool = " + mean patch token" if c.avgpool_patchtokens else ""
-        what = {"mae": "CLS token, BN(affine=False) + LARS", "dino": f"CLS of the last {c.n_last_blocks} block(s){pool}",
+        what = {"mae": "CLS token, BN(affine=False) + LARS",
+                "dino": f"CLS of the last {c.n_last_blocks} block(s){pool}",
                 "beit": "[CLS, mean patch token] per block, the best block"}[c.protocol]
     scale = " x B/256" if c.lr_scaling == "linear" else ""
     return (f"{c.protocol} ({SOURCE[c.protocol]}): {what}; lr {c.lr}{scale}, warm-up {c.warmup_epochs}, "

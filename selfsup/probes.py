@@ -191,7 +191,8 @@ class _Grab:
         points = probe_points(backbone)
         unknown = [n for n in layers if n not in points]
         if unknown:
-            raise ValueError(f"probe.layers: {unknown[0]!r} is not a stage of this backbone; it has {', '.join(points)}")
+            raise ValueError(f"probe.layers: {unknown[0]!r} is not a stage of this backbone; it has "
+                             f"{', '.join(points)}")
         self.backbone, self.got = backbone, {}
         self.hooks = [points[n].register_forward_hook(lambda _m, _i, o, n=n: self.got.__setitem__(n, o))
                       for n in layers]
