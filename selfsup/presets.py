@@ -391,7 +391,8 @@ def smoke_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
     # the evaluation protocols the preset selects, run for one epoch of batches of 8 (smoke runs them all)
     p["linear"] = {**p.get("linear", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "lr_steps": []}
     p["probe"] = {**p.get("probe", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "max_train": 0}
-    p["finetune"] = {**p.get("finetune", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "warmup_epochs": 0}
+    p["finetune"] = {**p.get("finetune", {}), "epochs": 1, "batch_size": SMOKE_BATCH, "warmup_epochs": 0,
+                     "precision": "fp32"}  # fp32 as the pretraining above: fp16 is for GPUs
     for sec in ("linear", "finetune"):
         if "warmup_epochs" in p[sec]:
             p[sec]["warmup_epochs"] = 0
