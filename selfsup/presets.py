@@ -153,13 +153,12 @@ def effective(name: str, sets: list[str] | None = None) -> dict[str, Any]:
     return merge(typed_defaults(), overlay(name, sets))
 
 
-def merged_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
-    """The params a stage reads after ``apply name``: the keys of the written file (``params`` is
-    accepted for compatibility and ignored: a preset does not depend on the file it is applied to)."""
+def merged_params(name: str) -> dict[str, Any]:
+    """The params a stage reads after ``apply name``: the keys of the written file."""
     return load_yaml(render(name))
 
 
-def check(name: str, params: str | Path | None = None) -> Any:
+def check(name: str) -> Any:
     """The preset's whole config, validated (every method block parsed), as a stage would."""
     return load_config(merged_params(name), parse_methods=True)
 
@@ -326,8 +325,8 @@ def render(name: str, sets: list[str] | None = None) -> str:
     values, then the preset's keys the template lacks. A function of the preset (and ``sets``) alone."""
     ry = _yaml()
     doc = ry.load(template_text())
-    eff = effective(name, sets)
     over = overlay(name, sets)
+    eff = merge(typed_defaults(), over)  # effective(name, sets), the overlay built once
 
     def put(node: Any, want: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
         for k in list(node):
@@ -378,10 +377,10 @@ def apply(name: str, params: str | Path | None = None, sets: list[str] | None = 
 
 
 # --------------------------------------------------------------------------- smoke
-def smoke_params(name: str, params: str | Path | None = None) -> dict[str, Any]:
+def smoke_params(name: str) -> dict[str, Any]:
     """The preset shrunk for a CPU smoke run: one epoch, batches of 8, the SMOKE_CAPS sizes, image-file
     crops of SMOKE_SIDE px, no MLflow, one process; everything else the preset's."""
-    p = merged_params(name, params)
+    p = merged_params(name)
     # fp32: a preset's fp16 is for GPUs; on a CPU its half-precision matmuls are emulated, and DINO's
     # 65536-way head took 150 s a step (tests/test_engine.py runs the fp16 and bf16 paths on a CPU)
     p.update(device="cpu", workers=0, log_every=1, checkpoint_minutes=0.0, precision="fp32")
@@ -455,7 +454,7 @@ def _stand_in(dataset: dict[str, Any], folder: Path, seed: int) -> Any:
     return load_prepared(folder)
 
 
-def smoke(name: str, params: str | Path | None = None, workdir: str | Path | None = None) -> dict[str, Any]:
+def smoke(name: str, workdir: str | Path | None = None) -> dict[str, Any]:
     """Run preset ``name`` for two steps per method on its stand-in, then the evaluations it selects (the kNN
     protocols, its linear protocol, the SVM, the per-layer probes and fine-tuning when on) for one epoch each,
     as the evaluate stage runs them; returns per-method {loss, epochs, knn (the preset's paper protocol where
@@ -468,7 +467,7 @@ def smoke(name: str, params: str | Path | None = None, workdir: str | Path | Non
     from selfsup.models import save_backbone
     from selfsup.stage import Paths
 
-    p = smoke_params(name, params)
+    p = smoke_params(name)
     cfg = load_config(p, parse_methods=True)  # the preset's keys, validated as a stage would
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)
