@@ -23,9 +23,13 @@ HEADS = ("linear", "mlp")
 
 
 def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, bn: bool = False,
-                    layers: int = 2) -> nn.Module:
+                    layers: int = 2, hidden_bias: bool | None = None, out_bias: bool = True) -> nn.Module:
     """A projection head ``in_dim -> out_dim``; ``hidden_dim`` 0 means ``in_dim`` (SimCLR, MoCo v2);
-    ``layers``: the mlp's Linear layers (2: SimCLR v1 / MoCo v2; 3: SimCLR v2's deeper head, sec. 2)."""
+    ``layers``: the mlp's Linear layers (2: SimCLR v1 / MoCo v2; 3: SimCLR v2's deeper head, sec. 2).
+    ``hidden_bias``: whether the mlp's hidden Linear layers have a bias (None: only without BN, which
+    would remove it); ``out_bias``: whether the output Linear has one. BYOL's official MLP
+    (deepmind-research ``byol/utils/networks.py``) has the bias on the first Linear, before its BN,
+    and none on the last: ``hidden_bias=True, out_bias=False``."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
@@ -34,11 +38,11 @@ def projection_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 0, b
         hidden = hidden_dim or in_dim
         mods: list[nn.Module] = []
         for a in [in_dim] + [hidden] * (layers - 2):  # each hidden layer: Linear -> [BN] -> ReLU
-            mods.append(nn.Linear(a, hidden, bias=not bn))
+            mods.append(nn.Linear(a, hidden, bias=(not bn) if hidden_bias is None else hidden_bias))
             if bn:
                 mods.append(nn.BatchNorm1d(hidden))
             mods.append(nn.ReLU(inplace=True))
-        mods.append(nn.Linear(hidden, out_dim))
+        mods.append(nn.Linear(hidden, out_dim, bias=out_bias))
         return nn.Sequential(*mods)
     raise ValueError(f"unknown projection head {kind!r}; choose one of {', '.join(HEADS)}")
 

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,32 @@ class DropPath(nn.Module):
         return f"p={self.p}, dropout={self.dropout}"
 
 
+def sincos_pos_embed(dim: int, h: int, w: int, cls: bool = True, first: str = "w") -> torch.Tensor:
+    """(1 + h w, dim) fixed 2-D sin-cos position embedding of an h x w patch grid in row-major order (a zero
+    row first for the CLS token with ``cls``): half the channels encode one grid coordinate, half the other,
+    each as [sin, cos] of pos / 10000^(i / (dim / 4)), i < dim / 4. ``first``: the coordinate of the first
+    half. "w" (the column) is MAE's ``get_2d_sincos_pos_embed`` (facebookresearch/mae
+    ``util/pos_embed.py``: its ``emb_h`` reads ``grid[0]``, the w coordinate of ``np.meshgrid(grid_w,
+    grid_h)``); "h" (the row) is MoCo v3's ``build_2d_sincos_position_embedding`` (facebookresearch/moco-v3
+    ``vits.py``: ``torch.meshgrid(grid_w, grid_h)`` indexes "ij", so its ``out_w`` walks the slow, row,
+    index of the patch order; the same formula and temperature otherwise; its grids are square)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    if first not in ("w", "h"):
+        raise ValueError(f"sin-cos position embedding: first must be 'w' (MAE) or 'h' (MoCo v3), got {first!r}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")  # (h, w) each: row, column of each patch
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:  # (h, w) -> (h w, dim/2)
+        out = pos.flatten()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+
+    halves = [enc(gx), enc(gy)] if first == "w" else [enc(gy), enc(gx)]
+    emb = torch.cat(halves, 1).float()  # (h w, dim)
+    return torch.cat([torch.zeros(1, dim), emb]) if cls else emb
+
+
 class ViT(nn.Module):
     """A Vision Transformer (Dosovitskiy et al. 2021) built on torchvision's configurable
     ``torchvision.models.vision_transformer.VisionTransformer``: kept by torchvision (installed; timm is
@@ -230,10 +257,13 @@ class ViT(nn.Module):
     - ``blocks``: one ``PatchMap`` per transformer block, the probe points ``selfsup.probes`` finds
       (block1 ... blockN: each block's patch tokens as a map).
     - ``set_drop_path(rate)``: stochastic depth (``DropPath``), used by the fine-tuning evaluation
-      (``finetune.drop_path``: MAE's and BEiT's 0.1).
-    - Differences from the papers' code: no stochastic depth in pretraining (DINO's student: drop path
-      0.1; BEiT's 0.1) and a learned position embedding (MoCo v3 uses a fixed 2-D sin-cos one),
-      torchvision's init.
+      (``finetune.drop_path``: MAE's and BEiT's 0.1) and the pre-training of BEiT (``beit.drop_path``)
+      and of DINO's student (``dino.drop_path``).
+    - ``fix_sincos_pos_embed(order)``: a fixed 2-D sin-cos position embedding instead of the learned
+      one (MoCo v3's ``mocov3.pos_embed``, MAE's ``mae.pos_embed``); ``init_mocov3()``: MoCo v3's init
+      (``mocov3.init``). Only the methods that ask call them: built, a ViT is torchvision's.
+    - Differences from the papers' code: torchvision's init unless a method re-initialises it (MAE's
+      xavier init is not built).
     """
 
     def __init__(self, in_channels: int, patch: int, dim: int, depth: int, heads: int, mlp_dim: int,
@@ -271,6 +301,53 @@ class ViT(nn.Module):
             for parent, key in ((block, "dropout"), (block.mlp, "4")):
                 old = parent._modules[key]
                 parent._modules[key] = DropPath(p, old.dropout if isinstance(old, DropPath) else old.p)
+
+    def fix_sincos_pos_embed(self, order: str) -> None:
+        """Overwrite the position embedding with a fixed 2-D sin-cos table for the built g x g grid and
+        stop its training (``requires_grad`` False: no gradient, and ``selfsup.optim.param_groups`` /
+        the methods' own groups skip it, so it is never decayed), as MoCo v3 (``vits.py``
+        ``build_2d_sincos_position_embedding``) and MAE (``models_mae.py``: ``get_2d_sincos_pos_embed``,
+        ``requires_grad=False``) keep theirs. ``order``: ``sincos_pos_embed``'s ``first`` ("h" MoCo v3,
+        "w" MAE). It stays the parameter ``vit.encoder.pos_embedding``: a saved trunk loads into a plain
+        ViT, and fine-tuning (which makes every parameter trainable) trains it from this table, as the
+        official fine-tuning code trains the pos_embed it loads. Other input sizes resize it bicubically
+        (``pos_embed``), as MAE's ``interpolate_pos_embed``."""
+        pe = self.vit.encoder.pos_embedding  # (1, 1 + g g, D)
+        table = sincos_pos_embed(self.out_dim, self.grid, self.grid, first=order)  # (1 + g g, D), CLS row 0
+        if table.shape != pe.shape[1:]:
+            raise RuntimeError(f"sin-cos table {tuple(table.shape)} does not match the position embedding "
+                               f"{tuple(pe.shape)}")
+        with torch.no_grad():
+            pe.copy_(table[None])
+        pe.requires_grad_(False)
+
+    def init_mocov3(self) -> None:
+        """MoCo v3's ViT init (facebookresearch/moco-v3 ``vits.py`` ``VisionTransformerMoCo.__init__``) on
+        torchvision's modules: every Linear (attention output ``out_proj``, the MLP's two) xavier-uniform
+        with zero bias; the fused q, k, v projection (torchvision's ``in_proj_weight`` (3 D, D), timm's
+        ``qkv``) uniform in +-sqrt(6 / (3 D / 3 + D)), xavier's bound for one D x D matrix, "treat the
+        weights of Q, K, V separately", zero bias; the CLS token N(0, 1e-6); the patch projection
+        xavier-uniform on its flattened (D, C p p) weight, zero bias (the official bound writes C = 3:
+        RGB; here the projection's own channels). LayerNorms keep weight 1, bias 0 (both codes)."""
+        v = self.vit
+        with torch.no_grad():
+            for m in v.encoder.modules():
+                if isinstance(m, nn.MultiheadAttention):
+                    w = m.in_proj_weight  # (3 D, D); None if torch kept q, k, v apart (never for torchvision's)
+                    if w is None or m.in_proj_bias is None:
+                        raise RuntimeError("init_mocov3: expected torchvision's fused q, k, v projection with bias")
+                    bound = math.sqrt(6.0 / (w.shape[0] // 3 + w.shape[1]))
+                    nn.init.uniform_(w, -bound, bound)
+                    nn.init.zeros_(m.in_proj_bias)
+                elif isinstance(m, nn.Linear):  # out_proj (a Linear subclass) and mlp[0], mlp[3]
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            nn.init.normal_(v.class_token, std=1e-6)
+            conv = v.conv_proj
+            bound = math.sqrt(6.0 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + conv.out_channels))
+            nn.init.uniform_(conv.weight, -bound, bound)
+            nn.init.zeros_(conv.bias)
 
     def freeze_patch_embed(self) -> None:
         for p in self.vit.conv_proj.parameters():

@@ -86,3 +86,17 @@ def build_optimizer(groups: list[dict[str, Any]], c: Any) -> torch.optim.Optimiz
     if c.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
     raise ValueError(f"optimizer: unknown {c.optimizer!r}")
+
+
+@torch.no_grad()
+def clip_grad_per_param(params: Iterable[nn.Parameter], clip: float) -> None:
+    """Each parameter's gradient clipped to L2 norm ``clip`` on its own (DINO's
+    ``utils.clip_gradients``, facebookresearch/dino utils.py: coef = clip / (||g|| + 1e-6), applied
+    when < 1), not the global norm of ``torch.nn.utils.clip_grad_norm_``. The coefficient is
+    clamped at 1 on the device instead of the official ``if clip_coef < 1`` (no host sync per
+    tensor); x 1.0 leaves a gradient bit-identical, so the result is the same."""
+    for p in params:
+        if p.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(p.grad.float())  # ()
+        p.grad.mul_((clip / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))

@@ -1,4 +1,4 @@
-"""Per-step schedules for the learning rate (and later weight decay or EMA momentum).
+"""Per-step schedules for the learning rate and (DINO) the weight decay.
 
 One pure function of the optimiser step, so a resumed run needs no scheduler state and any
 value can be checked against the papers' code:
@@ -66,7 +66,23 @@ def lr_schedule(c, steps_per_epoch: int, global_batch: int | None = None) -> Sch
     """The learning-rate schedule of a method config (``selfsup.config.TrainCfg``) at a global batch
     (default: its ``batch_size``, one process)."""
     f = lr_scale(c.lr_scaling, global_batch or c.batch_size * c.accumulate, c.lr_base_batch)
+    # min_lr follows lr_scaling unless the method's config says otherwise (DINO's ``scale_min_lr``
+    # False: main_dino.py passes --min_lr to cosine_scheduler as is, only the base lr is x B/256)
+    final = c.min_lr * f if getattr(c, "scale_min_lr", True) else c.min_lr
     return Schedule(kind=c.lr_schedule, base=c.lr * f, total_steps=c.epochs * steps_per_epoch,
                     steps_per_epoch=steps_per_epoch, warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
-                    milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=c.min_lr * f,
+                    milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=final,
                     unit=c.schedule_unit)
+
+
+def wd_schedule(c, steps_per_epoch: int) -> Schedule | None:
+    """The weight-decay schedule of a method config that has ``weight_decay_end`` (DINO): a cosine
+    from ``weight_decay`` to ``weight_decay_end`` over the run's optimiser steps, one value per step,
+    no warm-up (facebookresearch/dino main_dino.py: ``cosine_scheduler(weight_decay,
+    weight_decay_end, epochs, len(data_loader))``). None, the groups keep their weight decay, for a
+    config without the field or with equal ends (a constant)."""
+    end = getattr(c, "weight_decay_end", None)
+    if end is None or end == c.weight_decay:
+        return None
+    return Schedule(kind="cosine", base=c.weight_decay, total_steps=c.epochs * steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch, final=end, unit="step")

@@ -2,8 +2,9 @@
 
 Per step: a uint8 batch from the loader (``selfsup.loader``) -> the method's declared views,
 augmented batched on the training device (``selfsup.augment``) -> ``model(batch)`` under autocast
-(``precision``) -> backward (scaled for fp16) -> every ``accumulate`` batches: clipping, the
-per-step learning rate (``selfsup.schedules``), the optimiser step (``selfsup.optim``) ->
+(``precision``) -> backward (scaled for fp16) -> every ``accumulate`` batches: clipping (global norm, or per
+parameter for DINO), the per-step learning rate and, where the method has one, weight decay
+(``selfsup.schedules``), the optimiser step (``selfsup.optim``) ->
 ``method.on_after_step``. Logs stay on the device and reach the host every ``log_every``
 optimiser steps (no host sync per step); the NaN check runs there and at epoch ends, naming the
 first bad step.
@@ -45,8 +46,8 @@ from selfsup.io import InputError, derive_seed, load_torch, resolve_device, save
 from selfsup.loader import TrainLoader
 from selfsup.methods import REGISTRY, Batch, Method, TrainContext
 from selfsup.models import build_backbone, load_backbone, save_backbone  # noqa: F401 (re-exported)
-from selfsup.optim import build_optimizer
-from selfsup.schedules import lr_schedule
+from selfsup.optim import build_optimizer, clip_grad_per_param
+from selfsup.schedules import lr_schedule, wd_schedule
 
 log = logging.getLogger("selfsup.train")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,6 +220,15 @@ def pretrain(
     global_batch = mcfg.batch_size * world * mcfg.accumulate
     sched = lr_schedule(mcfg, steps_per_epoch, global_batch)
     opt = build_optimizer(method.param_groups(), mcfg)
+    # a weight-decay schedule (DINO's cosine; None for the rest: their groups keep their decay) sets the
+    # regularised groups only, those built with a non-zero decay (main_dino.py: param group 0 of
+    # get_params_groups; biases and norms stay at 0). Indices: resuming replaces the group dicts
+    wd_sched = wd_schedule(mcfg, steps_per_epoch)
+    decayed = [i for i, g in enumerate(opt.param_groups) if g["weight_decay"]]
+    if wd_sched is not None and not decayed:
+        raise ConfigError(f"{name}.weight_decay_end: no parameter group has weight decay to schedule "
+                          f"({name}.weight_decay is {mcfg.weight_decay})")
+    per_param_clip = bool(getattr(mcfg, "clip_grad_per_param", False))  # DINO's clip_gradients
     amp = AUTOCAST[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
@@ -374,11 +384,17 @@ def pretrain(
                 for g in opt.param_groups:
                     # a fixed-lr group (SimSiam's predictor) keeps the schedule's base lr
                     g["lr"] = (sched.base if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
+                if wd_sched is not None:
+                    for i in decayed:
+                        opt.param_groups[i]["weight_decay"] = wd_sched(step)
                 if scaler is not None:
                     scaler.unscale_(opt)
                 if mcfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                   mcfg.clip_grad)
+                    params = [p for g in opt.param_groups for p in g["params"]]
+                    if per_param_clip:
+                        clip_grad_per_param(params, mcfg.clip_grad)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, mcfg.clip_grad)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -410,6 +426,8 @@ def pretrain(
                     dist.all_reduce(mod.running_var, "mean")
         train_s = time.perf_counter() - t_train
         record = {"epoch": epoch + 1, **means, **plan_metrics, "lr": lr,
+                  # the last step's weight decay (official metric_logger's "wd"); only with a schedule
+                  **({"weight_decay": wd_sched(max(step - 1, 0))} if wd_sched is not None else {}),
                   "train_images_per_s": seen / max(train_s, 1e-9),
                   # a resumed epoch: the plan's seconds (measured before the kill) + this process's
                   "seconds": (plan_seconds if resumed_mid else 0.0) + time.perf_counter() - t0}

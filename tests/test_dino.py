@@ -187,3 +187,102 @@ def test_beats_random_init_on_digits(digits, tmp_path):
     assert len(hist) == 10 and all(math.isfinite(h["loss"]) for h in hist)
     teacher, student = knn(m.encoder()), knn(m.backbone)
     assert teacher > rand + 5 and student > rand + 5, (teacher, student, rand)
+
+
+# --------------------------------------------------------------------------- the official training extras
+def _official_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino utils.cosine_scheduler, as a slow per-iteration loop."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    out = [start_warmup_value + (base - start_warmup_value) * i / (warmup_iters - 1) for i in range(warmup_iters)]
+    n = epochs * niter_per_ep - warmup_iters
+    out += [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+    return out
+
+
+def test_weight_decay_follows_the_official_cosine():
+    from selfsup.config import TrainCfg
+    from selfsup.methods.dino import DINOCfg
+    from selfsup.schedules import wd_schedule
+
+    c = DINOCfg(epochs=7, weight_decay=0.04, weight_decay_end=0.4)
+    s = wd_schedule(c, 13)
+    ref = _official_cosine_scheduler(0.04, 0.4, 7, 13)
+    got = [s(i) for i in range(7 * 13)]
+    assert len(got) == len(ref) and np.allclose(got, ref, rtol=0, atol=1e-15)
+    assert abs(got[0] - 0.04) < 1e-15 and got[-1] < 0.4  # the official last value stops one step short of the end
+    # equal ends: a constant, no schedule (the loop leaves the groups alone); other methods have none
+    assert wd_schedule(DINOCfg(weight_decay=0.04, weight_decay_end=0.04), 13) is None
+    assert wd_schedule(TrainCfg(), 13) is None
+
+
+def test_final_lr_is_not_scaled_with_the_batch():
+    from selfsup.config import TrainCfg
+    from selfsup.methods.dino import DINOCfg
+    from selfsup.schedules import lr_schedule
+
+    c = DINOCfg(epochs=2, lr=0.0005, min_lr=1e-6, lr_scaling="linear", warmup_epochs=0)
+    s = lr_schedule(c, 10, global_batch=512)
+    assert s.base == 0.0005 * 2 and s.final == 1e-6  # main_dino.py: only lr is x B / 256
+    assert lr_schedule(DINOCfg(epochs=2, min_lr=1e-6, lr_scaling="linear", scale_min_lr=True), 10, 512).final == 2e-6
+    # the other methods' rule is unchanged: min_lr follows lr_scaling
+    t = TrainCfg(lr_schedule="cosine", min_lr=1e-6, lr_scaling="linear")
+    assert lr_schedule(t, 10, global_batch=512).final == 2e-6
+
+
+def test_clip_grad_per_param_matches_the_official_loop():
+    from selfsup.optim import clip_grad_per_param
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.zeros(*shape)) for shape in [(5, 4), (7,), (3, 3, 2), (2,)]]
+    grads = [torch.randn(p.shape, generator=g) * scale for p, scale in zip(ps, [10.0, 0.1, 3.0, 1e-3])]
+    for p, gr in zip(ps, grads):
+        p.grad = gr.clone()
+    ps.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: skipped
+    clip_grad_per_param(ps, 3.0)
+    for p, gr in zip(ps, grads):  # utils.clip_gradients, written out
+        ref = gr.clone()
+        norm = ref.norm(2)
+        coef = 3.0 / (norm + 1e-6)
+        if coef < 1:
+            ref.mul_(coef)
+        assert torch.equal(p.grad, ref)
+    assert ps[-1].grad is None
+    assert float(ps[0].grad.norm()) <= 3.0 + 1e-5 and torch.equal(ps[1].grad, grads[1])  # clipped apart
+
+
+def test_student_has_drop_path_and_the_teacher_none(digits):
+    import pytest
+
+    from selfsup.config import ConfigError
+    from selfsup.models import DropPath, vit_trunk
+
+    def rates(backbone):
+        return [m.p for m in vit_trunk(backbone).modules() if isinstance(m, DropPath)]
+
+    m = build_method(make_cfg(methods=["dino"], dino={**SMALL, "drop_path": 0.1}), "dino", digits)
+    assert rates(m.backbone) and max(rates(m.backbone)) == 0.1  # 0 -> 0.1 over the blocks
+    assert rates(m.teacher_backbone) == [] or max(rates(m.teacher_backbone)) == 0.0
+    # the same weights either way: drop path adds no parameter
+    assert [n for n, _ in m.backbone.named_parameters()] == [n for n, _ in m.teacher_backbone.named_parameters()]
+    off = build_method(make_cfg(methods=["dino"], dino={**SMALL, "drop_path": 0.0}), "dino", digits)
+    assert rates(off.backbone) == [] or max(rates(off.backbone)) == 0.0
+    with pytest.raises(ConfigError, match="drop_path"):
+        build_method(make_cfg(methods=["dino"], dino={**SMALL, "backbone": "smallcnn", "drop_path": 0.1}), "dino",
+                     digits)
+
+
+def test_loop_schedules_weight_decay_on_the_regularised_group_only(digits, tmp_path):
+    """One run: the last step's weight decay is the cosine's value at that step (logged), and the
+    checkpointed optimiser has it on the decayed group, 0 on the biases / norms."""
+    from selfsup.io import load_torch
+    from selfsup.methods.dino import DINOCfg
+    from selfsup.schedules import wd_schedule
+    from selfsup.train import pretrain
+
+    cfg = make_cfg(methods=["dino"], dino={**SMALL, "epochs": 1, "batch_size": 256})
+    _, hist = pretrain(cfg, "dino", digits, tmp_path / "w" / "ck.pt")
+    ck = load_torch(tmp_path / "w" / "ck.pt")
+    steps = ck["step"]
+    want = wd_schedule(DINOCfg(epochs=1, weight_decay=0.04, weight_decay_end=0.4), steps)(steps - 1)
+    assert hist[-1]["weight_decay"] == want and want > 0.04
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [want, 0.0]

@@ -17,8 +17,10 @@ from selfsup.train import build_method
 AUG = {"augment": "crop", "crop_scale": [0.3, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8,
        "grayscale_p": 0.0, "blur_p": 0.0, "lr_schedule": "cosine", "batch_size": 128, "momentum": 0.9,
        "weight_decay": 5e-4, "epochs": 10}
+# the digits default's BYOL block (presets/digits.yaml), heads included: head_bias last there, since with the
+# official heads (first) BYOL does not beat random init on digits in these epochs
 BYOL = {**AUG, "lr": 0.02, "blur_p2": 0.0, "solarize_p2": 0.0, "proj_dim": 64, "proj_hidden": 256,
-        "pred_hidden": 256, "tau": 0.99}
+        "pred_hidden": 256, "tau": 0.99, "head_bias": "last"}
 SIMSIAM = {**AUG, "lr": 0.05, "dim": 128, "proj_layers": 2, "pred_hidden": 32}
 
 
@@ -85,3 +87,76 @@ def test_byol_and_simsiam_beat_random_init_on_digits(digits, tmp_path):
     assert hist[-1]["loss"] < hist[0]["loss"] and byol > rand + 2.0, (byol, rand)
     sim, hist = knn_after_pretrain("simsiam", digits, tmp_path, simsiam=SIMSIAM)
     assert hist[-1]["loss"] < hist[0]["loss"] and sim > rand + 2.0, (sim, rand)
+
+
+def _residual_last_bns(net):
+    """The last BN of every torchvision residual block of ``net`` (BasicBlock.bn2, Bottleneck.bn3)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return [m.bn3 if isinstance(m, Bottleneck) else m.bn2 for m in net.modules()
+            if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def test_simsiam_zero_inits_the_last_bn_of_each_residual_block(digits):
+    """Official main_simsiam.py builds its ResNet with zero_init_residual=True: every residual block's last
+    BN weight starts at 0 (the other BNs at 1); with the key off, torchvision's default 1 everywhere."""
+    for arch, blocks in (("resnet18_cifar", 8), ("resnet50_cifar", 16)):
+        cfg = make_cfg(methods=["simsiam"], simsiam={**SIMSIAM, "dim": 16, "pred_hidden": 8}, model={"backbone": arch})
+        m = build_method(cfg, "simsiam", digits)
+        assert m.cfg.zero_init_residual is True  # the default is the official setting
+        last = _residual_last_bns(m.backbone)
+        assert len(last) == blocks and all(torch.all(bn.weight == 0) for bn in last), arch
+        others = [bn for bn in m.backbone.modules() if isinstance(bn, torch.nn.BatchNorm2d)
+                  and all(bn is not b for b in last)]
+        assert others and all(torch.all(bn.weight == 1) for bn in others), arch  # only the blocks' last BN
+        off = build_method(make_cfg(methods=["simsiam"], simsiam={**SIMSIAM, "dim": 16, "pred_hidden": 8,
+                                                                  "zero_init_residual": False},
+                                    model={"backbone": arch}), "simsiam", digits)
+        assert all(torch.all(bn.weight == 1) for bn in _residual_last_bns(off.backbone)), arch
+        # the same seeded weights otherwise (the zero init draws no random numbers)
+        on_state, off_state = m.backbone.state_dict(), off.backbone.state_dict()
+        changed = {k for k in on_state if not torch.equal(on_state[k], off_state[k])}
+        assert changed and all(k.endswith(("bn2.weight", "bn3.weight")) for k in changed), arch
+
+
+def test_simsiam_zero_init_leaves_a_net_without_residual_blocks_as_built(digits):
+    on = build_method(make_cfg(methods=["simsiam"], simsiam=SIMSIAM), "simsiam", digits)
+    off = build_method(make_cfg(methods=["simsiam"], simsiam={**SIMSIAM, "zero_init_residual": False}), "simsiam",
+                       digits)
+    assert on.cfg.zero_init_residual and not _residual_last_bns(on.backbone)
+    a, b = on.backbone.state_dict(), off.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_byol_heads_have_the_official_mlp_biases(digits):
+    """deepmind-research byol/utils/networks.py MLP: hk.Linear(hidden, with_bias=True) -> BN -> ReLU ->
+    hk.Linear(out, with_bias=False), for both the projector and the predictor (head_bias first, the
+    default); head_bias last keeps selfsup.heads.projection_head's layout (no bias before the BN, a bias
+    on the output Linear)."""
+    official = {k: v for k, v in BYOL.items() if k != "head_bias"}  # the typed default
+    m = build_method(make_cfg(methods=["byol"], byol=official), "byol", digits)
+    assert m.cfg.head_bias == "first"
+    d = m.backbone.out_dim
+    shapes = {k: tuple(v.shape) for k, v in m.named_parameters() if k.startswith(("projector.", "predictor."))}
+    assert shapes == {"projector.0.weight": (256, d), "projector.0.bias": (256,),
+                      "projector.1.weight": (256,), "projector.1.bias": (256,),  # the BN
+                      "projector.3.weight": (64, 256),
+                      "predictor.0.weight": (256, 64), "predictor.0.bias": (256,),
+                      "predictor.1.weight": (256,), "predictor.1.bias": (256,),
+                      "predictor.3.weight": (64, 256)}
+    # the target is a copy of the online projector, biases included
+    assert {k for k, _ in m.target_projector.named_parameters()} == {k[len("projector."):] for k in shapes
+                                                                     if k.startswith("projector.")}
+    last = build_method(make_cfg(methods=["byol"], byol={**BYOL, "head_bias": "last"}), "byol", digits)
+    names = {k for k, _ in last.named_parameters() if k.startswith(("projector.", "predictor."))}
+    assert "projector.0.bias" not in names and "predictor.0.bias" not in names
+    assert tuple(last.projector[3].bias.shape) == (64,) and tuple(last.predictor[3].bias.shape) == (64,)
+
+
+def test_byol_head_bias_is_checked(digits):
+    import pytest
+
+    from selfsup.config import ConfigError
+
+    with pytest.raises(ConfigError, match="byol.head_bias"):
+        make_cfg(methods=["byol"], byol={**BYOL, "head_bias": "both"})

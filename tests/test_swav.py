@@ -152,7 +152,7 @@ def test_prototypes_do_not_move_in_a_frozen_run(digits, tmp_path):
 
 def test_queue_fills_and_joins_the_codes(digits):
     b = 8
-    m = small_method(digits, queue_length=2 * b, epoch_queue_starts=1, freeze_prototypes_iters=0)
+    m = small_method(digits, batch_size=b, queue_length=2 * b, epoch_queue_starts=1, freeze_prototypes_iters=0)
     ctx = SimpleNamespace(reset_optimizer_state=None)
     m.train()
     m.on_epoch_start(0, ctx)  # before epoch_queue_starts: nothing is stored
@@ -189,6 +189,35 @@ def test_queue_fills_and_joins_the_codes(digits):
                                 m.cfg.sinkhorn_iters)[-b:]
             alone = swav_sinkhorn(scores[i * b:(i + 1) * b], m.cfg.epsilon, m.cfg.sinkhorn_iters)
             assert torch.allclose(codes[i], ref, atol=1e-6) and not torch.allclose(codes[i], alone, atol=1e-3)
+
+
+def test_queue_length_is_rounded_down_to_a_multiple_of_the_global_batch(digits, monkeypatch):
+    """Official main_swav.py: args.queue_length -= args.queue_length % (args.batch_size * args.world_size)."""
+    import pytest
+
+    from selfsup import dist
+    from selfsup.config import ConfigError
+    from selfsup.methods.swav import effective_queue_length
+
+    assert effective_queue_length(3840, 256, 1) == 3840  # the official batch-256 recipe: 15 batches
+    assert effective_queue_length(3900, 256, 1) == 3840
+    assert effective_queue_length(3840, 64, 8) == 3584  # 7 global batches of 512
+    assert effective_queue_length(0, 256, 4) == 0  # no queue stays no queue
+    with pytest.raises(ConfigError, match="swav.queue_length: 100 is below one global batch"):
+        effective_queue_length(100, 64, 2)  # official: silently 0, no queue
+    m = small_method(digits, batch_size=8, queue_length=20)
+    assert m.queue_length == 16 and tuple(m.queue.shape) == (2, 16, 16) and m.cfg.queue_length == 20
+    m.train()
+    m.on_epoch_start(m.cfg.epoch_queue_starts, SimpleNamespace(reset_optimizer_state=None))
+    for step in range(2):
+        m(fake_batch(seed=step))
+        m.on_after_step(True)
+    assert m.queue_in_use() and int(m.queue_rows) == 16  # two whole batches fill it
+    monkeypatch.setattr(dist, "world", lambda: 3)  # the global batch is 8 per process x 3 processes
+    m3 = small_method(digits, batch_size=8, queue_length=60)
+    assert m3.queue_length == 48 and tuple(m3.queue.shape) == (2, 48, 16)
+    with pytest.raises(ConfigError, match="swav.queue_length"):
+        small_method(digits, batch_size=8, queue_length=20)
 
 
 def test_swav_resume_is_exact(digits, tmp_path):

@@ -58,11 +58,14 @@ def method_codes(m, full, world, rank):
 def queued_method(folder):
     from selfsup.train import build_method
 
-    cfg = make_cfg(methods=["swav"], swav={**SWAV, "prototypes": K, "feat_dim": 8, "queue_length": 7})
+    # a queue of 14 at batch 7: a multiple of the global batch on one process (7) and on two (14), which
+    # the official rounding (SwAV.queue_length) keeps as it is
+    cfg = make_cfg(methods=["swav"], swav={**SWAV, "batch_size": 7, "prototypes": K, "feat_dim": 8, "queue_length": 14})
     m = build_method(cfg, "swav", small_data(folder))
+    assert m.queue_length == 14
     g = torch.Generator().manual_seed(9)
-    m.queue.copy_(F.normalize(torch.randn(2, 7, 8, generator=g), dim=2))  # (A, L, D)
-    m._rows = 7  # full: in use
+    m.queue.copy_(F.normalize(torch.randn(2, 14, 8, generator=g), dim=2))  # (A, L, D)
+    m._rows = 14  # full: in use
     return m
 
 

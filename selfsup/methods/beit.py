@@ -18,6 +18,10 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
   position embedding added, the backbone's transformer blocks and final LayerNorm, then ``lm_head``, a
   Linear from the normed hidden states to ``vocab`` logits, at the masked positions only. Init: mask
   token and lm_head weight trunc-normal std 0.02, bias 0 (official).
+- Stochastic depth (``drop_path``, official ``--drop_path 0.1`` in ``run_beit_pretraining.py``): the
+  backbone's ``set_drop_path``, rising linearly over the blocks to ``drop_path`` (timm's rule, as the
+  official ``modeling_pretrain.py``), in train mode only; it adds no parameter, so the saved trunk is a
+  plain ViT (fine-tuning sets its own ``finetune.drop_path``).
 - Loss (eq. 1): cross-entropy against the tokeniser's ids at the masked positions, averaged over all the
   masked positions of the batch (official ``nn.CrossEntropyLoss()(outputs, labels)``); ``mlm_acc`` logged.
 - Optimiser (sec. 2.5, appendix G): AdamW lr 1.5e-3 (batch 2048, no scaling), betas (0.9, 0.999) (the
@@ -30,7 +34,7 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
   ``datasets.py`` at 03380c8 has no jitter).
 - Differences: torchvision's ViT has no layer scale (official init 0.1 for base) and no relative position
   bias (the official pre-training uses a shared relative position bias and no absolute embedding; here the
-  backbone's learned absolute one), no stochastic depth (official 0.1) and not the official init rescaling
+  backbone's learned absolute one) and not the official init rescaling
   of each block's output projections by 1 / sqrt(2 l). The mask generator runs in the training process
   (official: data-loader workers).
 - The saved encoder is the backbone; the evaluations read its CLS token after the final norm, which the
@@ -81,6 +85,7 @@ class BEiTCfg(TrainCfg):
     mask_ratio: float = 0.4  # paper 40 % (official --num_mask_patches 75 of 196)
     min_block: int = 16  # patches per block at least (official --min_mask_patches_per_block)
     min_aspect: float = 0.3
+    drop_path: float = 0.1  # stochastic depth of the last block (official --drop_path 0.1); 0: none
 
     def check(self, p: str) -> None:
         super().check(p)
@@ -89,6 +94,8 @@ class BEiTCfg(TrainCfg):
             raise ConfigError(f"{p}.vocab: at least 2 tokens, got {self.vocab}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"{p}.mask_ratio: a fraction in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{p}.drop_path: a probability in [0, 1), got {self.drop_path}")
         if self.min_aspect > 1.0:
             raise ConfigError(f"{p}.min_aspect: in (0, 1] (blocks take aspect ratios up to 1 / min_aspect), "
                               f"got {self.min_aspect}")
@@ -108,6 +115,8 @@ class BEiT(Method):
                               f"{', '.join(VITS)} (got {getattr(backbone, 'arch_name', '') or 'a conv net'})")
         if backbone.front():
             raise ConfigError("beit.sobel: BEiT's patch embedding takes the images themselves; set it to false")
+        if cfg.drop_path:  # 0 leaves torchvision's blocks as built
+            vit.set_drop_path(cfg.drop_path)
         dim = vit.out_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, cfg.vocab)

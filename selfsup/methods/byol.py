@@ -3,9 +3,12 @@ projector, predictor) regresses the projection a slowly moving target network (e
 gives of another view of the same image; no negatives (sec. 3).
 
 - Heads (sec. 3.3): projector and predictor are the same MLP shape, Linear(4096) -> BN -> ReLU ->
-  Linear(256) (``proj_hidden`` / ``proj_dim``, ``pred_hidden``); the official code (deepmind-research
-  ``byol``) gives the first Linear a bias before the BN, ``selfsup.heads.projection_head`` drops it
-  (BN removes it anyway).
+  Linear(256) (``proj_hidden`` / ``proj_dim``, ``pred_hidden``). ``head_bias`` first (official
+  deepmind-research ``byol/utils/networks.py`` ``MLP``: ``hk.Linear(with_bias=True)`` -> BN -> ReLU ->
+  ``hk.Linear(with_bias=False)``): the first Linear has a bias, the last none; ``last``: the shared
+  ``selfsup.heads.projection_head`` layout, the bias on the last Linear and none before the BN. The
+  BN cancels the first bias in the forward pass; the last one is a trained offset of the output the
+  loss compares, which the official heads do not have.
 - Loss (eq. 2): 2 - 2 cos(q_online(v), sg(z_target(v'))) for both orders of the two views, summed
   (the symmetrised loss, eq. 4); ``selfsup.contrastive.byol_loss``.
 - Target (sec. 3.1): an exponential moving average of the online encoder and projector, updated
@@ -36,6 +39,10 @@ from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
 
 
+# head_bias -> projection_head's (hidden_bias, out_bias)
+HEAD_BIAS = {"first": (True, False), "last": (None, True)}
+
+
 @dataclass
 class BYOLCfg(TrainCfg):
     augment: str = "crop_flip"
@@ -51,11 +58,13 @@ class BYOLCfg(TrainCfg):
     pred_hidden: int = 4096
     tau: float = 0.996  # tau_base
     tau_schedule: str = "cosine"  # cosine (paper) | constant
+    head_bias: str = "first"  # first (official MLP: bias on the first Linear only) | last
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "proj_dim", "proj_hidden", "pred_hidden")
         one_of(p, "tau_schedule", self.tau_schedule, ("cosine", "constant"))
+        one_of(p, "head_bias", self.head_bias, HEAD_BIAS)
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"{p}.tau: a decay in [0, 1], got {self.tau}")
         for k in ("blur_p2", "solarize_p2"):
@@ -70,8 +79,11 @@ class BYOL(Method):
 
     def __init__(self, backbone: Any, cfg: BYOLCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
-        self.projector = projection_head("mlp", backbone.out_dim, cfg.proj_dim, cfg.proj_hidden, bn=True)
-        self.predictor = projection_head("mlp", cfg.proj_dim, cfg.proj_dim, cfg.pred_hidden, bn=True)
+        hidden_bias, out_bias = HEAD_BIAS[cfg.head_bias]
+        self.projector = projection_head("mlp", backbone.out_dim, cfg.proj_dim, cfg.proj_hidden, bn=True,
+                                         hidden_bias=hidden_bias, out_bias=out_bias)
+        self.predictor = projection_head("mlp", cfg.proj_dim, cfg.proj_dim, cfg.pred_hidden, bn=True,
+                                         hidden_bias=hidden_bias, out_bias=out_bias)
         # the target starts as a copy of the online encoder and projector, never optimised
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)

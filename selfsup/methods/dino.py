@@ -38,9 +38,12 @@ run: 8 GPUs, batch 512; its "boosted" 300-epoch run: 16 GPUs), AdamW, lr 0.0005 
 linear warm-up epochs then cosine to 1e-6, weight decay cosine 0.04 -> 0.4, gradient clipping 3.0 (per
 parameter), 100 epochs (300-800 for the released models), teacher_temp 0.04 (0.07 after 30 warm-up epochs
 and norm_last_layer false in the boosted ViT-S run), fp16. ResNet-50: SGD lr 0.03, weight decay 1e-4, global crops
-0.14-1, local 0.05-0.14. Differences here: the weight decay is constant (the loop has no weight-decay
-schedule), gradient clipping is on the global norm (``clip_grad``), and the ViTs have no stochastic
-depth (torchvision's ``VisionTransformer``; the official student has drop path 0.1).
+0.14-1, local 0.05-0.14, no stochastic depth. As the official code: the weight decay of the regularised
+group follows a cosine 0.04 -> 0.4 per step (``weight_decay_end``, the loop's ``selfsup.schedules.wd_schedule``);
+the gradients are clipped per parameter at 3.0 (``clip_grad_per_param``, ``selfsup.optim.clip_grad_per_param``),
+the last layer too, before its frozen-epoch reset (main_dino.py clips, then ``cancel_gradients_last_layer``; the
+clip is per tensor, so the order changes nothing for the others); the final lr 1e-6 is not scaled with the batch
+(``scale_min_lr`` False); the student's ViT has stochastic depth ``drop_path`` 0.1, the teacher none.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from selfsup.augment import ViewSpec
 from selfsup.config import ConfigError, TrainCfg, non_negative, positive
 from selfsup.heads import DINOHead
 from selfsup.methods import register
+from selfsup.models import vit_trunk
 from selfsup.methods.base import (
     Batch,
     EpochPlan,
@@ -137,10 +141,22 @@ class DINOCfg(TrainCfg):
     lr_scaling: str = "linear"  # lr x batch / 256
     lr_schedule: str = "cosine"
     min_lr: float = 1e-6
+    # main_dino.py: the final lr --min_lr goes to cosine_scheduler as is, only lr is x B/256;
+    # True: min_lr x the lr_scaling factor, as the other methods
+    scale_min_lr: bool = False
     warmup_epochs: float = 10.0
-    weight_decay: float = 0.04  # official: cosine 0.04 -> 0.4 (constant here)
+    weight_decay: float = 0.04
+    # main_dino.py: weight decay on a cosine from weight_decay to weight_decay_end over the run's
+    # iterations (wd_schedule, the regularised param group only); equal to weight_decay: constant
+    weight_decay_end: float = 0.4
     exclude_norm_bias: bool = True
-    clip_grad: float = 3.0  # official: per parameter; here on the global norm
+    clip_grad: float = 3.0
+    # utils.clip_gradients: each parameter's gradient norm clipped to clip_grad on its own; False:
+    # the loop's clip of the global norm
+    clip_grad_per_param: bool = True
+    # stochastic depth of the student's ViT blocks (main_dino.py --drop_path_rate 0.1, rising 0 -> rate
+    # over the blocks); the teacher has none. Conv nets have none: set 0 (official: ViTs only)
+    drop_path: float = 0.1
     augment: str = "crop_flip"
     crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # global crops
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
@@ -173,7 +189,10 @@ class DINOCfg(TrainCfg):
         super().check(p)
         positive(p, self, "out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "student_temp",
                  "teacher_temp", "warmup_teacher_temp")
-        non_negative(p, self, "global_size", "local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs")
+        non_negative(p, self, "global_size", "local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs",
+                     "weight_decay_end")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{p}.drop_path: a rate in [0, 1), got {self.drop_path}")
         if self.local_crops and self.local_size <= 0:
             raise ConfigError(f"{p}.local_size: local crops need a side > 0, got {self.local_size}")
         lo_hi = self.local_scale
@@ -204,6 +223,12 @@ class DINO(Method):
         # the teacher starts as a copy of the student (official: load_state_dict), never optimised
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
+        if c.drop_path:  # the student only, after the copy (main_dino.py builds the teacher without it)
+            vit = vit_trunk(self.backbone)
+            if vit is None:
+                raise ConfigError(f"dino.drop_path: {c.drop_path} needs a ViT backbone (main_dino.py gives "
+                                  f"drop_path_rate to ViTs only); set dino.drop_path: 0 for a conv net")
+            vit.set_drop_path(c.drop_path)
         self.register_buffer("center", torch.zeros(1, c.out_dim))
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the current epoch (0-based)

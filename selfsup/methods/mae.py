@@ -15,8 +15,11 @@ decoder reconstruct the pixels of the masked ones (sec. 3).
 - Target and loss (sec. 3 "Reconstruction target"): the patch's pixels, normalised by the patch's own
   mean and variance with ``norm_pix_loss`` (the official default for the paper's best numbers, Table
   1c), mean squared error over the masked patches only.
-- Differences from the official code: the encoder's position embedding is torchvision's learned one
-  (official: fixed sin-cos), no qkv bias / init details of timm's blocks; said in the README.
+- Encoder position embedding (``pos_embed``): sincos, the official fixed 2-D sin-cos table
+  (``models_mae.py``: ``get_2d_sincos_pos_embed``, ``requires_grad=False``; ``ViT.fix_sincos_pos_embed``),
+  not trained and not decayed; learned: torchvision's trained one.
+- Differences from the official code: torchvision's ViT init for the encoder (official: xavier-uniform
+  Linear layers and patch projection, CLS token N(0, 0.02)); said in the README.
 - Official ImageNet pre-training (``main_pretrain.py``, PRETRAIN.md): ViT-B/16 (or L / H), AdamW with
   base lr 1.5e-4 x batch / 256 (batch 4096: 2.4e-3), betas (0.9, 0.95), weight decay 0.05, 40 warm-up
   epochs then cosine, 800 or 1600 epochs, random resized crop scale (0.2, 1) + flip only.
@@ -32,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, positive
+from selfsup.config import ConfigError, TrainCfg, one_of, positive
 from selfsup.masking import patchify, random_mask, unpatchify
 from selfsup.methods import register
 from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.models import sincos_pos_embed  # the decoder's table, and the encoder's with pos_embed sincos
 
 
 @dataclass
@@ -57,34 +61,17 @@ class MAECfg(TrainCfg):
     decoder_heads: int = 16
     decoder_mlp: int = 2048
     norm_pix_loss: bool = True
+    pos_embed: str = "sincos"  # encoder: sincos (official fixed 2-D sin-cos, not trained) | learned
     picture_images: int = 8  # test images in reports/mae.png
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp", "picture_images")
+        one_of(p, "pos_embed", self.pos_embed, ("sincos", "learned"))
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"{p}.mask_ratio: need 0 < mask_ratio < 1, got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads:
             raise ConfigError(f"{p}.decoder_heads: {self.decoder_heads} must divide decoder_dim {self.decoder_dim}")
-
-
-def sincos_pos_embed(dim: int, h: int, w: int, cls: bool = True) -> torch.Tensor:
-    """(1 + h w, dim) fixed 2-D sin-cos position embedding (MAE's ``get_2d_sincos_pos_embed``: half the
-    channels encode the row, half the column, each as sin / cos of 1 / 10000^(2i / (dim / 2)); a zero
-    row for the CLS token)."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
-
-    def enc(pos: torch.Tensor) -> torch.Tensor:  # (h w,) -> (h w, dim/2)
-        out = pos.flatten()[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], 1)
-
-    # official order: the first half from the grid's w coordinate, the second from h
-    emb = torch.cat([enc(gx), enc(gy)], 1).float()  # (h w, dim)
-    return torch.cat([torch.zeros(1, dim), emb]) if cls else emb
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -118,6 +105,8 @@ class MAE(Method):
         if backbone.front():
             raise ConfigError(f"{self.name}.sobel: MAE reconstructs the input pixels; a fixed front end is not "
                               "supported")
+        if cfg.pos_embed == "sincos":  # official: fixed, the MAE half order (first half the column)
+            vit.fix_sincos_pos_embed("w")
         d, dd = vit.out_dim, cfg.decoder_dim
         self.patch = vit.patch
         self.channels = vit.patch_embed.in_channels

@@ -22,6 +22,13 @@
   at its random init (``--stop-grad-conv1``), which the paper shows stabilises training.
 - Augmentation (BYOL's, official ``augmentation1`` / ``augmentation2``): crop (``crop_scale``), flip,
   jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; view 1 blur p 1.0; view 2 blur p 0.1 + solarise 0.2.
+- ViT position embedding and init (official ``vits.py`` ``VisionTransformerMoCo``; ViT only, a conv net
+  has neither and ignores them): ``pos_embed`` sincos, the fixed 2-D sin-cos table
+  (``build_2d_sincos_position_embedding``, temperature 10000, CLS row 0, ``requires_grad`` False: not
+  trained, not decayed; ``ViT.fix_sincos_pos_embed``) | learned (torchvision's); ``init`` official
+  (xavier-uniform Linear layers with q, k, v drawn as three matrices, xavier-uniform patch projection, CLS
+  token N(0, 1e-6); ``ViT.init_mocov3``) | torchvision. Both are applied before the momentum encoder is
+  copied, so it starts identical (official: copied from the base encoder).
 - The saved encoder is the base encoder's backbone (the official ``convert_to_deit`` / ``main_lincls``
   keep ``base_encoder`` without its head).
 
@@ -29,10 +36,8 @@ Official ImageNet: ViT-B/16 (and ViT-S), batch 4096, AdamW lr 1.5e-4 x batch/256
 every parameter, 40 warm-up epochs then cosine, 300 epochs, tau 0.2, m 0.99 -> 1, crop scale
 [0.08, 1]. ResNet-50: LARS lr 0.6 x batch/256 (0.3 for 300 / 1000 epochs), weight decay 1e-6 (1.5e-6 and
 m 0.996 for 1000 epochs; LARS skips biases and BN), 10 warm-up epochs, 100 epochs, tau 1.0, crop scale
-[0.2, 1]. SyncBN everywhere (``sync_bn``), fp16 autocast. Differences here:
-the ViT's position embedding is learned (official: fixed 2-D sin-cos) and the init is torchvision's
-(official: xavier-uniform patch projection and qkv), its ViT-S has 6 heads (official MoCo v3: 12);
-ResNets have no zero-initialised residual BN (official ``zero_init_residual``).
+[0.2, 1]. SyncBN everywhere (``sync_bn``), fp16 autocast. Differences here: the ViT-S has 6 heads
+(official MoCo v3: 12); ResNets have no zero-initialised residual BN (official ``zero_init_residual``).
 """
 from __future__ import annotations
 
@@ -100,6 +105,8 @@ class MoCoV3Cfg(TrainCfg):
     m_schedule: str = "cosine"  # cosine (--moco-m-cos) | constant
     temperature: float = 0.2  # ViT (ResNet: 1.0)
     freeze_patch_embed: bool = True  # ViT only: random patch projection (--stop-grad-conv1)
+    pos_embed: str = "sincos"  # ViT only: sincos (official fixed 2-D sin-cos, not trained) | learned
+    init: str = "official"  # ViT only: official (vits.py: xavier, q/k/v apart, CLS N(0, 1e-6)) | torchvision
 
     def check(self, p: str) -> None:
         super().check(p)
@@ -109,6 +116,8 @@ class MoCoV3Cfg(TrainCfg):
             raise ConfigError(f"{p}.proj_layers: at least 2 (0: by the backbone), got 1")
         one_of(p, "pred_last_bn", self.pred_last_bn, ("auto", "bn", "none"))
         one_of(p, "m_schedule", self.m_schedule, ("cosine", "constant"))
+        one_of(p, "pos_embed", self.pos_embed, ("sincos", "learned"))
+        one_of(p, "init", self.init, ("official", "torchvision"))
         if not 0.0 <= self.m <= 1.0:
             raise ConfigError(f"{p}.m: a momentum in [0, 1], got {self.m}")
         for k in ("blur_p2", "solarize_p2"):
@@ -125,6 +134,11 @@ class MoCoV3(Method):
         super().__init__(backbone, cfg, num_classes)
         c = cfg
         vit = vit_trunk(backbone)
+        if vit is not None:  # before the momentum copy below: both encoders start the same
+            if c.init == "official":
+                vit.init_mocov3()
+            if c.pos_embed == "sincos":  # after the init, which leaves the position embedding alone
+                vit.fix_sincos_pos_embed("h")
         if c.freeze_patch_embed:
             if vit is None:
                 raise ConfigError("mocov3.freeze_patch_embed: the random patch projection needs a ViT backbone "

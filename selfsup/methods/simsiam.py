@@ -10,12 +10,19 @@ no negatives, no momentum encoder (sec. 3, Algorithm 1).
   -> BN -> ReLU -> Linear(2048), the bottleneck ``pred_hidden``.
 - ``fix_pred_lr`` (official ``--fix-pred-lr``, on in its recipes): the predictor keeps the base lr
   while the rest follows the cosine schedule (sec. 4.2 finds it helps).
+- ``zero_init_residual`` (official ``simsiam/builder.py``: ``base_encoder(num_classes=dim,
+  zero_init_residual=True)``, the torchvision ResNet ``main_simsiam.py`` passes in): the last BN of
+  every residual block starts with weight 0, so each block starts as the identity; done here on the
+  built backbone (torchvision ``BasicBlock.bn2`` / ``Bottleneck.bn3``, the blocks of every ResNet
+  ``selfsup.models`` builds, CIFAR stem or not). A backbone without residual blocks (smallcnn,
+  alexnet_bn, a ViT) is left as built.
 - Official ImageNet: ResNet-50, batch 512, SGD lr 0.05 x batch / 256, momentum 0.9, weight decay
   1e-4, 100 epochs cosine, MoCo v2's augmentations. CIFAR-10 (sec. 5): ResNet-18 variant, batch
   512, lr 0.03 x batch / 256, weight decay 5e-4, 800 epochs.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +48,31 @@ class SimSiamCfg(TrainCfg):
     proj_layers: int = 3  # CIFAR: 2
     pred_hidden: int = 512
     fix_pred_lr: bool = True
+    zero_init_residual: bool = True  # official: each residual block's last BN weight starts at 0
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "dim", "pred_hidden")
         if self.proj_layers < 1:
             raise ConfigError(f"{p}.proj_layers: at least 1, got {self.proj_layers}")
+
+
+def zero_init_residual_(net: nn.Module) -> int:
+    """Zero the weight of the last BN of every torchvision residual block in ``net`` (what torchvision's
+    ``ResNet(zero_init_residual=True)`` does at construction, which the official ``simsiam/builder.py``
+    asks for); returns the number of blocks changed (0 for a net without residual blocks)."""
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is None:  # torchvision's ResNets never imported: the net cannot hold one of their blocks
+        return 0
+    n = 0
+    for m in net.modules():
+        if isinstance(m, resnet.Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+            n += 1
+        elif isinstance(m, resnet.BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+            n += 1
+    return n
 
 
 @register
@@ -57,6 +83,8 @@ class SimSiam(Method):
 
     def __init__(self, backbone: Any, cfg: SimSiamCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
+        if cfg.zero_init_residual:
+            zero_init_residual_(backbone)
         d = backbone.out_dim
         # hidden layers of the backbone's width (official: the encoder's fc width, 2048 on ResNet-50)
         self.projector = mlp([d] * cfg.proj_layers + [cfg.dim], last_bn="no_affine")

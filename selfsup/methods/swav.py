@@ -36,6 +36,11 @@ batch, under an equal-partition constraint (sec. 3.1). Official code: facebookre
   on every rank and checkpointed with the model, and each rank contributes its share of the queue rows
   (``dist.shard``) to the distributed Sinkhorn: the same global problem (the whole queue + the global
   batch), and with one process the same as W processes on the concatenated batch.
+  The length is rounded down to a multiple of the global batch B x W, as the official ``main_swav.py``
+  does before building its queues (``args.queue_length -= args.queue_length % (args.batch_size *
+  args.world_size)``): the queue then holds whole batches, and its rows share out evenly over the
+  ranks. A positive length below one global batch, which the official rounding silently turns into no
+  queue, is refused (``effective_queue_length``).
 - Official ImageNet (``scripts/swav_800ep_pretrain.sh``): ResNet-50, 2 x 224 + 6 x 96 crops (scales
   0.14-1 / 0.05-0.14), batch 4096 (64 GPUs x 64), LARC (trust 0.001, no clipping) over SGD momentum
   0.9, base lr 4.8, final lr 0.0048 (cosine), 10 warm-up epochs from 0.3, weight decay 1e-6, K 3000,
@@ -135,6 +140,21 @@ def swav_loss(scores: torch.Tensor, codes: torch.Tensor, crops_for_assign: list[
     return total / len(crops_for_assign)
 
 
+def effective_queue_length(length: int, batch: int, world: int, key: str = "swav.queue_length") -> int:
+    """``length`` rounded down to a multiple of the global batch ``batch`` x ``world`` (official
+    ``main_swav.py``: ``args.queue_length -= args.queue_length % (args.batch_size * args.world_size)``).
+    A positive length that rounds to 0 raises: the official run would quietly train without the queue
+    the config asks for."""
+    if length < 0 or batch < 1 or world < 1:
+        raise ValueError(f"effective_queue_length: length >= 0, batch and world >= 1, got {length}, {batch}, {world}")
+    out = length - length % (batch * world)
+    if length > 0 and out == 0:
+        raise ConfigError(f"{key}: {length} is below one global batch ({batch} per process x {world} processes "
+                          f"= {batch * world}); the official rounding to a multiple of it would leave no queue. "
+                          f"Set 0 (no queue) or at least {batch * world}")
+    return out
+
+
 # --------------------------------------------------------------------------- the method
 @register
 class SwAV(Method):
@@ -147,9 +167,12 @@ class SwAV(Method):
         self.prototypes = nn.Linear(cfg.feat_dim, cfg.prototypes, bias=False)  # weight (K, feat_dim)
         normalise_rows_(self.prototypes)
         a = len(cfg.crops_for_assign)
+        # the queue's length as the official code uses it (a multiple of the global batch); the config
+        # keeps the value asked for
+        self.queue_length = effective_queue_length(cfg.queue_length, cfg.batch_size, dist.world())
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # optimiser steps so far
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the epoch being trained
-        self.register_buffer("queue", torch.zeros(a, cfg.queue_length, cfg.feat_dim))  # (A, L, D), newest first
+        self.register_buffer("queue", torch.zeros(a, self.queue_length, cfg.feat_dim))  # (A, L, D), newest first
         self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))  # rows filled so far (<= L)
         self.freeze = PrototypeFreeze([self.prototypes], cfg.freeze_prototypes_iters)
         self._pending: torch.Tensor | None = None  # (A, B, D) this batch's embeddings for the queue
@@ -177,7 +200,7 @@ class SwAV(Method):
 
     def queue_in_use(self) -> bool:
         """The official rule: the queue joins Sinkhorn once it is full."""
-        return self.cfg.queue_length > 0 and self._rows >= self.cfg.queue_length
+        return self.queue_length > 0 and self._rows >= self.queue_length
 
     def codes(self, scores: torch.Tensor, b: int) -> torch.Tensor:
         """scores (V B, K) crop-major -> (A, B, K) codes of the assigned crops (queue rows first)."""
@@ -186,7 +209,7 @@ class SwAV(Method):
         with torch.no_grad():
             w = self.prototypes.weight.detach().float()  # (K, D)
             use_queue = self.queue_in_use()
-            mine = dist.shard(c.queue_length)  # this rank's share of the queue rows in the global problem
+            mine = dist.shard(self.queue_length)  # this rank's share of the queue rows in the global problem
             for i, crop in enumerate(c.crops_for_assign):
                 s = scores[crop * b:(crop + 1) * b].detach().float()  # (B, K)
                 if use_queue:
@@ -203,14 +226,14 @@ class SwAV(Method):
         scores = self.prototypes(z).float()  # (V B, K)
         codes = self.codes(scores, b)  # (A, B, K)
         loss = swav_loss(scores.view(v, b, -1), codes, c.crops_for_assign, c.temperature)
-        if self.training and c.queue_length > 0 and self._epoch >= c.epoch_queue_starts:
+        if self.training and self.queue_length > 0 and self._epoch >= c.epoch_queue_starts:
             self._pending = torch.stack([z[k * b:(k + 1) * b].detach() for k in c.crops_for_assign])  # (A, B, D)
         return StepOut(loss, {"queue_used": torch.tensor(float(self.queue_in_use()), device=loss.device)})
 
     @torch.no_grad()
     def push_queue(self, new: torch.Tensor) -> None:
         """new (A, n, D): the newest embeddings (all ranks', rank order) go to the front."""
-        length = self.cfg.queue_length
+        length = self.queue_length
         n = min(new.shape[1], length)
         self.queue[:, n:] = self.queue[:, :length - n].clone()
         self.queue[:, :n] = new[:, :n]
