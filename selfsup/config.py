@@ -113,7 +113,7 @@ class ModelCfg:
 
 
 LR_SCHEDULES = ("constant", "cosine", "step")
-OPTIMIZERS = ("sgd", "lars", "adamw")
+OPTIMIZERS = ("sgd", "lars", "adamw", "adam")
 SCHEDULE_UNITS = ("step", "epoch")
 
 
@@ -128,14 +128,21 @@ class TrainCfg:
     backbone: str = ""
     # optimiser (selfsup/optim.py) over the parameter groups the method defines: sgd (momentum,
     # nesterov), lars (SimCLR's: trust coefficient lars_eta; groups without weight decay are not
-    # adapted either), adamw (betas)
+    # adapted either), adamw (betas; decoupled weight decay), adam (betas; weight decay as an L2
+    # term added to the gradient, as Caffe's Adam solver: colourisation's official solver)
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lars_eta: float = 0.001
+    # LARS trust ratio: simclr eta |w| / |g + wd w| (SimCLR's LARSOptimizer), larc eta |w| /
+    # (|g| + wd |w|) (NVIDIA apex LARC with clip=False, which SwAV's and SimSiam's code use)
+    lars_rule: str = "simclr"
     weight_decay: float = 1e-5
+    # the lr of the biases of conv and linear layers x this (Caffe's lr_mult 2 on biases in the
+    # Jigsaw, colourisation and context-prediction prototxts); 1 = every parameter at the base lr
+    bias_lr_mult: float = 1.0
     # no weight decay (and no LARS adaptation) on biases and normalisation weights (SimCLR's LARS,
     # BYOL, DINO); False: every parameter decays (the older papers' code)
     exclude_norm_bias: bool = False
@@ -156,6 +163,10 @@ class TrainCfg:
     lr_factors: list[float] = field(default_factory=list)
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
+    # the warm-up's first lr: 0 ramps lr x (step + 1) / warmup_steps; > 0 ramps linearly from this
+    # value at step 0 to lr at the last warm-up step (np.linspace(start_warmup, lr, warmup_steps) of
+    # SwAV's and BEiT's official schedulers: --start_warmup 0.3, --warmup_lr 1e-6)
+    warmup_start_lr: float = 0.0
     # several processes (dist.nproc_per_node x dist.nnodes = W): the global batch is
     # batch_size x W x accumulate; lr_scaling rescales lr (and min_lr) from lr_base_batch to it:
     # none (lr is for the global batch as configured), linear (Goyal et al.; SimCLR's
@@ -183,8 +194,10 @@ class TrainCfg:
             one_of(p, "backbone", self.backbone, BACKBONES)
         positive(p, self, "epochs", "batch_size", "lr", "accumulate", "lr_base_batch")
         one_of(p, "lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
-        non_negative(p, self, "momentum", "weight_decay", "warmup_epochs", "min_lr", "clip_grad", "lars_eta")
+        non_negative(p, self, "momentum", "weight_decay", "warmup_epochs", "min_lr", "clip_grad", "lars_eta",
+                     "warmup_start_lr", "bias_lr_mult")
         one_of(p, "optimizer", self.optimizer, OPTIMIZERS)
+        one_of(p, "lars_rule", self.lars_rule, ("simclr", "larc"))
         one_of(p, "augment", self.augment, AUGMENTS)
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:

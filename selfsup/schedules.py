@@ -4,7 +4,8 @@ One pure function of the optimiser step, so a resumed run needs no scheduler sta
 value can be checked against the papers' code:
 
 - linear warm-up from 0 over ``warmup`` steps (SimCLR: 10 epochs; the official code ramps per
-  step: ``lr * step / warmup_steps``);
+  step: ``lr * step / warmup_steps``), or from ``warmup_start`` at step 0 to the base value at the
+  last warm-up step (SwAV's ``--start_warmup``, BEiT's ``--warmup_lr``: ``np.linspace``);
 - then ``constant``; ``cosine`` from ``base`` to ``final`` over the remaining steps (SGDR without
   restarts; MoCo v2, SimCLR, BYOL); or ``step``: ``base x factors[i]`` from milestone i on
   (absolute factors: InvaSpread's official 0.1 / 0.05 / 0.01 at epochs 120 / 160 / 200; with no
@@ -30,6 +31,7 @@ class Schedule:
     factors: tuple[float, ...] = ()  # absolute, one per milestone (empty: 0.1 ** i)
     final: float = 0.0  # cosine floor
     unit: str = "step"  # step | epoch
+    warmup_start: float = 0.0  # > 0: the warm-up is np.linspace(warmup_start, base, warmup_steps)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __call__(self, step: int) -> float:
@@ -37,6 +39,8 @@ class Schedule:
         if self.unit == "epoch":
             step = (step // self.steps_per_epoch) * self.steps_per_epoch
         if step < self.warmup_steps:
+            if self.warmup_start > 0:  # SwAV / BEiT: np.linspace(start_warmup, base_lr, warmup_iters)[step]
+                return self.warmup_start + (self.base - self.warmup_start) * step / max(self.warmup_steps - 1, 1)
             return self.base * (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return self.base
@@ -72,7 +76,7 @@ def lr_schedule(c, steps_per_epoch: int, global_batch: int | None = None) -> Sch
     return Schedule(kind=c.lr_schedule, base=c.lr * f, total_steps=c.epochs * steps_per_epoch,
                     steps_per_epoch=steps_per_epoch, warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
                     milestones=tuple(c.lr_steps), factors=tuple(c.lr_factors), final=final,
-                    unit=c.schedule_unit)
+                    unit=c.schedule_unit, warmup_start=getattr(c, "warmup_start_lr", 0.0))
 
 
 def wd_schedule(c, steps_per_epoch: int) -> Schedule | None:

@@ -156,7 +156,7 @@ class Method(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         c = self.cfg
-        return param_groups(self, c.weight_decay, c.exclude_norm_bias)
+        return param_groups(self, c.weight_decay, c.exclude_norm_bias, bias_lr_mult=c.bias_lr_mult)
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         return EpochPlan()
