@@ -9,6 +9,12 @@ the other methods.
 Used by ``python -m selfsup.dag`` (which writes these lists into ``dvc.yaml``), by the test that
 checks ``dvc.yaml`` against them, and by the training checkpoint key (``selfsup.train.run_key``),
 so that DVC and resume agree on what "the code changed" means.
+
+``code_hash`` hashes each Python file's syntax tree with its docstrings removed (comments are not
+in the tree, and neither are line numbers), so editing a comment or a docstring, or moving code
+down a line, keeps every run key and stored result: the stage re-runs under DVC (its dependency
+file changed) and reuses every method. Any change a Python parser sees (a name, a constant, an
+operator, the order of statements) changes the key. Other files (YAML) are hashed as bytes.
 """
 from __future__ import annotations
 
@@ -58,9 +64,36 @@ def closure(start: str, method: str | None = None) -> list[str]:
     return sorted(seen)
 
 
-def code_hash(files: list[str]) -> str:
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` without the docstring statement of the module and of each class and function."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=1024)
+def _py_digest(data: bytes) -> bytes:
+    return hashlib.sha256(source_identity(data.decode())).digest()
+
+
+def source_identity(text: str) -> bytes:
+    """What of a Python source counts as code: the dump of its syntax tree without docstrings,
+    comments or positions."""
+    return ast.dump(_strip_docstrings(ast.parse(text)), include_attributes=False).encode()
+
+
+def code_hash(files: list[str], root: Path = ROOT) -> str:
+    """A short key of ``files`` (repository-relative) under ``root``: Python files by
+    ``source_identity``, others by their bytes."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.encode())
-        h.update((ROOT / f).read_bytes())
+        h.update(b"\0")
+        data = (root / f).read_bytes()
+        h.update(_py_digest(data) if f.endswith(".py") else data)
+        h.update(b"\0")
     return h.hexdigest()[:16]
