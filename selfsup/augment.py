@@ -53,7 +53,7 @@ class ViewSpec:
     False) -> horizontal flip (``flip_p``) -> colour jitter (``jitter`` = brightness,
     contrast, saturation, hue as torchvision's ``ColorJitter``, applied with ``jitter_p``)
     -> grayscale (``grayscale_p``) -> Gaussian blur (``blur_p``, sigma ~ U(blur_sigma),
-    kernel ``blur_kernel`` or SimCLR's 10 % of the output side) -> solarize (``solarize_p``,
+    kernel ``blur_kernel`` or SimCLR's 10 % of the output side; ``blur_rule: pil``: PIL's) -> solarize (``solarize_p``,
     pixels >= ``solarize_threshold`` inverted) -> normalisation.
 
     ``antialias``: the resize of the crop uses torchvision's antialiased bilinear filter
@@ -72,6 +72,11 @@ class ViewSpec:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 0  # 0: SimCLR's rule (10 % of the output side, >= 3, odd)
+    # simclr: torchvision's Gaussian kernel of side blur_kernel (SimCLR's, MoCo v2's, BYOL's) | pil: PIL's
+    # ImageFilter.GaussianBlur(radius=sigma), three extended box blurs with no truncation at 10 % of the
+    # crop (``pil_gaussian_blur``; SwAV's PILRandomGaussianBlur, facebookresearch/swav@06b1b7c
+    # src/multicropdataset.py; solo-learn's GaussianBlur)
+    blur_rule: str = "simclr"
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
     antialias: bool = True
@@ -101,6 +106,8 @@ class ViewSpec:
             self.blur_kernel and self.blur_kernel % 2 == 0
         ):
             raise bad("blur_kernel", "need 0 (automatic) or an odd positive integer")
+        if self.blur_rule not in ("simclr", "pil"):
+            raise bad("blur_rule", "need simclr or pil")
         if not 0.0 <= self.solarize_threshold <= 1.0:
             raise bad("solarize_threshold", "need a value in [0, 1]")
 
@@ -449,6 +456,58 @@ def gaussian_blur(x: Tensor, sigma: Union[Tensor, float], kernel_size: int) -> T
     return y.view(b, c, h, w)
 
 
+def pil_box_radius(sigma: Tensor, passes: int = 3) -> Tensor:
+    """(B,) sigmas -> (B,) float64 extended box radii l + a whose ``passes``-fold box blur has variance
+    sigma^2 (Gwosdek et al. 2011, eqs. 7, 11, 14), as Pillow's ``_gaussian_blur_radius`` (BoxBlur.c)
+    turns ``ImageFilter.GaussianBlur(radius=sigma)`` into box blurs."""
+    s2 = sigma.double() ** 2 / passes
+    big_l = torch.sqrt(12.0 * s2 + 1.0)  # the ideal box length
+    l = torch.floor((big_l - 1.0) / 2.0)  # its integer radius
+    a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))  # the fractional part
+    return l + a
+
+
+def pil_gaussian_blur(x: Tensor, sigma: Union[Tensor, float], passes: int = 3) -> Tensor:
+    """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` per image, (B, C, H, W) floats -> the same shape:
+    ``passes`` extended box blurs along the width, then along the height (Pillow's ``ImagingBoxBlur``),
+    each of radius r = ``pil_box_radius(sigma)``: the 2 floor(r) + 1 central taps 1 / (2 r + 1) and the
+    two taps beyond them (r - floor(r)) / (2 r + 1), the edge pixels repeated beyond the border. No
+    kernel truncation: the support grows with sigma whatever the crop's side. Pillow rounds each pass
+    to 8 bits; here the passes stay in floating point."""
+    b, c, h, w = x.shape
+    sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(b)  # (B,)
+    r = pil_box_radius(sig)  # (B,)
+    l = torch.floor(r)
+    half = int(l.max().item()) + 1  # the widest kernel's half side, fractional tap included
+    d = torch.arange(-half, half + 1, dtype=torch.float64).abs()[None]  # (1, K)
+    inner = 1.0 / (2 * r + 1)  # (B,)
+    k1 = torch.where(d <= l[:, None], inner[:, None], torch.where(d == l[:, None] + 1, ((r - l) * inner)[:, None],
+                                                                   torch.zeros_like(d)))  # (B, K)
+    k1 = k1.to(x.dtype).to(x.device).repeat_interleave(c, dim=0)  # (B*C, K)
+    k = k1.shape[1]
+    y = x.reshape(1, b * c, h, w)
+    for _ in range(passes):  # along the width, edges repeated
+        y = TF.conv2d(TF.pad(y, (half, half, 0, 0), mode="replicate"), k1.view(b * c, 1, 1, k), groups=b * c)
+    for _ in range(passes):  # along the height
+        y = TF.conv2d(TF.pad(y, (0, 0, half, half), mode="replicate"), k1.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+class _PilBlur(torch.nn.Module):
+    """``torchvision_pipeline``'s step for ``blur_rule: pil``: with probability p, ``pil_gaussian_blur`` with
+    sigma ~ U(lo, hi) (SwAV's PILRandomGaussianBlur), on a float (C, H, W) image."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]):
+        super().__init__()
+        self.p, self.sigma = p, sigma
+
+    def forward(self, img: Tensor) -> Tensor:
+        if float(torch.rand(())) >= self.p:
+            return img
+        s = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
+        return pil_gaussian_blur(img[None], s)[0]
+
+
 def solarize(x: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     """Invert (1 - x) the pixels >= threshold of the images whose mask is set."""
     m = mask.to(x.device).view(-1, 1, 1, 1)
@@ -493,7 +552,10 @@ def apply_params(x: Tensor, spec: ViewSpec, params: AugParams) -> Tensor:
         if sel.numel():
             idx = sel.to(x.device)
             x = x.clone()
-            x[idx] = gaussian_blur(x[idx], params.sigma.cpu()[sel], spec.kernel_size(h, w))
+            if spec.blur_rule == "pil":
+                x[idx] = pil_gaussian_blur(x[idx], params.sigma.cpu()[sel])
+            else:
+                x[idx] = gaussian_blur(x[idx], params.sigma.cpu()[sel], spec.kernel_size(h, w))
     if spec.solarize_p > 0:
         x = solarize(x, params.solarize, spec.solarize_threshold)
     return x
@@ -591,7 +653,9 @@ def torchvision_pipeline(
         ops.append(v2.RandomApply([v2.ColorJitter(b, c, s if rgb else 0.0, h if rgb else 0.0)], p=spec.jitter_p))
     if spec.grayscale_p > 0 and rgb:
         ops.append(v2.RandomGrayscale(spec.grayscale_p))
-    if spec.blur_p > 0:
+    if spec.blur_p > 0 and spec.blur_rule == "pil":
+        ops.append(_PilBlur(spec.blur_p, tuple(spec.blur_sigma)))
+    elif spec.blur_p > 0:
         k = spec.kernel_size(*out)
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=spec.blur_sigma)], p=spec.blur_p))
     if spec.solarize_p > 0:

@@ -16,10 +16,9 @@ far as known:
 
 * the official network input is L centred by subtracting 50; the functions
   here return plain L in [0, 100] and leave the centring to the caller;
-* the official Q = 313 bin centres are read from a file ``pts_in_hull.npy``
-  (ab grid of size 10 restricted to its own gamut rule); here the centres are
-  computed by :func:`ab_bins` from a dense sRGB cube, which gives a different
-  count (see its docstring);
+* the official Q = 313 bin centres are read from a file ``pts_in_hull.npy``;
+  here :func:`ab_bins` computes them (rule ``hull``: the same 313 points, see
+  its docstring), or the 262 cells an sRGB colour rounds into (rule ``cells``);
 * the official prior comes from ImageNet, shipped as a file (``prior_probs.npy``,
   name not checked here) and smoothed on the full ab grid; here :func:`empirical_prior` counts the
   caller's data and :func:`smooth_prior` applies the same Gaussian kernel
@@ -177,10 +176,43 @@ def _cube_surface(samples: int) -> torch.Tensor:
     return torch.cat(faces, dim=1).unsqueeze(-1)
 
 
+BIN_RULES = ("hull", "cells")
+
+
+def _footprint(samples: int) -> torch.Tensor:
+    """The ab values of the sRGB gamut's surface (``samples`` levels per channel): (2, 6 samples^2) float64."""
+    return rgb_to_lab(_cube_surface(samples))[1:, :, 0]
+
+
+def _grid_in_dilated_hull(ab: torch.Tensor, grid: float) -> torch.Tensor:
+    """(2, N) ab points -> (Q, 2) long grid indices of the multiples of ``grid`` whose L-infinity
+    distance to the convex hull of the points is at most ``grid`` (rule ``hull`` of :func:`ab_bins`)."""
+    from scipy.spatial import ConvexHull  # a dependency of the project; only needed here
+
+    pts = ab.t().numpy()  # (N, 2)
+    hull = torch.from_numpy(pts[ConvexHull(pts).vertices])  # (V, 2) float64
+    # the Minkowski sum of the hull and the square [-grid, grid]^2: the hull of the shifted vertices
+    square = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], dtype=torch.float64) * grid
+    grown = (hull[:, None, :] + square[None]).reshape(-1, 2).numpy()  # (4V, 2)
+    poly = torch.from_numpy(grown[ConvexHull(grown).vertices])  # (W, 2), counter-clockwise
+    lo = torch.floor(poly.min(0).values / grid).long()
+    hi = torch.ceil(poly.max(0).values / grid).long()
+    ia, ib = torch.meshgrid(torch.arange(int(lo[0]), int(hi[0]) + 1), torch.arange(int(lo[1]), int(hi[1]) + 1),
+                            indexing="ij")
+    cand = torch.stack((ia.flatten(), ib.flatten()), 1)  # (M, 2) long: a-major, then b
+    p = cand.double() * grid  # (M, 2)
+    edge = poly.roll(-1, 0) - poly  # (W, 2)
+    rel = p[:, None, :] - poly[None]  # (M, W, 2)
+    cross = edge[None, :, 0] * rel[..., 1] - edge[None, :, 1] * rel[..., 0]  # (M, W): >= 0 inside (ccw)
+    return cand[(cross >= -1e-9).all(1)]
+
+
 @functools.lru_cache(maxsize=8)
-def _ab_bins_cached(grid: float, samples: int) -> torch.Tensor:
+def _ab_bins_cached(grid: float, samples: int, rule: str) -> torch.Tensor:
     """Uncached worker of :func:`ab_bins` (CPU, float32)."""
-    ab = rgb_to_lab(_cube_surface(samples))[1:, :, 0]  # (2, 6 S^2), float64
+    ab = _footprint(samples)  # (2, 6 S^2), float64
+    if rule == "hull":
+        return (_grid_in_dilated_hull(ab, grid).double() * grid).float()
     idx = torch.round(ab / grid).long()
     lo = int(idx.min())
     span = int(idx.max()) - lo + 1
@@ -191,37 +223,42 @@ def _ab_bins_cached(grid: float, samples: int) -> torch.Tensor:
     return (cells.double() * grid).float()
 
 
-def ab_bins(grid: float = 10.0, samples: int = 512) -> torch.Tensor:
-    """Centres of the in-gamut cells of the quantised ab plane (sec. 2.1).
+def ab_bins(grid: float = 10.0, samples: int = 512, rule: str = "hull") -> torch.Tensor:
+    """Centres of the quantised in-gamut ab colours (sec. 2.1: "we quantize the ab output space
+    into bins with grid size 10 and keep the Q = 313 values which are in-gamut").
 
-    The ab plane is cut into square cells of side ``grid`` centred on the
-    multiples of ``grid`` (a colour falls into cell ``round(ab / grid) * grid``),
-    as the paper's grid of size 10. A cell is kept if a colour of the dense
-    ``samples``^3 sRGB cube (``samples`` levels per channel, all lightnesses)
-    falls into it. Only the cube's surface is converted: sRGB -> Lab maps the
-    cube one-to-one onto the gamut solid, every line of constant ab through
-    that solid ends on its surface, so the surface has the same ab footprint
-    (checked to give the same cells as the whole grid for samples 64 to 448),
-    at 6 samples^2 instead of samples^3 conversions.
+    Rule ``hull`` (the official set): the multiples of ``grid`` whose L-infinity distance to the
+    convex hull of the sRGB gamut's ab footprint (all lightnesses) is at most ``grid``, i.e. the
+    corners of every ``grid`` x ``grid`` cell of the ab lattice that the convex hull touches. At
+    grid 10 it gives the official count, Q = 313 (``richzhang/colorization`` ships the points as
+    ``resources/pts_in_hull.npy``, the file name's "hull"; the rule reproduces that set point for
+    point, and the same 313 points for samples 64 to 1024). Its extremes follow from the sRGB
+    primaries: green (a = -86.2, b = 83.2) reaches the a = -90 column, magenta (a = 98.2) the a = 100 column, blue (b = -107.9) the b = -110 row,
+    yellow (b = 94.5) the b = 100 row.
 
-    Count: with the defaults (grid 10, samples 512) Q = 262 (the official code
-    has 313 bins from its own gamut rule, ``pts_in_hull.npy``). Printed by::
+    Rule ``cells`` (this project's earlier set): the ab plane is cut into square cells of side
+    ``grid`` centred on the multiples of ``grid`` (a colour falls into cell
+    ``round(ab / grid) * grid``); a cell is kept if a colour of the dense ``samples``^3 sRGB cube
+    falls into it. Count: at grid 10, samples 512, 262 bins. Stability: the gamut
+    enters cell (a, b) = (20, -80) by only 0.13 ab units, along the cube edge R = 0, B = 1 for G
+    in about [0.4631, 0.4652]; samples >= 479 always hit it (samples 64, 256, 448 give 261).
+
+    Both rules read the gamut's ab footprint from the surface of the RGB cube only: sRGB -> Lab
+    maps the cube one-to-one onto the gamut solid, every line of constant ab through that solid
+    ends on its surface, so the surface has the same ab footprint (checked to give the same cells
+    as the whole grid for samples 64 to 448), at 6 samples^2 instead of samples^3 conversions.
+    Printed by::
 
         python -c "from selfsup.colour import ab_bins; print(len(ab_bins()))"
 
-    Stability: the gamut enters cell (a, b) = (20, -80) by only 0.13 ab units,
-    along the cube edge R = 0, B = 1 for G in about [0.4631, 0.4652]; a grid
-    finer than that (samples >= 479) always hits it, coarser grids only by
-    luck: samples 64, 256, 448 give 261, samples 128 gives 262. Every tried
-    samples >= 479 (479, 480, 500, 512, 600, 700, 1000, 1024, 2048, 4096)
-    gives 262; the next most marginal cell is entered by 0.38 ab units.
-
-    Results are cached per (grid, samples); each call returns a fresh copy.
+    Results are cached per (grid, samples, rule); each call returns a fresh copy.
 
     Returns:
         (Q, 2) float32 CPU tensor of (a, b) centres, sorted by a, then b.
     """
-    return _ab_bins_cached(float(grid), int(samples)).clone()
+    if rule not in BIN_RULES:
+        raise ValueError(f"ab_bins: rule must be one of {', '.join(BIN_RULES)}, got {rule!r}")
+    return _ab_bins_cached(float(grid), int(samples), rule).clone()
 
 
 def _topk_bins(ab: torch.Tensor, centres: torch.Tensor, k: int):
@@ -368,7 +405,8 @@ def rebalance_weights(prior: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
     return w / (p * w).sum()
 
 
-def colour_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def colour_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Class-rebalanced multinomial cross-entropy (sec. 2.1, eq. 2; weights sec. 2.2).
 
     Per pixel: v(Z) * (-sum_q Z_q log softmax(logits)_q) with
@@ -380,6 +418,8 @@ def colour_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
         logits: (B, Q, h, w) unnormalised scores.
         target: (B, Q, h, w) soft encoding Z (e.g. :func:`soft_encode`).
         weights: (Q,) rebalancing weights (e.g. :func:`rebalance_weights`).
+        mask: optional (B,) per-image factor on the weights (the official NonGrayMaskLayer's 0 for
+            grayscale images); masked pixels still count in the mean.
 
     Returns:
         Scalar loss.
@@ -390,7 +430,9 @@ def colour_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     logp = torch.log_softmax(logits.to(dtype), dim=1)
     z = target.to(dtype)
     ce = -(z * logp).sum(dim=1)  # (B, h, w)
-    v = weights.to(device=logits.device, dtype=dtype)[z.argmax(dim=1)]
+    v = weights.to(device=logits.device, dtype=dtype)[z.argmax(dim=1)]  # (B, h, w)
+    if mask is not None:
+        v = v * mask.to(device=logits.device, dtype=dtype).view(-1, 1, 1)
     return (v * ce).mean()
 
 

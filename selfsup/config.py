@@ -65,7 +65,8 @@ def unknown_key(key: str, name: str, known: typing.Iterable[str], extra: str = "
 
 # --------------------------------------------------------------------------- sections
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "svhn", "imagefolder", "imagenet")
-BACKBONES = ("smallcnn", "nin", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn",
+BACKBONES = ("smallcnn", "nin", "nin_rotnet", "resnet18_cifar", "resnet50_cifar", "resnet18", "resnet50", "alexnet_bn",
+             "alexnet_rotnet", "alexnet_cfn",
              "vit_tiny", "vit_small", "vit_base", "vit_digits", "vit_small_p4", "vit_base_p4")
 AUGMENTS = ("none", "crop", "crop_flip")
 
@@ -312,6 +313,16 @@ class LinearCfg:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # not frozen: RandomResizedCrop's
     flip: bool = True  # not frozen: random horizontal flips
     warmup_epochs: int = 0  # mae / dino / beit: linear warm-up from 0 (MAE: 10, per step)
+    # augmented only (the frozen protocol is a per-step cosine, selfsup/linear.py): step, x0.1 at each of
+    # lr_steps (MoCo v1 / v2 main_lincls.py), or cosine, lr x 0.5 (1 + cos(pi epoch / epochs)) per epoch
+    # to 0 (facebookresearch/moco-v3 and simsiam main_lincls.py adjust_learning_rate; swav eval_linear.py
+    # CosineAnnealingLR(epochs, eta_min=final_lr 0) stepped per epoch; deepmind-research byol/configs/eval.py
+    # evaluates its cosine per step instead, a difference within an epoch's lr change)
+    lr_schedule: str = "step"
+    nesterov: bool = False  # augmented: Nesterov momentum 0.9 (deepmind-research byol/configs/eval.py)
+    # augmented: sgd (momentum 0.9) | lars: apex LARC with clip=False, trust coefficient 0.001, over that SGD
+    # (facebookresearch/simsiam main_lincls.py --lars; selfsup.optim.LARS rule larc), weight decay as lr
+    optimizer: str = "sgd"
     n_last_blocks: int = 1  # dino: CLS tokens of this many last blocks, concatenated (ViT-S 4, ViT-B 1)
     avgpool_patchtokens: bool = False  # dino: append the last block's mean patch token (ViT-B)
 
@@ -326,6 +337,17 @@ class LinearCfg:
             raise ConfigError(f"{p}.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if self.warmup_epochs and self.protocol not in self.PAPER:
             raise ConfigError(f"{p}.warmup_epochs: the {self.protocol} protocol has no warm-up; use 0")
+        one_of(p, "lr_schedule", self.lr_schedule, ("step", "cosine"))
+        one_of(p, "optimizer", self.optimizer, ("sgd", "lars"))
+        for key, default in (("lr_schedule", "step"), ("nesterov", False), ("optimizer", "sgd")):
+            if getattr(self, key) != default and self.protocol != "augmented":
+                raise ConfigError(f"{p}.{key}: only the augmented protocol reads it (protocol is {self.protocol})")
+        if self.lr_schedule == "cosine" and self.lr_steps:
+            raise ConfigError(f"{p}.lr_steps: the cosine schedule has no steps, got {self.lr_steps}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError(f"{p}.nesterov: needs optimizer sgd")
+        if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
+            raise ConfigError(f"{p}.lr_steps: need increasing positive epochs, got {self.lr_steps}")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs:
             raise ConfigError(f"{p}.warmup_epochs: {self.warmup_epochs} must be below epochs ({self.epochs})")
         if self.protocol != "dino" and (self.n_last_blocks != 1 or self.avgpool_patchtokens):
@@ -385,7 +407,14 @@ class FinetuneCfg:
     # default) turns it on: the fine-tuning recipe is the MAE / BEiT papers' protocol, not every paper's
     enabled: bool = False
     epochs: int = 100
+    # the global batch of one optimiser step (MAE / BEiT ViT-B: 1024 = their GPUs x per-GPU batch); the lr
+    # scaling and the schedule use it. Fine-tuning runs in one process
     batch_size: int = 256
+    # images through the network at once, gradients accumulated over batch_size / micro_batch of them
+    # (0: the whole batch at once). A memory knob: for a ViT (no batch norm) it changes nothing but memory,
+    # except that mixup / CutMix draw their lambda and pair the images per micro-batch, as the official code
+    # does per GPU batch (BEiT 128, MAE 32); conv nets' batch norm sees micro-batches
+    micro_batch: int = 0
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 5e-4  # at batch 256 (lr_scaling: linear scales it to batch_size)
     lr_scaling: str = "linear"
@@ -395,6 +424,9 @@ class FinetuneCfg:
     lars_eta: float = 0.001  # unused (build_optimizer's interface)
     weight_decay: float = 0.05
     warmup_epochs: int = 5
+    # the cosine's floor, not scaled by the batch (MAE main_finetune.py and BEiT run_class_finetuning.py:
+    # --min_lr 1e-6; lr = min_lr + (peak - min_lr) (1 + cos) / 2, both x a group's layer-decay scale)
+    min_lr: float = 1e-6
     layer_decay: float = 0.65  # ViTs only: lr x layer_decay ^ (depth + 1 - layer); 1: off
     label_smoothing: float = 0.1
     mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0: off
@@ -412,9 +444,6 @@ class FinetuneCfg:
     # autocast of the training forward: fp32 (off) | bf16 | fp16 (with a GradScaler); MAE / BEiT
     # main_finetune.py train under torch.cuda.amp (fp16). The test pass stays fp32
     precision: str = "fp32"
-    # gradient accumulation: an optimiser step every this many batches, so the global batch is
-    # batch_size x accumulate (MAE's accum_iter, BEiT's update_freq); lr scaling and the schedule use it
-    accumulate: int = 1
     # timm's RandAugment spec on the training crops, "" off (MAE / BEiT: rand-m9-mstd0.5-inc1); torchvision's
     # RandAugment ops (selfsup.finetune.RandAug says where they differ from timm's)
     randaugment: str = ""
@@ -456,8 +485,8 @@ class FinetuneCfg:
     def check(self, p: str) -> None:
         one_of(p, "precision", self.precision, ("fp32", "bf16", "fp16"))
         one_of(p, "pool", self.pool, ("cls", "mean"))
-        positive(p, self, "accumulate", "head_init_scale")
-        non_negative(p, self, "head_init_std")
+        positive(p, self, "batch_size", "head_init_scale")
+        non_negative(p, self, "head_init_std", "micro_batch", "min_lr")
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError(f"{p}.reprob: need a probability in [0, 1], got {self.reprob}")
         self.randaugment_params(p)
@@ -500,15 +529,46 @@ class ProbeCfg:
     # resized crops + flips through the frozen backbone every epoch, BatchNorm(affine=False) on the pooled
     # map, every layer's probe trained from one pass, a 10-crop test (softmax averaged, DeepCluster's tencrops)
     protocol: str = "fast"
-    pooling: str = "avg"  # avg (DeepCluster's AvgPool2d) | max (SeLa's and RotNet's MaxPool2d)
+    # avg (DeepCluster's AvgPool2d) | max (SeLa's and RotNet's MaxPool2d) | bilinear: the colourisation
+    # repo's linear test (richzhang/colorization@4617507 feature_learning_tests/linear/train_val.prototxt,
+    # used by the Jigsaw, context and colourisation papers): Caffe Resize layers to the grids (a tent
+    # pre-filter of radius 1 / scale, then linear interpolation on corner-aligned grids), then BatchNorm
+    # without scale
+    pooling: str = "avg"
+    # linear | mlp: Flatten, Linear(bias False)-BN-ReLU x 2 of min(20 x classes, 2048) units, Linear
+    # (gidariss/FeatureLearningRotNet@8539de6 architectures/NonLinearClassifier.py cls_type MultLayer, the
+    # CIFAR-10 per-block classifiers; no affine-free BN before it)
+    classifier: str = "linear"
+    # lr schedule of the classifiers: step (most official probe codes: RotNet's LUT_lr, the colourisation
+    # repo's Caffe step policy, SeLa's x0.1 every 10 epochs) or cosine per step to 0. step: from each
+    # lr_steps milestone on the lr is lr x the matching lr_factors entry (absolute; empty: x0.1 per
+    # milestone passed), no milestones = a constant lr. lr_step_unit: the milestones count epochs
+    # (RotNet's LUT_lr) or optimiser steps (Caffe's stepsize, in iterations of batch_size images)
+    lr_schedule: str = "step"
+    lr_steps: list[int] = field(default_factory=list)
+    lr_factors: list[float] = field(default_factory=list)
+    lr_step_unit: str = "epoch"
+    nesterov: bool = False  # SGD momentum 0.9 with Nesterov's update (RotNet's probe configs: nesterov True)
 
     def check(self, p: str) -> None:
         if "all" in self.layers and self.layers != ["all"]:
             raise ConfigError(f"{p}.layers: 'all' stands alone, got {self.layers}")
         one_of(p, "protocol", self.protocol, ("fast", "paper"))
-        one_of(p, "pooling", self.pooling, ("avg", "max"))
+        one_of(p, "pooling", self.pooling, ("avg", "max", "bilinear"))
+        one_of(p, "classifier", self.classifier, ("linear", "mlp"))
+        one_of(p, "lr_schedule", self.lr_schedule, ("step", "cosine"))
+        one_of(p, "lr_step_unit", self.lr_step_unit, ("epoch", "iteration"))
         positive(p, self, "target_dim", "epochs", "batch_size", "lr")
         non_negative(p, self, "weight_decay", "max_train")
+        if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
+            raise ConfigError(f"{p}.lr_steps: need increasing positive milestones, got {self.lr_steps}")
+        if self.lr_factors and len(self.lr_factors) != len(self.lr_steps):
+            raise ConfigError(f"{p}.lr_factors: one factor per lr_steps entry ({len(self.lr_steps)}), "
+                              f"got {self.lr_factors}")
+        if any(f <= 0 for f in self.lr_factors):
+            raise ConfigError(f"{p}.lr_factors: factors must be > 0, got {self.lr_factors}")
+        if self.lr_schedule == "cosine" and self.lr_steps:
+            raise ConfigError(f"{p}.lr_steps: the cosine schedule has no steps, got {self.lr_steps}")
         if self.protocol == "paper" and self.max_train:
             raise ConfigError(f"{p}.max_train: the paper protocol trains on the whole training set; use 0")
 

@@ -91,14 +91,17 @@ def paper_protocol(key: str, k: int, temperature: float, features: str, protocol
 
 
 def linear_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, num_classes: int, epochs: int,
-                batch_size: int, lr: float, weight_decay: float, seed: int, device: Any) -> dict[str, Any]:
+                batch_size: int, lr: float, weight_decay: float, seed: int, device: Any,
+                **probe: Any) -> dict[str, Any]:
+    """``probe``: linear_probe's schedule and classifier options (``lr_at``, ``nesterov``, ``classifier``:
+    the per-layer probes' keys)."""
     if (s := _skip("linear", ytr, yte)) is not None:
         return s
     from selfsup.linear import linear_probe  # torch: only this protocol needs it
 
     mtr, mte = ytr >= 0, yte >= 0
     return linear_probe(tr[mtr], ytr[mtr], te[mte], yte[mte], num_classes, epochs, batch_size, lr,
-                        weight_decay, seed, device)
+                        weight_decay, seed, device, **probe)
 
 
 def cluster_eval(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, k: int, niter: int,

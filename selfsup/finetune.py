@@ -5,13 +5,19 @@ modelling is judged by, where a linear probe under-rates it; run here for every 
 The recipe is the MAE / BEiT fine-tuning code's (``main_finetune.py``, ``util/lr_decay.py``), each part a
 param of ``finetune:`` so the papers' settings are a preset away:
 
-- AdamW (or SGD) with a per-step linear warm-up then half-cosine, lr = ``lr`` x global batch / 256
-  (MAE's ``blr``; ``lr_scaling``);
+- AdamW (or SGD) with a per-step linear warm-up then half-cosine to ``min_lr`` (MAE's and BEiT's
+  ``--min_lr 1e-6``), lr = ``lr`` x global batch / 256 (MAE's ``blr``; ``lr_scaling``);
 - layer-wise learning-rate decay for Vision Transformers (BEiT sec. 2.6, "layer-wise learning rate
   decay"): layer i of L gets lr x ``layer_decay`` ^ (L + 1 - i), the patch / CLS / position embeddings
   are layer 0 and the classifier and final norm layer L + 1 (MAE's ``param_groups_lrd``); conv nets
   are fine-tuned at one lr (the papers tune ResNets that way), so the key only acts on ViTs;
-- no weight decay on biases, norms, the CLS token and the position embedding (MAE's ``no_weight_decay``);
+- no weight decay on biases, norms, the CLS token and the position embedding (MAE's ``no_weight_decay``,
+  BEiT's ``{pos_embed, cls_token}`` with 1-d parameters and biases); BEiT's relative position bias tables
+  are decayed, as there by default;
+- BEiT's shared relative position bias (a trunk saved with ``ViT.options`` rel_pos_bias "shared") is
+  copied into every block before training (``ViT.unshare_rel_pos_bias``), as unilm@768a3c8
+  ``run_class_finetuning.py`` does with ``--rel_pos_bias`` (its default); each copy takes its block's
+  layer decay;
 - stochastic depth for ViTs (``drop_path``: MAE's and BEiT's 0.1, rising linearly over the blocks);
 - label smoothing, mixup and CutMix (Zhang et al. 2018; Yun et al. 2019) on soft targets, one of the
   two per batch with probability ``mix_switch_p`` when both are on (timm's ``Mixup``, which the MAE
@@ -19,13 +25,18 @@ param of ``finetune:`` so the papers' settings are a preset away:
 - timm's training transform after the crop and flip (MAE / BEiT ``build_transform``): RandAugment
   (``randaugment``, ``RandAug``: torchvision's ops, where they differ from timm's said there), then
   normalisation, then random erasing (``reprob``, per-pixel N(0, 1) noise: timm's mode 'pixel');
-- mixed precision (``precision``: autocast of the training forward, fp16 with a ``GradScaler``) and
-  gradient accumulation (``accumulate``: MAE's ``accum_iter``; one optimiser step, one schedule step,
-  per ``accumulate`` batches, the lr scaled by the global batch ``batch_size x accumulate``);
+- mixed precision (``precision``: autocast of the training forward, fp16 with a ``GradScaler``);
+- ``batch_size`` is the global batch of one optimiser step (the official 1024 = GPUs x per-GPU batch); the
+  loader's batch of that size goes through the network in ``micro_batch`` images at a time with the
+  gradients accumulated (MAE's ``accum_iter`` arithmetic), one optimiser and schedule step per batch. For a
+  ViT this changes nothing but memory, except mixup / CutMix, drawn per micro-batch as the official code
+  draws them per GPU batch; RandAugment and random erasing are per image either way;
 - the classifier's input (``pool``): the CLS token, or for a ViT the mean patch token through a new
   LayerNorm ``fc_norm`` (MAE's ``global_pool``, BEiT's ``use_mean_pooling``);
-- the classifier: ``Linear(D, classes)``, weight N(0, ``head_init_std``) (0.01; MAE 2e-5; BEiT 0.02),
-  bias 0, both x ``head_init_scale`` (BEiT's ``init_scale`` 0.001).
+- the classifier: ``Linear(D, classes)``, weight N(0, ``head_init_std``) (0.01; MAE 2e-5: main_finetune.py
+  ``trunc_normal_(model.head.weight, std=2e-5)`` on the plain head, no BN before it (the BN-headed
+  variant is MAE's linear probe, ``main_linprobe.py``); BEiT 0.02), bias 0, both x ``head_init_scale``
+  (BEiT's ``init_scale`` 0.001).
 
 Fine-tuning runs in one process (rank 0 of the ``evaluate`` stage), so the global batch has no
 process factor. Test: the centre-crop eval transform of the other evaluations, the whole network in
@@ -258,16 +269,13 @@ def accumulated_step(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch
     return loss
 
 
-def groups_of(batches: Iterator[Any], k: int) -> Iterator[list[Any]]:
-    """Consecutive lists of ``k`` items (the last one shorter)."""
-    group: list[Any] = []
-    for b in batches:
-        group.append(b)
-        if len(group) == k:
-            yield group
-            group = []
-    if group:
-        yield group
+def finetune_lr(step: int, peak: float, warm: int, total: int, min_lr: float) -> float:
+    """The lr at optimiser step ``step`` (before a group's layer-decay scale): linear warm-up peak x step /
+    warm, then min_lr + (peak - min_lr) (1 + cos(pi (step - warm) / (total - warm))) / 2 (MAE's
+    ``lr_sched.adjust_learning_rate`` at per-step resolution; BEiT's ``cosine_scheduler`` to ``--min_lr``)."""
+    if step < warm:
+        return peak * step / warm
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
 
 def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, seed: int,
@@ -301,41 +309,46 @@ def finetune(backbone: nn.Module, data: Any, cfg: Any, device: torch.device, see
             p.requires_grad_(False)
     depth = len(vit.vit.encoder.layers) if vit is not None else None
     if vit is not None:
+        vit.unshare_rel_pos_bias()  # BEiT: the shared table copied into every block (no-op otherwise)
         vit.set_drop_path(c.drop_path)
     groups = param_groups_lrd(model, c.weight_decay, c.layer_decay, depth)
-    base_lr = c.lr * lr_scale(c.lr_scaling, c.batch_size * c.accumulate, 256)  # the global batch
+    base_lr = c.lr * lr_scale(c.lr_scaling, c.batch_size, 256)  # the global batch of a step
     opt = build_optimizer(groups, c)
     scaler = torch.amp.GradScaler(device.type) if c.precision == "fp16" else None
     ra = c.randaugment_params()
     aug = RandAug(*ra, data.meta["mean"]) if ra is not None else None
     spec = ViewSpec(count=1, size=0, crop=True, scale=tuple(c.crop_scale), flip_p=0.5 if c.flip else 0.0)
     make = batch_maker(cfg, data, device)
-    batches_per_epoch = max(math.ceil(int((data.train.y >= 0).sum()) / c.batch_size), 1)
-    steps_per_epoch = math.ceil(batches_per_epoch / c.accumulate)  # optimiser steps
+    micro = min(c.micro_batch or c.batch_size, c.batch_size)  # images per forward / backward
+    steps_per_epoch = max(math.ceil(int((data.train.y >= 0).sum()) / c.batch_size), 1)  # optimiser steps
     total, warm = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
     step, loss = 0, torch.tensor(math.nan)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (b, C, H, W) -> (b, classes)
         return model.fc(model.head(model.backbone(x)).float())
 
-    def micro_batches(ep: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def steps(ep: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per optimiser step: the loader batch of ``batch_size`` images as micro-batches of ``micro``,
+        each transformed and mixed on its own (x (b, C, H, W), soft targets (b, classes))."""
         for i, batch in enumerate(make([spec], derive_seed(seed, "finetune", ep), c.batch_size)):
             keep = batch.y >= 0
             if not keep.any():
                 continue
-            x = timm_train_transform(batch.x[keep], c, data.meta["mean"], data.meta["std"], aug,
-                                     derive_seed(seed, "finetune-aug", ep, i))
-            yield mix_batch(x, batch.y[keep], num_classes, c, g)
+            out = []
+            for j, (x, y) in enumerate(zip(batch.x[keep].split(micro), batch.y[keep].split(micro))):
+                x = timm_train_transform(x, c, data.meta["mean"], data.meta["std"], aug,
+                                         derive_seed(seed, "finetune-aug", ep, i, j))
+                out.append(mix_batch(x, y, num_classes, c, g))
+            yield out
 
     for ep in tqdm(range(c.epochs), desc="finetune", unit="ep", leave=False, mininterval=2):
         model.train()
-        for micro in groups_of(micro_batches(ep), c.accumulate):
-            lr = base_lr * (step / warm if step < warm else
-                            0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1))))
+        for micro_list in steps(ep):
+            lr = finetune_lr(step, base_lr, warm, total, c.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             try:
-                loss = accumulated_step(forward, opt, micro, device, c.precision, scaler)
+                loss = accumulated_step(forward, opt, micro_list, device, c.precision, scaler)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e} at epoch {ep}") from None
             step += 1
@@ -357,7 +370,8 @@ def protocol_text(c: Any, depth: int | None, head: nn.Module | None) -> str:
             f"{c.layer_decay if depth else 'n/a (conv net)'}, drop path {c.drop_path if depth else 'n/a'}, "
             f"smoothing {c.label_smoothing}, mixup {c.mixup}, cutmix {c.cutmix}")
     extra = [f"{c.precision} autocast" if c.precision != "fp32" else "",
-             f"accumulate {c.accumulate} (B = {c.batch_size * c.accumulate})" if c.accumulate > 1 else "",
+             f"micro-batches of {c.micro_batch} (B = {c.batch_size})" if 0 < c.micro_batch < c.batch_size else "",
+             f"cosine to {c.min_lr}" if c.min_lr else "",
              f"RandAugment {c.randaugment}" if c.randaugment else "", f"random erasing {c.reprob}" if c.reprob else "",
              "mean-pooled patch tokens + fc_norm" if c.pool == "mean" and depth else "",
              f"head init N(0, {c.head_init_std}) x {c.head_init_scale}"

@@ -1,18 +1,24 @@
 """Linear probes on every stage of a network (DeepCluster Table 1, SeLa, InstDisc: AlexNet conv1-conv5;
 ResNet stages), on frozen features.
 
-The papers' recipe (DeepCluster's ``eval_linear.py``, which SeLa and InstDisc follow): the activations
-of a layer are average-pooled to about 9,000 dimensions (AlexNet conv1: 96 x 10 x 10, conv2 / conv5:
-256 x 6 x 6, conv3 / conv4: 384 x 5 x 5), go through batch norm without affine parameters, then a
-linear classifier. Here:
+The papers' recipe (DeepCluster's ``eval_linear.py``; SeLa's ``eval_linear_probes.py`` takes the same
+grids with max pooling): the activations of a layer are average-pooled to about 9,000 dimensions
+(AlexNet conv1: 96 x 10 x 10, conv2 / conv5: 256 x 6 x 6, conv3 / conv4: 384 x 5 x 5), go through
+batch norm without affine parameters, then a linear classifier. Here:
 
 - pooling: ``AdaptiveAvgPool2d(s)`` with s = round(sqrt(target_dim / C)), capped at the map's side,
   which gives those sizes for AlexNet at 224 px (the official code uses fixed AvgPool2d kernels
   and strides that land on the same grids);
 - the affine-free batch norm is the fixed train-set standardisation of ``selfsup.linear`` (the same
   transform with the statistics of the whole training set instead of each batch's);
-- ``probe.pooling``: ``avg`` (DeepCluster's ``AvgPool2d``) or ``max`` (SeLa's ``eval_linear_probes.py``
-  and RotNet's probes ``MaxPool2d``);
+- ``probe.pooling``: ``avg`` (DeepCluster's ``AvgPool2d``), ``max`` (SeLa's ``eval_linear_probes.py``
+  ``MaxPool2d``, RotNet's ``AdaptiveMaxPool2d``) or ``bilinear`` (``caffe_resize``: the Caffe ``Resize``
+  layers of the colourisation repo's linear test, which the Jigsaw, context-prediction and
+  colourisation papers report; BatchNorm without scale after them, as the paper protocol's);
+- ``probe.classifier``: ``linear`` or ``mlp`` (``mlp_classifier``: RotNet's CIFAR-10 non-linear
+  per-block classifiers);
+- ``probe.lr_schedule``: ``step`` (``step_lr``: absolute factors from epoch or iteration milestones,
+  RotNet's ``LUT_lr`` and Caffe's step policy) or ``cosine`` per step; ``probe.nesterov`` (RotNet);
 - ``probe.protocol: fast``: the classifier trains on features extracted once with the eval transform
   (the centre crop), a one-crop test; ``probe.max_train`` caps the training rows (a seeded subset) so
   a layer of ImageNet fits in memory;
@@ -23,9 +29,10 @@ linear classifier. Here:
   ``resize_size``, and their mirror images), the softmax averaged over the crops (DeepCluster's
   ``eval_linear.py --tencrops``; SeLa averages the logits). Differences: DeepCluster trains on
   RandomCrop(224) of the 256 centre square and decays the lr as lr0 / sqrt(1 + lr0 wd t); SeLa's lr
-  steps x0.1 every 10 of 36 epochs; here SGD with the ``probe`` lr, weight decay and a per-step cosine,
-  as the fast protocol. Image arrays (digits, CIFAR) have no resize: their ten crops are taken at the
-  native side from the image upsampled by ``resize_size / crop_size``.
+  steps x0.1 every 10 of 36 epochs (``lr_steps`` [10, 20, 30]); here SGD momentum 0.9 with the
+  ``probe`` lr, weight decay and schedule, as the fast protocol. Image arrays (digits, CIFAR) have no
+  resize: their ten crops are taken at the native side from the image upsampled by
+  ``resize_size / crop_size``.
 """
 from __future__ import annotations
 
@@ -64,9 +71,67 @@ def pool_side(channels: int, side: int, target_dim: int) -> int:
 
 
 def pool(a: torch.Tensor, target_dim: int, pooling: str = "avg") -> torch.Tensor:
-    """(B, C, H, W) activations -> (B, C, s, s), s = ``pool_side``, adaptive average or max pooling."""
+    """(B, C, H, W) activations -> (B, C, s, s), s = ``pool_side``: adaptive average or max pooling, or
+    the Caffe ``Resize`` layer (``caffe_resize``)."""
     s = pool_side(a.shape[1], min(a.shape[2:]), target_dim)
+    if pooling == "bilinear":
+        return caffe_resize(a, s)
     return nn.functional.adaptive_avg_pool2d(a, s) if pooling == "avg" else nn.functional.adaptive_max_pool2d(a, s)
+
+
+def _resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64: one axis of the Caffe ``Resize`` layer (philkr's Caffe, whose ``Resize`` and
+    ``ColorConv`` layers the colourisation repo's prototxts use; ``resize_layer.cpp``). The scale is
+    s = (n_out - 1) / (n_in - 1) (the first and last samples aligned). When s < 1 a tent filter of radius
+    R = 1 / s first spreads each input over its neighbours: weights R - |r| for the integers |r| < R,
+    normalised, the edge samples repeated beyond the border. Then output i is the linear
+    interpolation at x = i / s (clamped to the map) between floor(x) and the next sample."""
+    if n_out == n_in:
+        return torch.eye(n_in, dtype=torch.float64)
+    if n_in < 2 or n_out < 2:
+        raise ValueError(f"probe.pooling bilinear: a {n_in} -> {n_out} resize has no corner-aligned scale")
+    scale = (n_out - 1) / (n_in - 1)
+    tent = torch.eye(n_in, dtype=torch.float64)
+    if scale < 1:
+        radius = 1.0 / max(scale, 0.01)
+        tent = torch.zeros(n_in, n_in, dtype=torch.float64)
+        for r in range(-math.ceil(radius) + 1, math.ceil(radius)):  # the integers |r| < R
+            w = radius - abs(r)
+            for k in range(n_in):
+                tent[k, min(max(k + r, 0), n_in - 1)] += w
+        tent /= tent.sum(1, keepdim=True)
+    lerp = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        x = min(max(i / scale, 0.0), n_in - 1.0)
+        i0 = int(x)
+        i1 = min(i0 + 1, n_in - 1)
+        w0 = i1 - x  # Caffe's weight of sample i0 (0 when x is the last sample)
+        lerp[i, i0] += w0
+        lerp[i, i1] += 1.0 - w0
+    return lerp @ tent
+
+
+def caffe_resize(a: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, side, side): the colourisation repo's linear-test pooling (richzhang/colorization
+    feature_learning_tests/linear/train_val.prototxt: ``Resize`` to 10 / 6 / 5 / 5 / 6, then BatchNorm),
+    each axis a fixed linear map (``_resize_matrix``)."""
+    h, w = a.shape[2:]
+    my = _resize_matrix(h, side).to(a.device, a.dtype)  # (side, H)
+    mx = _resize_matrix(w, side).to(a.device, a.dtype)  # (side, W)
+    return torch.einsum("ih,bchw,jw->bcij", my, a, mx)
+
+
+def step_lr(cfg: Any, epoch: int, step: int) -> float:
+    """``probe.lr_schedule: step``: the lr at (0-based) ``epoch`` and optimiser ``step``: from the k-th
+    milestone of ``lr_steps`` passed on, lr x ``lr_factors[k]`` (empty factors: x0.1 per milestone), the
+    milestones counted in epochs or iterations (``lr_step_unit``). RotNet's ``adjust_learning_rates``
+    (the LUT_lr entry of the first bound above the epoch) and Caffe's ``step`` policy (base_lr x
+    gamma ^ floor(iter / stepsize)) are both this."""
+    t = epoch if cfg.lr_step_unit == "epoch" else step
+    passed = sum(t >= m for m in cfg.lr_steps)
+    if not passed:
+        return cfg.lr
+    return cfg.lr * (cfg.lr_factors[passed - 1] if cfg.lr_factors else 0.1 ** passed)
 
 
 @torch.no_grad()
@@ -133,10 +198,19 @@ def probe_all(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, se
                             desc=f"probe {name} train", **geo)[name]
         te = layer_features(backbone, data.test, data.meta, device, [name], desc=f"probe {name} test", **geo)[name]
         r = linear_eval(tr, ytr, te, data.test.y, num_classes=len(data.meta["classes"]), epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device)
+                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device,
+                        lr_at=None if cfg.lr_schedule == "cosine" else (lambda ep, st: step_lr(cfg, ep, st)),
+                        nesterov=cfg.nesterov, classifier=cfg.classifier)
         res[name] = {**r, "dim": int(tr.shape[1])}
-    return {"layers": res, "protocol": f"{cfg.pooling}-pooled to ~{cfg.target_dim} dims, standardised, linear, "
-                                       f"{cfg.epochs} epochs on centre-crop features"}
+    return {"layers": res, "protocol": f"{cfg.pooling}-pooled to ~{cfg.target_dim} dims, standardised, "
+                                       f"{cfg.classifier}, {_schedule_text(cfg)}, {cfg.epochs} epochs on "
+                                       f"centre-crop features"}
+
+
+def _schedule_text(cfg: Any) -> str:
+    if cfg.lr_schedule == "cosine":
+        return "cosine lr"
+    return f"step lr at {cfg.lr_step_unit}s {cfg.lr_steps}" + (f" x{cfg.lr_factors}" if cfg.lr_factors else "")
 
 
 # --------------------------------------------------------------------------- the paper protocol
@@ -208,11 +282,18 @@ class _Grab:
 
 
 def paper_heads(acts: dict[str, torch.Tensor], cfg: Any, num_classes: int, g: torch.Generator) -> nn.ModuleDict:
-    """Per layer: BatchNorm2d(affine=False) on the pooled (C, s, s) map (SeLa's probe), flattened, then
-    Linear(C s s, classes) with weight N(0, 0.01), bias 0 (the fast probe's init)."""
+    """Per layer (``acts``: the pooled (B, C, s, s) maps): classifier linear: BatchNorm2d(affine=False) on
+    the pooled map (SeLa's and RotNet's probes; the colourisation repo's BatchNorm without scale),
+    flattened, then Linear(C s s, classes) with weight N(0, 0.01), bias 0 (the fast probe's init);
+    mlp: flattened, then ``mlp_classifier`` (RotNet's MultLayer has no normalisation before it)."""
+    from selfsup.linear import mlp_classifier
+
     heads = {}
     for name, a in acts.items():
-        c, s = a.shape[1], pool_side(a.shape[1], min(a.shape[2:]), cfg.target_dim)
+        c, s = a.shape[1], a.shape[2]
+        if cfg.classifier == "mlp":
+            heads[name] = nn.Sequential(nn.Flatten(), mlp_classifier(c * s * s, num_classes, g))
+            continue
         fc = nn.Linear(c * s * s, num_classes)
         with torch.no_grad():
             fc.weight.copy_(torch.empty(fc.weight.shape).normal_(0, 0.01, generator=g))
@@ -236,6 +317,7 @@ def probe_paper(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, 
     spec = ViewSpec(count=1, size=0, crop=True, flip_p=0.5)  # RandomResizedCrop (0.08-1) + flip
     try:
         heads = opt = sched = None
+        done = 0  # optimiser steps taken
         losses: dict[str, torch.Tensor] = {}
         steps = cfg.epochs * max(math.ceil(int(data.n_train) / cfg.batch_size), 1)
         for ep in tqdm(range(cfg.epochs), desc="probe (paper)", unit="ep", leave=False, mininterval=2,
@@ -248,8 +330,13 @@ def probe_paper(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, 
                     feats = {n: pool(a.float(), cfg.target_dim, cfg.pooling) for n, a in grab(batch.x[keep]).items()}
                 if heads is None:  # the layers' shapes are known from the first batch
                     heads = paper_heads(feats, cfg, num_classes, torch.Generator().manual_seed(seed)).to(device)
-                    opt = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+                    opt = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=0.9, nesterov=cfg.nesterov,
+                                          weight_decay=cfg.weight_decay)
+                    if cfg.lr_schedule == "cosine":
+                        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+                if sched is None:  # step: set before each optimiser step (epoch or iteration milestones)
+                    for group in opt.param_groups:
+                        group["lr"] = step_lr(cfg, ep, done)
                 heads.train()
                 losses = {n: nn.functional.cross_entropy(heads[n](f), batch.y[keep]) for n, f in feats.items()}
                 loss = sum(losses.values())  # independent heads: each gets its own layer's gradient
@@ -258,7 +345,9 @@ def probe_paper(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                done += 1
+                if sched is not None:
+                    sched.step()
         if heads is None:
             raise ValueError("probe.protocol: paper found no training batch with two labelled images")
         heads.eval()
@@ -281,9 +370,11 @@ def probe_paper(backbone: nn.Module, data: Any, device: torch.device, cfg: Any, 
         backbone.train(was)
     res = {}
     for n in names:
-        dim = heads[n][2].in_features
+        dim = next(m for m in heads[n].modules() if isinstance(m, nn.Linear)).in_features
         res[n] = {"top1": 100.0 * hits[n][0] / n_test, "final_loss": float(losses[n].item()), "dim": int(dim)}
         if num_classes >= 5:
             res[n]["top5"] = 100.0 * hits[n][1] / n_test
-    return {"layers": res, "protocol": f"paper: {cfg.pooling}-pooled to ~{cfg.target_dim} dims, BN(affine=False), "
-                                       f"linear, {cfg.epochs} epochs on random crops, 10-crop test"}
+    norm = "" if cfg.classifier == "mlp" else "BN(affine=False), "
+    return {"layers": res, "protocol": f"paper: {cfg.pooling}-pooled to ~{cfg.target_dim} dims, {norm}"
+                                       f"{cfg.classifier}, {_schedule_text(cfg)}, {cfg.epochs} epochs on random "
+                                       f"crops, 10-crop test"}

@@ -154,8 +154,11 @@ PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 # which of our columns meets a published number of each protocol / metric
 OURS_FOR = {("knn", "top1"): "knn_paper_top1", ("linear", "top1"): "linear_top1",
             ("linear_svm", "top1"): "svm_top1", ("linear_per_layer", "top1"): "linear_top1",
+            # RotNet's CIFAR-10 non-linear classifier per block: our probes with probe.classifier mlp
+            ("nonlinear_per_block", "top1"): "linear_top1",
             ("finetune", "top1"): "finetune_top1", ("detection", "ap50"): "voc_ap50",
             ("detection", "ap"): "voc_ap", ("detection", "ap75"): "voc_ap75"}
+PER_LAYER = ("linear_per_layer", "nonlinear_per_block")  # met by our probe of the same layer
 
 
 def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict[str, dict[str, Any]]:
@@ -191,7 +194,7 @@ def paper_columns(table: pd.DataFrame, paper: dict[str, str], note: str,
         if key not in OURS_FOR:
             raise InputError(f"report.paper.{m}: no column of ours for protocol {key} of {pid}")
         col = OURS_FOR[key]
-        if r["protocol"] == "linear_per_layer" and f"probe_{r['layer']}_top1" in t.columns:
+        if r["protocol"] in PER_LAYER and f"probe_{r['layer']}_top1" in t.columns:
             col = f"probe_{r['layer']}_top1"  # our probe of the same layer (probe.layers)
         ours = float(t.at[m, col])
         if key == ("knn", "top1") and math.isnan(ours):
@@ -222,10 +225,10 @@ def probes_table(all_metrics: dict[str, dict[str, dict[str, Any]]], paper: dict[
             continue
         rows[m] = {name: r.get("top1", math.nan) for name, r in pr["layers"].items()}
         pid = paper.get(m)
-        if pid in results and results[pid]["protocol"] == "linear_per_layer":
+        if pid in results and results[pid]["protocol"] in PER_LAYER:
             stem = pid.rsplit("/", 1)[0]
             pub = {r["layer"]: (math.nan if r["value"] is None else float(r["value"])) for i, r in results.items()
-                   if i.rsplit("/", 1)[0] == stem and r["protocol"] == "linear_per_layer"}
+                   if i.rsplit("/", 1)[0] == stem and r["protocol"] in PER_LAYER}
             rows[f"{m} (paper)"] = pub
     t = pd.DataFrame.from_dict(rows, orient="index")
     t.index.name = "method"

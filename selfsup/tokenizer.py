@@ -29,9 +29,14 @@ Two kinds (``TokenizerCfg.kind``):
       python -c "import torch; torch.save(torch.load('encoder.pkl', map_location='cpu', weights_only=False).state_dict(), 'dalle_encoder.pt')"
 
   and set ``tokenizer.path: dalle_encoder.pt``. Input: BEiT feeds the tokeniser a second, 112 px view of
-  the same crop (``second_input_size``, lanczos) for its 14 x 14 grid; here the crop is resized (bilinear,
-  antialiased) to (8 h) x (8 w) px, the dataset normalisation undone (the mean / std recorded in the file),
-  the pixels mapped by ``map_pixels`` ((1 - 2 eps) x + eps, eps 0.1), a grayscale image repeated to RGB.
+  the same crop (microsoft/unilm@768a3c8 ``beit/datasets.py`` ``DataAugmentationForBEiT``:
+  ``--second_input_size 112``, ``--second_interpolation lanczos``) for its 14 x 14 grid. Here the crop the
+  ViT sees has its dataset normalisation undone (the mean / std recorded in the file) and is resized to
+  (8 h) x (8 w) px by ``resample``: "lanczos" (default: ``lanczos_resize``, PIL's Lanczos-3 filter, the
+  official second interpolation; the result clamped to [0, 1] as PIL's 8-bit output) or "bilinear"
+  (antialiased, this project's earlier view); then ``map_pixels`` ((1 - 2 eps) x + eps, eps 0.1), a
+  grayscale image repeated to RGB. The official view is resampled from the original image's crop box; here
+  from the training crop (one rendering per view comes from the data loader).
   The official encoder runs its convs in fp16 on GPUs; here fp32.
 
 The file (``save_tokenizer`` / ``load_tokenizer``): ``{"kind", "spec", "state_dict", "metrics"}``, plain
@@ -280,6 +285,46 @@ class DalleEncoder(nn.Module):
         return self.blocks(x)
 
 
+RESAMPLES = ("lanczos", "bilinear")
+
+
+def _lanczos3(x: torch.Tensor) -> torch.Tensor:
+    """PIL's lanczos filter: sinc(x) sinc(x / 3) on [-3, 3), 0 outside (float64 in, float64 out)."""
+    def sinc(t: torch.Tensor) -> torch.Tensor:
+        pt = math.pi * t
+        return torch.where(t == 0, torch.ones_like(t), torch.sin(pt) / torch.where(t == 0, torch.ones_like(pt), pt))
+
+    return torch.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3.0), torch.zeros_like(x))
+
+
+def lanczos_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float64 resampling matrix of PIL's ``Image.resize(..., LANCZOS)`` along one axis
+    (``ImagingResample``'s ``precompute_coeffs``): output pixel i centred at (i + 0.5) scale in input
+    pixels, the filter widened by the downscale factor (antialiasing; support 3 x max(scale, 1)), taps
+    from int(centre - support + 0.5) to int(centre + support + 0.5) clipped to the image, each weighted
+    lanczos((j - centre + 0.5) / max(scale, 1)), then normalised to sum 1."""
+    scale = in_size / out_size
+    fs = max(scale, 1.0)
+    support = 3.0 * fs
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+        j = torch.arange(lo, hi, dtype=torch.float64)
+        k = _lanczos3((j - centre + 0.5) / fs)
+        w[i, lo:hi] = k / k.sum()
+    return w
+
+
+def lanczos_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) float -> (B, C, *size): PIL's Lanczos-3 resize as two separable matrix products,
+    horizontal then vertical (PIL's order), in float (PIL rounds to 8 bits between and after the
+    passes; not done here)."""
+    wy = lanczos_weights(x.shape[2], size[0]).to(x)  # (Sh, H)
+    wx = lanczos_weights(x.shape[3], size[1]).to(x)  # (Sw, W)
+    return torch.matmul(wy, torch.matmul(x, wx.t()))  # (B, C, Sh, Sw)
+
+
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
     """DALL-E's input mapping of [0, 1] pixels into [eps, 1 - eps]."""
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
@@ -293,6 +338,8 @@ class DalleTokenizer(Tokenizer):
         if channels not in (1, 3):
             raise ValueError(f"dalle tokenizer: RGB or grayscale images, got {channels} channels")
         self.encoder = encoder
+        # the second view's interpolation (RESAMPLES); BEiT sets it from beit.tokenizer_view, not saved
+        self.resample = "lanczos"
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
 
@@ -306,9 +353,15 @@ class DalleTokenizer(Tokenizer):
         gh, gw = self.grid(x.shape[2], x.shape[3])
         x = x[:, :, :gh * self.patch, :gw * self.patch]  # the ViT's patches only
         size = (gh * DALLE_DOWNSAMPLE, gw * DALLE_DOWNSAMPLE)
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"dalle tokenizer: resample must be one of {RESAMPLES}, got {self.resample!r}")
+        rgb = x * self._std + self._mean  # (B, C, H, W) pixels in [0, 1]
         if tuple(x.shape[2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        rgb = (x * self._std + self._mean).clamp(0.0, 1.0)
+            if self.resample == "lanczos":
+                rgb = lanczos_resize(rgb, size)
+            else:
+                rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
+        rgb = rgb.clamp(0.0, 1.0)
         if rgb.shape[1] == 1:
             rgb = rgb.expand(-1, 3, -1, -1)
         return map_pixels(rgb)

@@ -208,12 +208,58 @@ def test_beit_needs_a_vit_a_matching_tokeniser_and_an_upstream(digits, tok_file,
         pretrain(make_cfg(methods={"beit": "data/dataset"}, beit=BEIT), "beit", small(digits, 64), tmp_path / "ck.pt")
 
 
+def slow_rel_bias(table, g, i, j, head):
+    """The official relative position bias of query token i and key token j (0 the CLS token, then the
+    g x g patches row-major), written from unilm's RelativePositionBias: the offset (dr, dc) of the two
+    patches indexes row (dr + g - 1)(2 g - 1) + dc + g - 1; CLS -> patch, patch -> CLS and CLS -> CLS
+    are the last three rows."""
+    n = (2 * g - 1) ** 2
+    if i == 0 and j == 0:
+        return table[n + 2, head]
+    if i == 0:
+        return table[n, head]
+    if j == 0:
+        return table[n + 1, head]
+    (r1, c1), (r2, c2) = divmod(i - 1, g), divmod(j - 1, g)
+    return table[(r1 - r2 + g - 1) * (2 * g - 1) + (c1 - c2 + g - 1), head]
+
+
+def slow_beit_block(blk, seq, table, g):
+    """One BEiT block (unilm modeling_finetune.py Block / Attention, eval mode) on seq (N, D), per head and
+    per token pair: q = W_q x + q_bias, k = W_k x (no bias), v = W_v x + v_bias, softmax over keys of
+    q.k / sqrt(d) + the relative bias, the output projection, layer scale gamma_1; then the GELU MLP
+    scaled by gamma_2."""
+    import torch.nn.functional as F
+
+    n, d = seq.shape
+    hd = blk.heads
+    dh = d // hd
+    h1 = F.layer_norm(seq, (d,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+    w = blk.qkv.weight  # (3 D, D)
+    q = h1 @ w[:d].t() + blk.q_bias
+    k = h1 @ w[d:2 * d].t()
+    v = h1 @ w[2 * d:].t() + blk.v_bias
+    heads = []
+    for a in range(hd):
+        qa, ka, va = (t[:, a * dh:(a + 1) * dh] for t in (q, k, v))
+        logits = torch.stack([torch.stack([qa[i] @ ka[j] / dh ** 0.5 + slow_rel_bias(table, g, i, j, a)
+                                           for j in range(n)]) for i in range(n)])
+        heads.append(torch.softmax(logits, 1) @ va)
+    x = seq + blk.gamma_1 * (torch.cat(heads, 1) @ blk.proj.weight.t() + blk.proj.bias)
+    h2 = F.layer_norm(x, (d,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+    mlp = F.gelu(h2 @ blk.fc1.weight.t() + blk.fc1.bias) @ blk.fc2.weight.t() + blk.fc2.bias
+    return x + blk.gamma_2 * mlp
+
+
 def slow_reference_loss(m, x, mask, ids):
     """Per masked position, written plainly: patch embeddings as a matrix product of the flattened patches,
-    the masked ones replaced by the mask token, CLS first, position embedding, the ViT's blocks and final
-    norm, the lm_head as W h + b, -log softmax at the tokeniser's id; the mean over every masked position."""
-    v = m.backbone.trunk.vit
-    p = m.backbone.trunk.patch
+    the masked ones replaced by the mask token, CLS first, no absolute position embedding, BEiT's blocks
+    with the one shared relative position bias (slow_beit_block), the final norm, the lm_head as W h + b,
+    -log softmax at the tokeniser's id; the mean over every masked position."""
+    trunk = m.backbone.trunk
+    v, p, g = trunk.vit, trunk.patch, trunk.grid
+    assert v.encoder.pos_embedding is None  # official: use_abs_pos_emb False
+    table = trunk.rel_pos_bias.relative_position_bias_table
     wc, bc = v.conv_proj.weight, v.conv_proj.bias  # (D, C, p, p), (D,)
     b_, _, hh, ww = x.shape
     losses = []
@@ -225,11 +271,10 @@ def slow_reference_loss(m, x, mask, ids):
                 patch = x[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]
                 e = m.mask_token[0, 0] if mask[b, n] else (wc * patch[None]).flatten(1).sum(1) + bc
                 toks.append(e)
-        seq = torch.stack([v.class_token[0, 0], *toks]) + v.encoder.pos_embedding[0]
-        seq = seq[None]
+        seq = torch.stack([v.class_token[0, 0], *toks])
         for layer in v.encoder.layers:
-            seq = layer(seq)
-        hid = v.encoder.ln(seq)[0, 1:]
+            seq = slow_beit_block(layer, seq, table, g)
+        hid = v.encoder.ln(seq[None])[0, 1:]
         for n in range(len(toks)):
             if mask[b, n]:
                 logits = m.lm_head.weight @ hid[n] + m.lm_head.bias
@@ -238,18 +283,24 @@ def slow_reference_loss(m, x, mask, ids):
 
 
 def test_beit_loss_equals_a_slow_reference(digits, tok_file):
-    m = beit(digits, tok_file).eval()  # eval: no dropout (torchvision's ViT has none at 0.0 anyway)
+    """The whole pre-training forward (BEiT blocks, shared relative position bias, layer scale, mask token)
+    against a per-token, per-head reference written from the official modules."""
+    m = beit(digits, tok_file).eval()  # eval: no drop path
+    with torch.no_grad():  # a non-zero shared bias table (zero at init) and layer scales, so both count
+        m.backbone.trunk.rel_pos_bias.relative_position_bias_table.normal_(0, 1.0)
+        for blk in m.backbone.trunk.vit.encoder.layers:
+            blk.gamma_1.uniform_(0.5, 1.5)
+            blk.gamma_2.uniform_(0.5, 1.5)
     x = torch.randn(4, 1, 8, 8)
     batch = Batch([x], torch.zeros(4, dtype=torch.long), torch.arange(4))
     torch.manual_seed(3)
     loss = m(batch).loss.detach()
     torch.manual_seed(3)  # the same global-RNG state draws the same masks
     mask = m.masks(4, 4, 4, CPU)
-    assert mask.shape == (4, 16) and (mask.sum(1) == 6).all()  # round(0.4 x 16) per image
+    assert mask.shape == (4, 16) and (mask.sum(1) >= 4).all()  # round(0.4 x 16) = 6 at most per image
     with torch.no_grad():
         ref = slow_reference_loss(m, x, mask, m.tokenizer.encode(x))
     assert abs(float(loss) - float(ref)) < 1e-5, (float(loss), float(ref))
-    assert abs(float(loss) - np.log(64)) < 0.5  # lm_head at its small init: about uniform over 64 tokens
 
 
 def test_the_loss_ignores_unmasked_positions(digits, tok_file):
@@ -288,13 +339,9 @@ def test_the_tokeniser_gets_no_gradient_and_is_not_part_of_the_state(digits, tok
     assert not ids & {id(p) for p in tok.parameters()}
     assert {id(p) for p in m.parameters() if p.requires_grad} == ids  # everything else is optimised
     for p in [m.mask_token, m.lm_head.weight, m.backbone.trunk.vit.conv_proj.weight,
-              m.backbone.trunk.vit.encoder.layers[0].self_attention.in_proj_weight]:
+              m.backbone.trunk.vit.encoder.layers[0].qkv.weight,
+              m.backbone.trunk.rel_pos_bias.relative_position_bias_table]:
         assert p.grad is not None and p.grad.abs().sum() > 0
-    # no weight decay on the CLS token and the position embedding (official no_weight_decay)
-    nd = next(g for g in m.param_groups() if g["weight_decay"] == 0.0)
-    v = m.backbone.trunk.vit
-    assert {id(v.class_token), id(v.encoder.pos_embedding)} <= {id(p) for p in nd["params"]}
-    assert id(m.mask_token) not in {id(p) for p in nd["params"]}
 
 
 def test_beit_resume_is_exact(digits, tok_file, tmp_path):
@@ -329,4 +376,4 @@ def test_beit_on_digits_lowers_its_loss(digits, tmp_path):
     _, hist = pretrain(cfg, "beit", small(digits, 960), tmp_path / "beit" / "ck.pt")
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.2, [h["loss"] for h in hist]
     assert hist[-1]["mlm_acc"] > hist[0]["mlm_acc"] and hist[-1]["mlm_acc"] > 1.5 / 64
-    assert all(abs(h["masked_frac"] - 6 / 16) < 1e-6 for h in hist)
+    assert all(abs(h["masked_frac"] - 6 / 16) < 0.01 for h in hist)  # official fill: rarely short of 6

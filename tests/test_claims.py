@@ -32,7 +32,8 @@ def _in_docstring(lines, i):
 
 
 def test_every_measured_number_names_its_command():
-    files = [ROOT / "params.yaml", ROOT / "README.md", *sorted((ROOT / "selfsup").rglob("*.py")),
+    files = [ROOT / "params.yaml", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "selfsup").rglob("*.py")),
              *sorted((ROOT / "stages").glob("*.py")), *sorted((ROOT / "presets").glob("*.yaml"))]
     bad = [c for f in files for c in claims(f)]
     assert not bad, "numbers without the command that measures them:\n" + "\n".join(bad)

@@ -58,35 +58,108 @@ def test_encoder_carries_its_l_channel_adapter(tmp_path):
         assert torch.allclose(net(x), m.backbone(x), atol=1e-5)
 
 
-def test_loss_matches_a_per_pixel_reference():
+def _reference_loss(m, x, stride):
+    """Slow per-pixel reference of the official training layers: ab at every ``stride``-th pixel
+    (data_ab_ss) or average-pooled to the map (stride 0), the logits resized bilinearly to that grid
+    (fc8_upsample), soft-encoded targets (NNEncLayer), the rebalancing weight of the target's most
+    likely bin (PriorBoostLayer) times the image's non-grey mask (NonGrayMaskLayer: some sampled |a| or
+    |b| above 5), the cross-entropy averaged over every sampled pixel."""
+    with torch.no_grad():
+        logits = m.logits(x)  # (B, Q, h, w)
+        h, w = logits.shape[-2:]
+        ab = rgb_to_lab(m.rgb(x))[:, 1:]  # (B, 2, S, S)
+        side = x.shape[-1]
+        if stride:
+            pos = list(range(0, side, stride))
+            grid = [[ab[:, :, i, j] for j in pos] for i in pos]  # per pixel (B, 2)
+            logits = torch.nn.functional.interpolate(logits, size=(len(pos), len(pos)), mode="bilinear",
+                                                     align_corners=False)
+        else:
+            pos = list(range(h))
+            grid = [[ab[:, :, i * side // h:(i + 1) * side // h, j * side // w:(j + 1) * side // w].mean((2, 3))
+                     for j in range(w)] for i in range(h)]
+        total, count = 0.0, 0
+        for b in range(len(x)):
+            grey = all(float(grid[i][j][b].abs().max()) <= 5.0 for i in range(len(pos)) for j in range(len(pos)))
+            for i in range(len(pos)):
+                for j in range(len(pos)):
+                    z = soft_encode(grid[i][j][b].view(1, 2, 1, 1), m.centres, m.cfg.soft_k, 5.0).view(-1)
+                    logp = torch.log_softmax(logits[b, :, i, j], 0)
+                    wt = 0.0 if (grey and m.cfg.nongray_mask) else float(m.weights[z.argmax()])
+                    total += wt * float(-(z * logp).sum())
+                    count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("stride", [8, 0])
+def test_loss_matches_a_per_pixel_reference(stride):
     data = colour_data()
-    m = build_method(make_cfg(methods=["colorization"]), "colorization", data).eval()
+    m = build_method(make_cfg(methods=["colorization"], colorization={"target_stride": stride}), "colorization",
+                     data).eval()
+    assert m.cfg.soft_k == 10 and m.cfg.nongray_mask and len(m.centres) == 313
     prior = torch.rand(len(m.centres), dtype=torch.float64)
     m.prior.copy_(prior / prior.sum())
     m.weights.copy_(rebalance_weights(m.prior, 0.5).float())
-    x = torch.randn(2, 3, 16, 16)
-    out = m(Batch([x], torch.zeros(2, dtype=torch.long), torch.arange(2)))
-    with torch.no_grad():
-        logits = m.logits(x)  # (2, Q, h, w)
-        h, w = logits.shape[-2:]
-        ab = rgb_to_lab(m.rgb(x))[:, 1:]  # (2, 2, 16, 16)
-        total, count = 0.0, 0
-        for b in range(2):
-            for i in range(h):
-                for j in range(w):
-                    # the target is the mean ab of the pixels the map cell covers, soft-encoded
-                    cell = ab[b, :, i * 16 // h:(i + 1) * 16 // h, j * 16 // w:(j + 1) * 16 // w].mean((1, 2))
-                    z = soft_encode(cell.view(1, 2, 1, 1), m.centres, 5, 5.0).view(-1)
-                    logp = torch.log_softmax(logits[b, :, i, j], 0)
-                    total += float(m.weights[z.argmax()] * -(z * logp).sum())
-                    count += 1
-    assert abs(float(out.loss.detach()) - total / count) < 1e-4
+    x = torch.randn(3, 3, 16, 16)
+    # the third image grey: ab 0 everywhere, weight 0 under the non-grey mask
+    mean, std = torch.tensor(data.meta["mean"]).view(3, 1, 1), torch.tensor(data.meta["std"]).view(3, 1, 1)
+    x[2] = (torch.full((3, 16, 16), 0.4) - mean) / std
+    out = m(Batch([x], torch.zeros(3, dtype=torch.long), torch.arange(3)))
+    assert abs(float(out.loss.detach()) - _reference_loss(m, x, stride)) < 1e-4
     assert 0.0 <= float(out.logs["pretext_acc"]) <= 1.0
 
 
-def test_bins_are_the_documented_in_gamut_set():
+def test_nongray_mask_zeroes_grey_images():
+    data = colour_data()
+    m = build_method(make_cfg(methods=["colorization"]), "colorization", data).eval()
+    mean, std = torch.tensor(data.meta["mean"]).view(3, 1, 1), torch.tensor(data.meta["std"]).view(3, 1, 1)
+    grey = ((torch.full((2, 3, 16, 16), 0.3) + 0.2 * torch.rand(2, 1, 16, 16)) - mean) / std  # R = G = B
+    with torch.no_grad():
+        assert float(m(Batch([grey], torch.zeros(2, dtype=torch.long), torch.arange(2))).loss) == 0.0
+        m.cfg.nongray_mask = False
+        assert float(m(Batch([grey], torch.zeros(2, dtype=torch.long), torch.arange(2))).loss) > 0.0
+
+
+def test_fixed_train_crop_is_an_unscaled_window():
+    data = colour_data(side=16)
+    cfg = make_cfg(methods=["colorization"], colorization={"train_crop": "fixed", "load_size": 16, "view_size": 10,
+                                                           "augment": "crop_flip"})
+    m = build_method(cfg, "colorization", data)
+    spec = m.view_specs()[0]
+    assert not spec.crop and spec.size == 16 and spec.flip_p == 0.5  # the whole image, mirrored
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    torch.manual_seed(0)
+    v = m.train_view(x)
+    assert v.shape == (2, 3, 10, 10)
+    for b in range(2):  # each crop is a contiguous 10 x 10 window of its own image
+        top, left = divmod(int((v[b, 0, 0, 0] - x[b, 0, 0, 0]).item()), 16)
+        assert torch.equal(v[b], x[b, :, top:top + 10, left:left + 10])
+    with pytest.raises(Exception, match="view_size"):
+        make_cfg(methods=["colorization"], colorization={"train_crop": "fixed", "load_size": 8, "view_size": 10})
+
+
+def test_bins_are_the_official_in_gamut_set():
     c = ab_bins(10)
-    assert len(c) == 262 and bool((c % 10 == 0).all())
+    assert len(c) == 313 and bool((c % 10 == 0).all())
+    assert len(ab_bins(10, rule="cells")) == 262
+
+
+def test_soft_encoding_is_the_official_ten_neighbour_layer():
+    """NNEncLayer: the NN = 10 nearest of the 313 centres, Gaussian weights of sigma 5, normalised;
+    against a per-pixel loop over all centres."""
+    c = ab_bins()
+    g = torch.Generator().manual_seed(1)
+    ab = torch.rand(2, 2, 3, 3, generator=g) * 180 - 90  # (2, 2, 3, 3)
+    z = soft_encode(ab, c, 10, 5.0)  # (2, 313, 3, 3)
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                d2 = ((c.double() - ab[b, :, i, j].double()) ** 2).sum(1)  # (313,)
+                near = d2.argsort()[:10]
+                wts = torch.exp(-d2[near] / 50.0)
+                ref = torch.zeros(len(c), dtype=torch.float64)
+                ref[near] = wts / wts.sum()
+                assert torch.allclose(z[b, :, i, j].double(), ref, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

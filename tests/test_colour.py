@@ -118,14 +118,16 @@ def test_conversion_gradients_are_finite():
 def test_bins_grid_count_and_docs():
     c = ab_bins()
     assert c.dtype == torch.float32 and c.shape[1] == 2
-    assert 250 <= len(c) <= 400
     documented = re.search(r"Q = (\d+)", ab_bins.__doc__)
-    assert documented and len(c) == int(documented.group(1)) == 262
+    assert documented and len(c) == int(documented.group(1)) == 313  # the official rule is the default
+    assert len(ab_bins(rule="cells")) == 262
     assert torch.equal(c, torch.round(c / GRID) * GRID)  # multiples of the grid
     keys = (c[:, 0] * 1000 + c[:, 1]).tolist()
     assert keys == sorted(keys) and len(set(keys)) == len(keys)  # sorted by a then b, unique
     c[0] = 12345.0  # a copy: the cache is untouched
     assert ab_bins()[0, 0] != 12345.0
+    with pytest.raises(ValueError, match="rule"):
+        ab_bins(rule="round")
 
 
 def test_bins_surface_equals_full_cube():
@@ -134,7 +136,47 @@ def test_bins_surface_equals_full_cube():
     cube = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1, 1)
     ab = rgb_to_lab(cube)[1:, :, 0]
     cells = torch.unique(torch.round(ab / GRID).t(), dim=0) * GRID
-    assert torch.equal(ab_bins(samples=samples), cells.float())
+    assert torch.equal(ab_bins(samples=samples, rule="cells"), cells.float())
+
+
+def _in_dilated_hull_ref(point, ab, grid):
+    """Slow reference of rule ``hull``: the square [p - grid, p + grid]^2 meets the convex hull of the
+    footprint iff some convex combination lies in it; tested with a linear programme."""
+    from scipy.optimize import linprog
+
+    n = ab.shape[1]
+    # find lambda >= 0, sum 1, with |sum lambda_i ab_i - p| <= grid per axis
+    a_ub = torch.cat([ab, -ab]).numpy()  # (4, n)
+    b_ub = [point[0] + grid, point[1] + grid, grid - point[0], grid - point[1]]
+    res = linprog([0.0] * n, A_ub=a_ub, b_ub=b_ub, A_eq=[[1.0] * n], b_eq=[1.0], bounds=(0, None))
+    return res.status == 0
+
+
+def test_bins_official_rule_count_and_known_centres():
+    c = ab_bins(rule="hull")
+    assert len(c) == 313  # the paper's Q (sec. 2.1) and the official fc8 num_output
+    got = {tuple(int(v) for v in r) for r in c.tolist()}
+    # (0, 0) (grey) and the extremes the sRGB primaries reach: green (-86, 83), magenta (98, -61),
+    # blue (79, -108), yellow (-22, 94.5) lie within 10 of these lattice points
+    for p in [(0, 0), (-90, 80), (100, -60), (80, -110), (-20, 100)]:
+        assert p in got, p
+    for p in [(-100, 80), (110, -60), (80, -120), (-20, 110), (100, 10)]:
+        assert p not in got, p
+    assert min(a for a, _ in got) == -90 and max(a for a, _ in got) == 100
+    assert min(b for _, b in got) == -110 and max(b for _, b in got) == 100
+    # the rule against a slow reference on a coarse footprint, at the lattice points near the border
+    from selfsup.colour import _footprint, _grid_in_dilated_hull
+
+    ab = _footprint(24)  # (2, 3456)
+    fast = {tuple(r) for r in (_grid_in_dilated_hull(ab, 10.0) * 10).tolist()}
+    border = [(a, b) for a in range(-100, 111, 10) for b in range(-120, 111, 10)
+              if ((a + 10, b) in fast) != ((a, b) in fast) or ((a, b + 10) in fast) != ((a, b) in fast)]
+    sub = ab[:, ::8]  # a subset: its hull is inside the full one, so only "inside" answers are checked on it
+    for p in border[::3]:
+        if _in_dilated_hull_ref(p, sub, 10.0):
+            assert p in fast, p
+        if p in fast:
+            assert _in_dilated_hull_ref(p, ab, 10.0), p
 
 
 def test_nearest_bin_within_cell():

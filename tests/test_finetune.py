@@ -149,7 +149,7 @@ def _soft(y, k=10):
 
 @pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
 def test_accumulated_micro_batches_step_as_one_batch(sizes):
-    """accumulate: micro-batches of b_i images give the gradients and the SGD update of one batch of
+    """micro_batch: micro-batches of b_i images give the gradients and the SGD update of one batch of
     sum b_i (MAE's accum_iter; unequal sizes weighted by their share), not those of the first micro-batch."""
     from selfsup.finetune import accumulated_step
     from selfsup.optim import build_optimizer
@@ -276,11 +276,11 @@ def test_head_init_std_and_scale():
 
 
 def test_a_short_finetune_with_the_papers_keys(digits):
-    """bf16, accumulate 2, RandAugment, random erasing, mean pooling and BEiT's head init run together on a
+    """bf16, micro-batches of 64, RandAugment, random erasing, mean pooling and BEiT's head init run together on a
     ViT; the protocol names them."""
     cfg = make_cfg(methods=["random"], finetune={"epochs": 1, "warmup_epochs": 0, "batch_size": 128, "lr": 4e-3,
                                                  "mixup": 0.0, "cutmix": 0.0, "flip": False, "precision": "bf16",
-                                                 "accumulate": 2, "randaugment": "rand-m9-mstd0.5-inc1",
+                                                 "micro_batch": 64, "randaugment": "rand-m9-mstd0.5-inc1",
                                                  "reprob": 0.25, "pool": "mean", "head_init_std": 0.02,
                                                  "head_init_scale": 0.001})
     from selfsup.data import Data, Split
@@ -289,13 +289,13 @@ def test_a_short_finetune_with_the_papers_keys(digits):
     bb = build_backbone("vit_digits", 1, image_size=8)
     out = finetune(bb, small, cfg, torch.device("cpu"), 0)
     assert math.isfinite(out["final_loss"]) and 0 <= out["top1"] <= 100
-    for part in ("bf16 autocast", "accumulate 2 (B = 256)", "RandAugment rand-m9-mstd0.5-inc1", "random erasing 0.25",
+    for part in ("bf16 autocast", "micro-batches of 64 (B = 128)", "RandAugment rand-m9-mstd0.5-inc1", "random erasing 0.25",
                  "mean-pooled", "head init N(0, 0.02) x 0.001"):
         assert part in out["protocol"], part
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("precision", "fp8", "finetune.precision"), ("accumulate", 0, "finetune.accumulate"),
+    ("precision", "fp8", "finetune.precision"), ("micro_batch", -1, "finetune.micro_batch"), ("batch_size", 0, "finetune.batch_size"),
     ("pool", "max", "finetune.pool"), ("reprob", 1.5, "finetune.reprob"),
     ("randaugment", "rand-m9-mstd0.5", "finetune.randaugment: only timm's increasing"),
     ("randaugment", "rand-m12-inc1", "finetune.randaugment: expected"),

@@ -34,3 +34,16 @@ def test_long_functions_are_few_and_say_why():
 if __name__ == "__main__":  # python tests/test_layout.py: the list
     for f, n, k, _ in long_functions():
         print(f"{k:4d}  {f}  {n}")
+
+
+def test_readme_fits_a_screen_and_its_links_resolve():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300, "README.md: at most 300 lines; long-form text goes to docs/"
+    links = re.findall(r"\]\(([^)#]+)\)", readme)
+    assert {"docs/results.md", "docs/presets.md", "docs/dag.md", "docs/methods.md"} <= set(links)
+    missing = [t for t in links if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+    for doc in (ROOT / "docs").glob("*.md"):
+        assert f"docs/{doc.name}" in links, f"docs/{doc.name} is not linked from README.md"

@@ -169,7 +169,40 @@ def test_conv_nets_fall_back_to_the_pooled_output_and_the_stage_wires_it(digits,
     ({"protocol": "simclr"}, "linear.protocol"), ({"protocol": "mae", "n_last_blocks": 4}, "linear.n_last_blocks"),
     ({"protocol": "beit", "avgpool_patchtokens": True}, "linear.avgpool_patchtokens"),
     ({"warmup_epochs": 5}, "linear.warmup_epochs: the frozen protocol"), ({"lr_scaling": "sqrt"}, "linear.lr_scaling"),
-    ({"protocol": "mae", "warmup_epochs": 100}, "linear.warmup_epochs: 100 must be below")])
+    ({"protocol": "mae", "warmup_epochs": 100}, "linear.warmup_epochs: 100 must be below"),
+    ({"lr_schedule": "cosine"}, "linear.lr_schedule: only the augmented"),
+    ({"protocol": "augmented", "lr_schedule": "linear"}, "linear.lr_schedule"),
+    ({"protocol": "augmented", "lr_schedule": "cosine", "lr_steps": [60]}, "linear.lr_steps"),
+    ({"protocol": "augmented", "optimizer": "adamw"}, "linear.optimizer"),
+    ({"protocol": "augmented", "optimizer": "lars", "nesterov": True}, "linear.nesterov"),
+    ({"nesterov": True}, "linear.nesterov: only the augmented")])
 def test_bad_linear_keys_are_named(over, match):
     with pytest.raises(ConfigError, match=match):
         make_cfg(linear=over)
+
+
+def test_augmented_protocol_schedules_and_optimisers():
+    """linear.protocol augmented (selfsup/lincls.py): step = MoCo's x0.1 per milestone; cosine = MoCo v3's /
+    SimSiam's adjust_learning_rate, init_lr x 0.5 (1 + cos(pi epoch / epochs)), and SwAV's
+    CosineAnnealingLR(epochs, eta_min 0) stepped per epoch; nesterov (BYOL) on the SGD; lars = apex LARC
+    (trust 0.001, clip False) around it, as SimSiam's --lars."""
+    from selfsup.lincls import lincls_lr, lincls_optimizer
+    from selfsup.optim import LARS
+
+    step = make_cfg(linear={"protocol": "augmented", "epochs": 100, "lr_steps": [60, 80]}).linear
+    assert [lincls_lr(step, 30.0, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+    cos = make_cfg(linear={"protocol": "augmented", "epochs": 90, "lr_schedule": "cosine"}).linear
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.6)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 90, eta_min=0)
+    for e in range(90):
+        want = 1.6 * 0.5 * (1.0 + math.cos(math.pi * e / 90))
+        assert lincls_lr(cos, 1.6, e) == pytest.approx(want, rel=1e-12) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    w = [nn.Parameter(torch.ones(3, 2))]
+    sgd = lincls_optimizer(w, make_cfg(linear={"protocol": "augmented", "nesterov": True}).linear, 0.1)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    lars = lincls_optimizer(w, make_cfg(linear={"protocol": "augmented", "optimizer": "lars",
+                                                "weight_decay": 0.0}).linear, 0.1)
+    assert isinstance(lars, LARS) and lars.defaults["rule"] == "larc" and lars.defaults["eta"] == 0.001
+    assert not lars.param_groups[0]["lars_exclude"]  # the weight and the bias alike (LARC wraps every group)

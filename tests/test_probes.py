@@ -161,3 +161,128 @@ def test_paper_protocol_trains_every_layer_on_crops(digits):
         build(ProbeCfg, {"protocol": "paper", "max_train": 100}, "probe")
     with pytest.raises(ConfigError, match="probe.pooling"):
         build(ProbeCfg, {"pooling": "sum"}, "probe")
+
+
+# --------------------------------------------------------------------------- the official probe recipes
+def _caffe_resize_loop(a, side):
+    """A slow transcription of the Caffe Resize layer's Forward_cpu (philkr's Caffe, resize_layer.cpp, which
+    the colourisation repo's linear test runs): per axis, scale (out - 1) / (in - 1); when below 1 a tent
+    filter of radius 1 / scale (weights R - r for the integers r < R, edges clamped, divided by
+    (2 floor(R) + 1) R - floor(R) (floor(R) + 1)); then linear interpolation at x = i / scale."""
+    def tent(v, radius):  # one line
+        n, ir = len(v), int(radius)
+        norm = (2 * ir + 1) * radius - ir * (ir + 1)
+        out = np.empty(n)
+        for x in range(n):
+            s, r = radius * v[x], 1
+            while r < radius:
+                s += (radius - r) * (v[max(x - r, 0)] + v[min(x + r, n - 1)])
+                r += 1
+            out[x] = s / norm
+        return out
+
+    def lerp(v, n_out, scale):
+        n, out = len(v), np.empty(n_out)
+        for i in range(n_out):
+            x = min(max(i / scale, 0.0), n - 1.0)
+            i0 = int(x)
+            i1 = min(i0 + 1, n - 1)
+            out[i] = (i1 - x) * v[i0] + (1 - (i1 - x)) * v[i1]
+        return out
+
+    def axis(v, n_out):
+        scale = (n_out - 1) / (len(v) - 1)
+        if scale < 1:
+            v = tent(v, 1.0 / max(scale, 0.01))
+        return lerp(v, n_out, scale)
+
+    b, c, h, w = a.shape
+    rows = np.stack([[[axis(a[i, k, y], side) for y in range(h)] for k in range(c)] for i in range(b)])  # (b, c, h, side)
+    return np.stack([[[axis(rows[i, k, :, x], side) for x in range(side)] for k in range(c)] for i in range(b)]
+                    ).transpose(0, 1, 3, 2)  # (b, c, side, side)
+
+
+@pytest.mark.parametrize("h,side", [(55, 10), (27, 6), (13, 5), (13, 6), (6, 6)])
+def test_bilinear_pooling_is_caffes_resize_layer(h, side):
+    """probe.pooling bilinear: the AlexNet maps at 227 px (conv1 55, conv2 27, conv3-5 13) to the linear
+    test's grids, equal to a loop over the official layer; not the average pooling it replaces."""
+    from selfsup.probes import caffe_resize, pool
+
+    a = torch.from_numpy(np.random.default_rng(h + side).normal(size=(2, 3, h, h)))
+    got = caffe_resize(a, side)
+    np.testing.assert_allclose(got.numpy(), _caffe_resize_loop(a.numpy(), side), atol=1e-10)
+    if h != side:
+        assert not torch.allclose(got, torch.nn.functional.adaptive_avg_pool2d(a, side), atol=1e-3)
+    assert pool(a.float(), target_dim=3 * side * side, pooling="bilinear").shape == (2, 3, side, side)
+
+
+def test_step_schedules_are_rotnets_lut_and_caffes_step_policy():
+    """probe.lr_schedule step: RotNet's adjust_learning_rates (the LUT_lr entry of the first bound above
+    the epoch, the last one after) for both official configs, and the colourisation solver's Caffe
+    step policy (0.01 x 0.1 ^ floor(iter / 40000)) with iteration milestones."""
+    from selfsup.probes import step_lr
+
+    for lr, steps, factors, lut, epochs in [
+            (0.1, [20, 40, 45], [0.2, 0.04, 0.008], [(20, 0.1), (40, 0.02), (45, 0.004), (50, 0.0008)], 100),
+            (0.01, [5, 15, 25], [0.2, 0.04, 0.008], [(5, 0.01), (15, 0.002), (25, 0.0004), (35, 0.00008)], 35)]:
+        cfg = build(ProbeCfg, {"lr": lr, "lr_steps": steps, "lr_factors": factors, "nesterov": True})
+        for ep in range(epochs):
+            want = next((v for (bound, v) in lut if bound > ep), lut[-1][1])
+            assert step_lr(cfg, ep, 12345) == pytest.approx(want, rel=1e-12), ep
+    caffe = build(ProbeCfg, {"lr": 0.01, "lr_steps": [40000, 80000, 120000], "lr_step_unit": "iteration"})
+    for it in (0, 39999, 40000, 79999, 80000, 120000, 139999):
+        assert step_lr(caffe, 27, it) == pytest.approx(0.01 * 0.1 ** (it // 40000), rel=1e-12), it
+    assert step_lr(build(ProbeCfg, {}), 29, 10 ** 6) == 0.1  # the typed default: step without milestones
+    for over, key in [({"lr_steps": [5, 2]}, "probe.lr_steps"), ({"lr_steps": [5], "lr_factors": [0.1, 0.2]},
+                      "probe.lr_factors"), ({"lr_schedule": "cosine", "lr_steps": [5]}, "probe.lr_steps"),
+                      ({"lr_step_unit": "batch"}, "probe.lr_step_unit"), ({"classifier": "svm"}, "probe.classifier")]:
+        with pytest.raises(ConfigError, match=key):
+            build(ProbeCfg, over, "probe")
+
+
+def test_mlp_classifier_is_rotnets_multlayer():
+    """probe.classifier mlp: NonLinearClassifier.py's MultLayer for CIFAR-10 (200 = min(20 x 10, 2048)
+    hidden units, bias-free hidden Linears, its N(0, sqrt(2 / out)) init); the paper protocol puts no
+    affine-free BN before it."""
+    from selfsup.linear import mlp_classifier
+    from selfsup.probes import paper_heads
+
+    net = mlp_classifier(192 * 8 * 8, 10, torch.Generator().manual_seed(0))
+    kinds = [type(m).__name__ for m in net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [m.out_features for m in net if isinstance(m, torch.nn.Linear)] == [200, 200, 10]
+    assert net[0].bias is None and net[3].bias is None and net[6].bias is not None
+    assert float(net[0].weight.detach().std()) == pytest.approx((2 / 200) ** 0.5, rel=0.02)
+    assert mlp_classifier(8, 1000, torch.Generator()).__getitem__(0).out_features == 2048
+    cfg = build(ProbeCfg, {"classifier": "mlp"})
+    heads = paper_heads({"block2": torch.zeros(2, 192, 8, 8)}, cfg, 10, torch.Generator().manual_seed(0))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in heads["block2"].modules())
+    lin = paper_heads({"b": torch.zeros(2, 4, 2, 2)}, build(ProbeCfg, {}), 10, torch.Generator())
+    assert isinstance(lin["b"][0], torch.nn.BatchNorm2d) and not lin["b"][0].affine
+
+
+def test_fast_probe_takes_the_schedule_nesterov_and_mlp(monkeypatch):
+    """The fast protocol's classifier (selfsup.linear.linear_probe) with a step schedule, Nesterov SGD and
+    the MLP: the lr of every step is the schedule's, the optimiser Nesterov's, and it learns a separable
+    problem."""
+    import selfsup.linear as L
+
+    seen = {}
+
+    class Recording(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            seen.update(kw)
+            super().__init__(params, **kw)
+
+        def step(self, closure=None):
+            seen.setdefault("lrs", []).append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(L.torch.optim, "SGD", Recording)
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    x = (rng.normal(size=(200, 6)) + 3 * y[:, None]).astype(np.float32)
+    out = L.linear_probe(x, y, x, y, 2, epochs=4, batch_size=50, lr=0.1, weight_decay=0.0, seed=0, device=CPU,
+                         lr_at=lambda ep, st: 0.1 * (0.5 if ep >= 2 else 1.0), nesterov=True, classifier="mlp")
+    assert seen["nesterov"] is True and seen["lrs"] == [0.1] * 8 + [0.05] * 8
+    assert out["top1"] > 95.0

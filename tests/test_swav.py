@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -235,3 +236,46 @@ def test_swav_beats_random_init_on_digits(digits, tmp_path):
     swav, hist = knn_after_pretrain("swav", digits, tmp_path, swav=SWAV)
     assert hist[-1]["loss"] < hist[0]["loss"] and swav > rand + 2.0, (swav, rand)
     assert np.isfinite([h["loss"] for h in hist]).all()
+
+
+def test_pil_blur_matches_pillows_gaussian_blur():
+    """swav.blur_kernel pil (SwAV's PILRandomGaussianBlur, solo-learn's GaussianBlur): Pillow's
+    ImageFilter.GaussianBlur(radius=sigma) on a small image, within its 8-bit rounding of each of the
+    six box passes; SimCLR's kernel of 10 % of the side (3 px here) cuts the larger sigmas and misses."""
+    from PIL import Image, ImageFilter
+
+    from selfsup.augment import gaussian_blur, pil_gaussian_blur
+
+    img = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double()  # (1, 3, 24, 20) in [0, 255]
+    for sigma in (0.1, 1.3, 2.0):
+        ref = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma))).astype(np.float64)
+        got = pil_gaussian_blur(x, sigma)[0].permute(1, 2, 0).numpy()
+        assert np.abs(got - ref).max() <= 3.5 and np.abs(got - ref).mean() <= 1.2, sigma
+        if sigma >= 1.3:
+            simclr = gaussian_blur(x, torch.tensor([sigma], dtype=torch.float64), 3)[0].permute(1, 2, 0).numpy()
+            assert np.abs(simclr - ref).mean() > 5.0
+    two = pil_gaussian_blur(torch.cat([x, x]), torch.tensor([0.3, 2.0]))  # per-image sigmas in one call
+    torch.testing.assert_close(two[1], pil_gaussian_blur(x, 2.0)[0])
+    torch.testing.assert_close(two[0], pil_gaussian_blur(x, 0.3)[0])
+
+
+def test_swav_defaults_are_the_official_larc_and_pil_blur(digits):
+    """SwAV's typed defaults: LARS with apex LARC's trust ratio, and every crop blurred the PIL way (the
+    blur step of its views is pil_gaussian_blur); simclr restores the 10 % kernel; a bad rule is named."""
+    from selfsup.augment import apply_params, pil_gaussian_blur, sample_params
+    from selfsup.config import ConfigError
+
+    cfg = make_cfg(methods=["swav"], swav={**SWAV, "blur_p": 1.0})
+    assert cfg.method("swav").lars_rule == "larc" and cfg.method("swav").blur_kernel == "pil"
+    specs = build_method(cfg, "swav", digits).view_specs()
+    assert [s.blur_rule for s in specs] == ["pil", "pil"] and specs[1].size == 6
+    spec = specs[0]
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = sample_params(spec, 3, 8, 8, torch.Generator().manual_seed(1))
+    plain = __import__("dataclasses").replace(spec, blur_p=0.0)
+    torch.testing.assert_close(apply_params(x, spec, p), pil_gaussian_blur(apply_params(x, plain, p), p.sigma))
+    other = make_cfg(methods=["swav"], swav={**SWAV, "blur_kernel": "simclr"})
+    assert {s.blur_rule for s in build_method(other, "swav", digits).view_specs()} == {"simclr"}
+    with pytest.raises(ConfigError, match="swav.blur_kernel"):
+        make_cfg(methods=["swav"], swav={**SWAV, "blur_kernel": "box"})

@@ -127,7 +127,7 @@ def test_beit_drop_path_is_active_in_train_mode_only(digits):
     torch.manual_seed(0)
     m = BEiT(build_backbone("vit_digits", 1, image_size=8), cfg, 10)
     layers = vit_trunk(m.backbone).vit.encoder.layers
-    drops = [blk.dropout for blk in layers]
+    drops = [blk.drop_path for blk in layers]  # BEiT's blocks (selfsup.models.BEiTBlock)
     assert all(isinstance(d, DropPath) for d in drops)
     assert drops[0].p == 0.0 and abs(drops[-1].p - 0.1) < 1e-12  # linear over the blocks to 0.1
     x = torch.randn(16, 1, 8, 8)
@@ -143,4 +143,4 @@ def test_beit_drop_path_is_active_in_train_mode_only(digits):
     assert not torch.equal(c, d)  # train: whole residual branches dropped per sample
     off = BEiT(build_backbone("vit_digits", 1, image_size=8), BEiTCfg(backbone="vit_digits", vocab=16,
                                                                       drop_path=0.0), 10)
-    assert not any(isinstance(mod, DropPath) for mod in off.modules())  # 0: torchvision's blocks as built
+    assert not any(isinstance(mod, DropPath) for mod in off.modules())  # 0: the blocks as built

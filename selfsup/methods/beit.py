@@ -7,36 +7,49 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
   by the pipeline) maps the view to one token per ViT patch; eval mode, no gradient, outside the module's
   state (not in checkpoints: the run key holds the file's hash, and a resumed run reloads it). Its
   ``patch`` must equal the ViT's and its vocabulary ``vocab``. The tokens are of the same crop the ViT
-  sees (the official code feeds the tokeniser a second, 112 px rendering of that crop; the DALL-E
-  tokeniser here resizes the crop to 8 px per patch).
+  sees. ``tokenizer_view`` (DALL-E tokeniser only, which reads 8 px per token): "lanczos", the official
+  second view's size and filter (microsoft/unilm@768a3c8 ``run_beit_pretraining.py`` ``--second_input_size
+  112 --second_interpolation lanczos``: 112 px for 14 x 14 tokens), resampled here from the training crop
+  rather than from the original image; "bilinear", the earlier antialiased bilinear resize. The ``vq``
+  tokeniser reads the crop at the ViT's own patch size, so the key changes nothing there.
 - Masking (sec. 2.3, Algorithm 1; sec. 2.5): blockwise, ``selfsup.masking.block_masks``: blocks of at least
   ``min_block`` patches with aspect ratio in [``min_aspect``, 1 / ``min_aspect``] until ``mask_ratio`` of
   the patches are masked (paper: 40 %, min 16 of 14 x 14; official: 75 patches, 38 %), one mask per image,
   drawn from a generator seeded by the loop's per-step seed (a resumed run draws the same masks).
-- Network (``VisionTransformerForMaskedImageModeling``): the ViT's patch embedding (``conv_proj``), masked
-  positions replaced by a learned ``mask_token`` (x (1 - m) + mask_token m), the CLS token prepended, the
-  position embedding added, the backbone's transformer blocks and final LayerNorm, then ``lm_head``, a
-  Linear from the normed hidden states to ``vocab`` logits, at the masked positions only. Init: mask
-  token and lm_head weight trunc-normal std 0.02, bias 0 (official).
+  ``mask_fill``: "official" (``masking_generator.py`` try for try: stops when no block fits, a little
+  short of the count) or "complete" (the earlier rule: halves the minimum block and reaches the count).
+- Network (``VisionTransformerForMaskedImageModeling`` in ``modeling_pretrain.py``): the ViT's patch
+  embedding (``conv_proj``), masked positions replaced by a learned ``mask_token`` (x (1 - m) + mask_token
+  m), the CLS token prepended, BEiT's transformer blocks (``selfsup.models.BEiTBlock``: layer scale
+  ``layer_scale_init``, official 0.1 for ViT-B, ``--layer_scale_init_value``; q / v biases) with
+  ``rel_pos_bias`` "shared": one relative position bias for all blocks and no absolute position
+  embedding (``use_shared_rel_pos_bias`` True, ``use_abs_pos_emb`` False), the final LayerNorm, then
+  ``lm_head``, a Linear from the normed hidden states to ``vocab`` logits, at the masked positions only.
+  ``rel_pos_bias`` "none" with ``layer_scale_init`` 0 keeps torchvision's blocks and learned absolute
+  embedding (the earlier network). Init (``init`` "beit", official ``_init_weights``): every Linear and
+  the patch projection trunc-normal std 0.02 cut at +-0.02, biases 0, the CLS token, mask token and
+  lm_head weight likewise; ``init_rescale``: each block's attention and MLP output projection divided by
+  sqrt(2 l) (sec. 2.5, ``fix_init_weight``). The saved trunk records the blocks (``ViT.options``), so the
+  evaluations rebuild it; fine-tuning copies the shared bias into every block as the official
+  ``run_class_finetuning.py`` does.
 - Stochastic depth (``drop_path``, official ``--drop_path 0.1`` in ``run_beit_pretraining.py``): the
   backbone's ``set_drop_path``, rising linearly over the blocks to ``drop_path`` (timm's rule, as the
-  official ``modeling_pretrain.py``), in train mode only; it adds no parameter, so the saved trunk is a
-  plain ViT (fine-tuning sets its own ``finetune.drop_path``).
+  official ``modeling_pretrain.py``), in train mode only; it adds no parameter, so the saved trunk loads
+  the same either way (fine-tuning sets its own ``finetune.drop_path``).
 - Loss (eq. 1): cross-entropy against the tokeniser's ids at the masked positions, averaged over all the
   masked positions of the batch (official ``nn.CrossEntropyLoss()(outputs, labels)``); ``mlm_acc`` logged.
 - Optimiser (sec. 2.5, appendix G): AdamW lr 1.5e-3 (batch 2048, no scaling), betas (0.9, 0.999) (the
-  paper; ``run_beit_pretraining.py``'s default, which the README command keeps, is (0.9, 0.98)), weight
-  decay 0.05 (none on biases, norms, the CLS token and the position embedding: the official
-  ``no_weight_decay``; the mask token decays as there), 10 warm-up epochs then cosine to 1e-5 (official
-  warm-up from 1e-6, here from 0), gradient clipping 3.0, 800 epochs on ImageNet-1k. Augmentation: random
+  paper and ``run_beit_pretraining.py``'s default at 768a3c8, which the README command keeps; the earlier
+  commit 03380c8 defaulted to (0.9, 0.98)), weight decay 0.05 (none on 1-d parameters (biases, norms, the
+  q / v biases, the layer scales), the CLS token and the position embedding: the official
+  ``get_parameter_groups`` with ``no_weight_decay`` {pos_embed, cls_token}; the mask token and the shared
+  relative position bias table decay as there), 10 warm-up epochs from 0 (``warmup_start_lr``:
+  the ``--warmup_lr 1e-6`` flag is never passed to ``utils.cosine_scheduler``) then cosine to 1e-5, gradient clipping 3.0, 800 epochs on ImageNet-1k. Augmentation: random
   resized crop, flip, colour jitter 0.4 (appendix G; brightness, contrast, saturation, always applied, as
   ``ColorJitter(0.4, 0.4, 0.4)`` in copies of the original ``DataAugmentationForBEiT``; the stored official
   ``datasets.py`` at 03380c8 has no jitter).
-- Differences: torchvision's ViT has no layer scale (official init 0.1 for base) and no relative position
-  bias (the official pre-training uses a shared relative position bias and no absolute embedding; here the
-  backbone's learned absolute one) and not the official init rescaling
-  of each block's output projections by 1 / sqrt(2 l). The mask generator runs in the training process
-  (official: data-loader workers).
+- Differences: the tokeniser's second view is resampled from the training crop (above). The mask
+  generator runs in the training process (official: data-loader workers).
 - The saved encoder is the backbone; the evaluations read its CLS token after the final norm, which the
   MIM loss never supervises directly. The paper's linear probe (appendix D) averages the patch tokens of an
   intermediate block (block 9 of 12 for BEiT-B) instead, and its headline protocol is fine-tuning
@@ -52,14 +65,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, positive
+from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.data import Data
 from selfsup.io import InputError
-from selfsup.masking import block_masks
+from selfsup.masking import FILLS, block_masks
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.models import VITS, vit_trunk
-from selfsup.tokenizer import Tokenizer, load_tokenizer
+from selfsup.tokenizer import RESAMPLES, DalleTokenizer, Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -86,10 +99,29 @@ class BEiTCfg(TrainCfg):
     min_block: int = 16  # patches per block at least (official --min_mask_patches_per_block)
     min_aspect: float = 0.3
     drop_path: float = 0.1  # stochastic depth of the last block (official --drop_path 0.1); 0: none
+    # the warm-up starts at 0: run_beit_pretraining.py parses --warmup_lr 1e-6 but never passes it to
+    # utils.cosine_scheduler, whose start_warmup_value defaults to 0 (microsoft/unilm@768a3c8)
+    warmup_start_lr: float = 0.0
+    # the transformer (microsoft/unilm@768a3c8 run_beit_pretraining.py, modeling_pretrain.py): shared: one
+    # relative position bias for all blocks, no absolute position embedding (rel_pos_bias True, abs_pos_emb
+    # False); none: torchvision's learned absolute embedding, no bias
+    rel_pos_bias: str = "shared"
+    layer_scale_init: float = 0.1  # --layer_scale_init_value (0.1 for base, 1e-5 for large); 0: no layer scale
+    init: str = "beit"  # beit: trunc-normal(0.02) cut at +-0.02 (_init_weights) | torchvision: as built
+    init_rescale: bool = True  # fix_init_weight: block l's output projections / sqrt(2 l) (paper sec. 2.5)
+    # official: masking_generator.py, stops when no block fits (a little short) | complete: reaches the count
+    mask_fill: str = "official"
+    # the DALL-E tokeniser's view: lanczos (--second_interpolation lanczos, 8 px per token) | bilinear
+    tokenizer_view: str = "lanczos"
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "vocab", "min_block", "min_aspect")
+        one_of(p, "rel_pos_bias", self.rel_pos_bias, ("shared", "none"))
+        one_of(p, "init", self.init, ("beit", "torchvision"))
+        one_of(p, "mask_fill", self.mask_fill, FILLS)
+        one_of(p, "tokenizer_view", self.tokenizer_view, RESAMPLES)
+        non_negative(p, self, "layer_scale_init")
         if self.vocab < 2:
             raise ConfigError(f"{p}.vocab: at least 2 tokens, got {self.vocab}")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -115,7 +147,13 @@ class BEiT(Method):
                               f"{', '.join(VITS)} (got {getattr(backbone, 'arch_name', '') or 'a conv net'})")
         if backbone.front():
             raise ConfigError("beit.sobel: BEiT's patch embedding takes the images themselves; set it to false")
-        if cfg.drop_path:  # 0 leaves torchvision's blocks as built
+        if cfg.rel_pos_bias != "none" or cfg.layer_scale_init > 0:  # BEiT's blocks; else torchvision's
+            vit.use_beit_blocks(cfg.layer_scale_init, cfg.rel_pos_bias)
+        if cfg.init == "beit":
+            vit.init_beit(0.02)
+        if cfg.init_rescale:
+            vit.rescale_block_outputs()
+        if cfg.drop_path:  # 0 leaves the blocks as built
             vit.set_drop_path(cfg.drop_path)
         dim = vit.out_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -154,6 +192,8 @@ class BEiT(Method):
                                  f"mean {tok.mean}); re-run the tokenizer stage on this one")
         for p in tok.parameters():
             p.requires_grad_(False)
+        if isinstance(tok, DalleTokenizer):
+            tok.resample = c.tokenizer_view
         object.__setattr__(self, "tokenizer", tok.eval())
 
     def _load(self, ctx: TrainContext) -> None:
@@ -171,6 +211,10 @@ class BEiT(Method):
         self._load(ctx)
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """[decayed, not decayed]: as the official ``get_parameter_groups`` with ``no_weight_decay``
+        {pos_embed, cls_token}: 1-d parameters (biases, LayerNorms, q / v biases, layer scales), the CLS
+        token and an absolute position embedding are not decayed; the relative position bias table (2-d),
+        the mask token and every weight matrix are."""
         c = self.cfg
         decay, no_decay = [], []
         for n, p in self.named_parameters():
@@ -188,7 +232,7 @@ class BEiT(Method):
         step, so a resumed run draws the same masks)."""
         c = self.cfg
         g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))
-        return block_masks(batch, h, w, c.mask_ratio, g, c.min_block, c.min_aspect).to(device)
+        return block_masks(batch, h, w, c.mask_ratio, g, c.min_block, c.min_aspect, c.mask_fill).to(device)
 
     def encode_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), (B, h w) bool -> (B, h w, D) final normed hidden states of the patches, the masked
@@ -200,10 +244,11 @@ class BEiT(Method):
         t = t.flatten(2).transpose(1, 2)  # (B, N, D)
         m = mask.unsqueeze(-1).to(t.dtype)  # (B, N, 1)
         t = t * (1 - m) + self.mask_token.to(t.dtype).expand(b, t.shape[1], -1) * m
-        t = torch.cat([v.class_token.expand(b, -1, -1).to(t.dtype), t], 1) + vit.pos_embed(h, w)
-        t = v.encoder.dropout(t)
-        for block in v.encoder.layers:
-            t = block(t)
+        t = torch.cat([v.class_token.expand(b, -1, -1).to(t.dtype), t], 1)  # (B, 1 + N, D)
+        pe = vit.pos_embed(h, w)  # None with the relative position bias
+        t = v.encoder.dropout(t if pe is None else t + pe)
+        for t in vit.run_blocks(t, h, w, tap=False):  # (B, 1 + N, D) after each block
+            pass
         return v.encoder.ln(t)[:, 1:]
 
     def forward(self, batch: Batch) -> StepOut:

@@ -9,7 +9,8 @@ decoder reconstruct the pixels of the masked ones (sec. 3).
   pre-training; it is what our evaluations read afterwards), its blocks and final LayerNorm.
 - Decoder (sec. 3 "MAE decoder"): Linear to ``decoder_dim``, a shared learned mask token at the masked
   positions, fixed 2-D sin-cos position embeddings (official ``get_2d_sincos_pos_embed``), ``decoder_depth``
-  transformer blocks (torchvision's ``EncoderBlock``: pre-norm, GELU MLP of ``decoder_mlp``), LayerNorm,
+  transformer blocks (torchvision's ``EncoderBlock``: pre-norm, GELU MLP of ``decoder_mlp``, q, k, v
+  projections with bias as the official timm ``Block(..., qkv_bias=True)``), LayerNorm,
   and a Linear to the p x p x C pixels of each patch. Paper sizes (Table 1a/b): 512-d, 8 blocks, 16
   heads; the decoder exists only for pre-training (not saved with the encoder).
 - Target and loss (sec. 3 "Reconstruction target"): the patch's pixels, normalised by the patch's own
@@ -18,8 +19,14 @@ decoder reconstruct the pixels of the masked ones (sec. 3).
 - Encoder position embedding (``pos_embed``): sincos, the official fixed 2-D sin-cos table
   (``models_mae.py``: ``get_2d_sincos_pos_embed``, ``requires_grad=False``; ``ViT.fix_sincos_pos_embed``),
   not trained and not decayed; learned: torchvision's trained one.
-- Differences from the official code: torchvision's ViT init for the encoder (official: xavier-uniform
-  Linear layers and patch projection, CLS token N(0, 0.02)); said in the README.
+- Init (``init``): xavier_uniform, the official ``initialize_weights`` (facebookresearch/mae@efb2a80
+  ``models_mae.py``): every Linear of encoder and decoder xavier-uniform with bias 0 (the fused q, k, v
+  projection as one (3 D, D) matrix, as timm's qkv Linear), the patch projection xavier-uniform as a
+  Linear on its flattened weight, LayerNorms 1 / 0, the CLS and mask tokens N(0, 0.02)
+  (``ViT.init_mae``); torchvision: the backbone as built (the earlier behaviour).
+- Weight decay (``exclude_norm_bias``): none on 1-d parameters (biases, LayerNorms), every other trained
+  tensor decayed, the CLS and mask tokens included: the official ``optim_factory.add_weight_decay``
+  (timm 0.3.2) with an empty skip list; the fixed sin-cos tables are not trained, so not in the optimiser.
 - Official ImageNet pre-training (``main_pretrain.py``, PRETRAIN.md): ViT-B/16 (or L / H), AdamW with
   base lr 1.5e-4 x batch / 256 (batch 4096: 2.4e-3), betas (0.9, 0.95), weight decay 0.05, 40 warm-up
   epochs then cosine, 800 or 1600 epochs, random resized crop scale (0.2, 1) + flip only.
@@ -62,12 +69,16 @@ class MAECfg(TrainCfg):
     decoder_mlp: int = 2048
     norm_pix_loss: bool = True
     pos_embed: str = "sincos"  # encoder: sincos (official fixed 2-D sin-cos, not trained) | learned
+    # xavier_uniform: models_mae.py initialize_weights (Linear + patch projection xavier, tokens N(0, 0.02))
+    # | torchvision: the ViT as torchvision builds it
+    init: str = "xavier_uniform"
     picture_images: int = 8  # test images in reports/mae.png
 
     def check(self, p: str) -> None:
         super().check(p)
         positive(p, self, "decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp", "picture_images")
         one_of(p, "pos_embed", self.pos_embed, ("sincos", "learned"))
+        one_of(p, "init", self.init, ("xavier_uniform", "torchvision"))
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"{p}.mask_ratio: need 0 < mask_ratio < 1, got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads:
@@ -118,8 +129,31 @@ class MAE(Method):
             for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.patch ** 2 * self.channels)
+        if cfg.init == "xavier_uniform":
+            self.init_official()
         self.register_buffer("mean", torch.zeros(self.channels, 1, 1), persistent=False)  # for the pictures
         self.register_buffer("std", torch.ones(self.channels, 1, 1), persistent=False)
+
+    def init_official(self) -> None:
+        """``models_mae.py`` ``initialize_weights``: the encoder's (``ViT.init_mae``: xavier-uniform Linears
+        and patch projection, CLS token N(0, 0.02)), then the decoder's Linears (q, k, v fused, as timm's)
+        xavier-uniform with bias 0, its LayerNorms 1 / 0 and the mask token N(0, 0.02)."""
+        from selfsup.models import vit_trunk
+
+        vit_trunk(self.backbone).init_mae()
+        with torch.no_grad():
+            for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+                for sub in m.modules():
+                    if isinstance(sub, nn.MultiheadAttention):
+                        nn.init.xavier_uniform_(sub.in_proj_weight)  # (3 Dd, Dd) as one matrix
+                        nn.init.zeros_(sub.in_proj_bias)
+                    elif isinstance(sub, nn.Linear):  # out_proj, the MLPs, decoder_embed, decoder_pred
+                        nn.init.xavier_uniform_(sub.weight)
+                        nn.init.zeros_(sub.bias)
+                    elif isinstance(sub, nn.LayerNorm):
+                        nn.init.ones_(sub.weight)
+                        nn.init.zeros_(sub.bias)
+            nn.init.normal_(self.mask_token, std=0.02)
 
     @classmethod
     def from_data(cls, backbone: Any, cfg: Any, data: Any) -> "MAE":
@@ -206,22 +240,12 @@ class MAE(Method):
         return {"mae.png": (grid * 255).round().byte().cpu().numpy()}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """MAE's ``param_groups_weight_decay``: no weight decay on biases, norms, the CLS and mask tokens
-        and the position embedding."""
+        """The official ``optim_factory.add_weight_decay(model, weight_decay)`` (timm 0.3.2, no skip list):
+        no weight decay on 1-d parameters (biases, LayerNorms) when ``exclude_norm_bias``; the CLS and
+        mask tokens (3-d) are decayed; frozen tensors (the fixed sin-cos tables) are left out."""
         from selfsup.optim import param_groups
 
-        groups = param_groups(self, self.cfg.weight_decay, self.cfg.exclude_norm_bias)
-        if self.cfg.exclude_norm_bias:  # the tokens and the position embedding are 3-d: move them
-            special = {id(p) for n, p in self.named_parameters()
-                       if n.endswith(("class_token", "pos_embedding", "mask_token"))}
-            keep = [p for p in groups[0]["params"] if id(p) not in special]
-            moved = [p for p in groups[0]["params"] if id(p) in special]
-            groups[0]["params"] = keep
-            if len(groups) > 1:
-                groups[1]["params"] += moved
-            elif moved:
-                groups.append({"params": moved, "weight_decay": 0.0, "lars_exclude": True})
-        return [g for g in groups if g["params"]]
+        return [g for g in param_groups(self, self.cfg.weight_decay, self.cfg.exclude_norm_bias) if g["params"]]
 
 
 __all__ = ["MAE", "MAECfg", "mae_loss", "sincos_pos_embed"]

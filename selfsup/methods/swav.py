@@ -45,10 +45,13 @@ batch, under an equal-partition constraint (sec. 3.1). Official code: facebookre
   0.14-1 / 0.05-0.14), batch 4096 (64 GPUs x 64), LARC (trust 0.001, no clipping) over SGD momentum
   0.9, base lr 4.8, final lr 0.0048 (cosine), 10 warm-up epochs from 0.3, weight decay 1e-6, K 3000,
   feat_dim 128, hidden 2048, no queue, 800 epochs; batch 256 (``swav_200ep_bs256``): lr 0.6, queue 3840
-  from epoch 15, prototypes frozen 5005 iterations. Our warm-up starts from 0 (no ``start_warmup``).
+  from epoch 15, prototypes frozen 5005 iterations. The LARC trust ratio is ``lars_rule: larc`` (the
+  typed default here), the warm-up's start ``warmup_start_lr`` (0.3 in the 800-epoch script; the
+  ``main_swav.py`` default 0), the blur PIL's (``blur_kernel: pil``, the typed default).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +61,7 @@ from torch import nn
 
 from selfsup import dist
 from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, non_negative, positive
+from selfsup.config import ConfigError, non_negative, one_of, positive
 from selfsup.heads import projection_head
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
@@ -72,9 +75,17 @@ class SwAVCfg(MultiCropCfg):
     sinkhorn_iters: int = 3
     queue_length: int = 0  # official: 0 at batch 4096, 3840 at batch 256
     epoch_queue_starts: int = 15
+    # LARS trust ratio (optimizer lars): larc, apex LARC with clip=False as main_swav.py wraps its SGD
+    # (facebookresearch/swav@06b1b7c main_swav.py; NVIDIA/apex apex/parallel/LARC.py)
+    lars_rule: str = "larc"
+    # the blur of every crop: pil, PIL's ImageFilter.GaussianBlur(radius = sigma ~ U(0.1, 2)) without a
+    # kernel cut at 10 % of the crop (swav src/multicropdataset.py PILRandomGaussianBlur; solo-learn's
+    # GaussianBlur) | simclr, torchvision's kernel of 10 % of the crop's side (selfsup/augment.py)
+    blur_kernel: str = "pil"
 
     def check(self, p: str) -> None:
         super().check(p)
+        one_of(p, "blur_kernel", self.blur_kernel, ("pil", "simclr"))
         positive(p, self, "prototypes", "epsilon", "sinkhorn_iters")
         non_negative(p, self, "queue_length", "epoch_queue_starts")
         if self.n_crops < 2:
@@ -187,7 +198,8 @@ class SwAV(Method):
         self._sync_host()
 
     def view_specs(self) -> list[ViewSpec]:
-        return multicrop_specs(self.cfg)
+        """The multi-crop views, each blurred by the ``blur_kernel`` rule."""
+        return [dataclasses.replace(s, blur_rule=self.cfg.blur_kernel) for s in multicrop_specs(self.cfg)]
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
         self._epoch = epoch
