@@ -53,7 +53,10 @@ def main() -> None:
             for m in methods:
                 if a.batch_factor != 1 and "batch_size" in (raw.get(m) or {}):
                     run[m] = {**raw[m], "batch_size": raw[m]["batch_size"] * a.batch_factor}
-            run["methods"] = {m: str(tmp / "deepcluster.pt") if m == "mlcd" else "data/dataset" for m in methods}
+            # MLCD clusters the DeepCluster encoder of the same seed; BEiT reads the workspace's tokenizer
+            # (params.yaml's methods.beit, from `dvc repro`: its seed stays 0)
+            run["methods"] = {m: str(tmp / "deepcluster.pt") if m == "mlcd" else
+                              raw["methods"][m] if m == "beit" else "data/dataset" for m in methods}
             prepare(load_config({**run, "methods": ["random"]}).dataset, 0, tmp / "ds")
             data = load_prepared(tmp / "ds")
             cfg = load_config(run)
