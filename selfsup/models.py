@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import ConfigError
 from selfsup.heads import EvalHead
 from selfsup.io import InputError, load_torch, save_torch
 
@@ -697,6 +698,16 @@ def vit_trunk(net: nn.Module) -> ViT | None:
     """The ``ViT`` of a ``Backbone`` (or a bare trunk), None for the conv nets."""
     t = getattr(net, "trunk", net)
     return t if isinstance(t, ViT) else None
+
+
+def require_vit(net: nn.Module, key: str, why: str) -> ViT:
+    """The ``ViT`` of ``net`` for what works on a Vision Transformer only (MAE, BEiT, DINO's drop path,
+    MoCo v3's frozen patch projection); otherwise a ConfigError naming ``key`` and saying ``why``."""
+    vit = vit_trunk(net)
+    if vit is None:
+        got = getattr(net, "arch_name", "") or type(getattr(net, "trunk", net)).__name__
+        raise ConfigError(f"{key}: {why}; it needs a Vision Transformer backbone ({', '.join(VITS)}), got {got}")
+    return vit
 
 
 class Backbone(nn.Module):

@@ -4,6 +4,10 @@
   theta_k <- m theta_k + (1 - m) theta_q, on parameters only (the official
   ``_momentum_update_key_encoder``; batch-norm running statistics of the key encoder
   are its own, from its own forward passes).
+- ``MomentumTarget``: the momentum twin of BYOL (target network), MoCo v3 (momentum encoder) and
+  DINO (teacher): frozen copies of online modules that follow them by ``ema_update`` after each
+  optimiser step, with the momentum constant or on BYOL's cosine (``cosine_momentum``) and the step
+  counter a buffer, so a resumed run continues the schedule.
 - ``KeyQueue``: the dictionary as a FIFO of the K most recent keys (sec. 3.2),
   registered buffers (keys and write pointer) so that checkpoints carry it. The
   official code requires K % batch == 0 and overwrites ``[ptr, ptr + B)``; this one
@@ -49,6 +53,40 @@ def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:
     """target.params <- m * target.params + (1 - m) * online.params (in place, no grad)."""
     for pt, po in zip(target.parameters(), online.parameters(), strict=True):
         pt.mul_(m).add_(po.detach(), alpha=1.0 - m)
+
+
+class MomentumTarget(nn.Module):
+    """Frozen copies (``copies[name]``) of the owner's online modules, updated by EMA after each
+    optimiser step (``update``). ``momentum()`` is ``base`` (``schedule`` "constant") or the cosine
+    from ``base`` to 1 over ``total_steps`` (set by the owner from the loop's context) at the step
+    counter + ``offset`` (MoCo v3: 1, the official m(i) of the next iteration; BYOL and DINO: 0).
+    The online modules are referenced, not registered: they stay the owner's parameters."""
+
+    def __init__(self, online: dict[str, nn.Module], base: float, schedule: str = "cosine", offset: int = 0):
+        super().__init__()
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"momentum schedule: cosine | constant, got {schedule!r}")
+        self.copies = nn.ModuleDict({k: frozen_copy(m) for k, m in online.items()})
+        self._online = list(online.values())  # plain list: not submodules of the twin
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
+        self.base, self.schedule, self.offset = base, schedule, offset
+        self.total_steps = 0
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.copies[name]
+
+    def momentum(self) -> float:
+        if self.schedule == "constant":
+            return self.base
+        return cosine_momentum(self.base, int(self.step) + self.offset, self.total_steps)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """The online modules changed (an optimiser step): every copy follows with this step's momentum."""
+        m = self.momentum()
+        for target, online in zip(self.copies.values(), self._online, strict=True):
+            ema_update(target, online, m)
+        self.step += 1
 
 
 class KeyQueue(nn.Module):

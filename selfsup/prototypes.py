@@ -1,5 +1,6 @@
 """What SwAV and DeepCluster-v2 share (Caron et al., NeurIPS 2020; official code
-facebookresearch/swav, ``main_swav.py`` / ``main_deepclusterv2.py`` / ``src/resnet50.py``).
+facebookresearch/swav, ``main_swav.py`` / ``main_deepclusterv2.py`` / ``src/resnet50.py``), and the
+multi-crop forward they share with DINO.
 
 - ``MultiCropCfg``: the multi-crop views (sec. 3.2: ``n_large`` crops at the dataset's size and
   scale ``crop_scale``, ``n_small`` crops of side ``small_size`` and scale ``small_scale``; official
@@ -8,9 +9,10 @@ facebookresearch/swav, ``main_swav.py`` / ``main_deepclusterv2.py`` / ``src/resn
   from (``crops_for_assign``) and the prototype freeze.
 - ``multicrop_specs``: the ``ViewSpec`` list of those views (large first, then small: the order of
   the official ``MultiCropDataset``).
-- ``embed_crops``: the official multi-resolution forward (``ResNet.forward``): consecutive views of
-  one resolution go through the backbone as one concatenated batch (so batch norm sees all the
-  crops of that resolution together), then the projection head runs once on every crop's
+- ``multi_crop``: the official multi-resolution forward (SwAV's ``ResNet.forward``, DINO's
+  ``MultiCropWrapper``): consecutive views of one resolution go through the network as one
+  concatenated batch (so batch norm sees all the crops of that resolution together).
+- ``embed_crops``: ``multi_crop`` of the backbone, then the projection head once on every crop's
   features, then the L2 normalisation. Output rows are crop-major: rows [v B, (v + 1) B) are crop v.
 - ``PrototypeFreeze``: the official "cancel the prototypes' gradients during the first
   ``freeze_prototypes_niters`` iterations". The official loop sets ``p.grad = None`` between
@@ -81,17 +83,23 @@ def multicrop_specs(c: MultiCropCfg) -> list[ViewSpec]:
     return [large, dataclasses.replace(large, count=c.n_small, size=c.small_size, scale=tuple(c.small_scale))]
 
 
+def multi_crop(net: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """``net`` on every view, consecutive views of one size as one batch; views: V tensors
+    (B, C, S_v, S_v) -> (V B, D) in view order (crop-major)."""
+    out, i = [], 0
+    while i < len(views):
+        j = i + 1
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        out.append(net(torch.cat(views[i:j]) if j - i > 1 else views[i]))  # (n B, D)
+        i = j
+    return torch.cat(out)
+
+
 def embed_crops(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
     """views: V tensors (B, C, S_v, S_v) -> (V B, feat_dim) float32 L2-normalised embeddings,
     crop-major. Runs of views with one resolution share a backbone pass (official)."""
-    feats, start = [], 0
-    while start < len(views):
-        end = start
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        feats.append(backbone(torch.cat(views[start:end])))  # (n B, D_backbone)
-        start = end
-    z = head(torch.cat(feats))  # (V B, feat_dim)
+    z = head(multi_crop(backbone, views))  # (V B, feat_dim)
     return F.normalize(z.float(), dim=1)
 
 

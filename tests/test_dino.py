@@ -104,7 +104,7 @@ def test_head_is_the_official_shape(digits):
 
 def test_teacher_gets_no_gradient_and_follows_the_student(digits):
     m = build_method(make_cfg(methods=["dino"], dino=SMALL), "dino", digits)
-    m.total_steps = 10
+    m.teacher.total_steps = 10
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(2)] + \
             [torch.randn(8, 1, 4, 4, generator=g) for _ in range(2)]
@@ -125,7 +125,7 @@ def test_teacher_gets_no_gradient_and_follows_the_student(digits):
     lam = cosine_momentum(0.95, 0, 10)
     for b, t, s in zip(before, m.teacher_backbone.parameters(), m.backbone.parameters()):
         assert torch.allclose(t, lam * b + (1 - lam) * s, atol=1e-6)
-    assert int(m.ema_step) == 1
+    assert int(m.teacher.step) == 1
     assert torch.allclose(m.center, 0.9 * centre + 0.1 * pending)
     assert m.encoder() is m.teacher_backbone  # the saved encoder is the teacher's
 

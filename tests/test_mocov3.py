@@ -66,7 +66,7 @@ def test_heads_by_backbone(digits):
 
 def test_momentum_encoder_gets_no_gradient_and_follows(digits):
     m = build_method(make_cfg(methods=["mocov3"], mocov3=SMALL), "mocov3", digits)
-    m.total_steps = 10
+    m.target.total_steps = 10
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
     out = m(Batch([x1, x2], torch.zeros(8, dtype=torch.long), torch.arange(8)))
@@ -83,7 +83,7 @@ def test_momentum_encoder_gets_no_gradient_and_follows(digits):
     assert abs(float(out.logs["momentum"]) - mu) < 1e-7
     for b, t, o in zip(before, m.momentum_backbone.parameters(), m.backbone.parameters()):
         assert torch.allclose(t, mu * b + (1 - mu) * o, atol=1e-6)
-    assert int(m.ema_step) == 1
+    assert int(m.target.step) == 1
 
 
 def test_resume_is_exact(digits, tmp_path):

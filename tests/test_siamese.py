@@ -56,7 +56,7 @@ def test_byol_decay_schedule():
 
 def test_byol_target_gets_no_gradient_and_follows_the_online_network(digits):
     m = build_method(make_cfg(methods=["byol"], byol=BYOL), "byol", digits)
-    m.total_steps = 10
+    m.target.total_steps = 10
     x1, x2 = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
     out = m(Batch([x1, x2], torch.zeros(8, dtype=torch.long), torch.arange(8)))
     out.loss.backward()
@@ -72,7 +72,7 @@ def test_byol_target_gets_no_gradient_and_follows_the_online_network(digits):
     tau = cosine_momentum(0.99, 0, 10)
     for b, t, o in zip(before, m.target_backbone.parameters(), m.backbone.parameters()):
         assert torch.allclose(t, tau * b + (1 - tau) * o, atol=1e-6)
-    assert int(m.ema_step) == 1
+    assert int(m.target.step) == 1
 
 
 def test_byol_resume_is_exact(digits, tmp_path):
@@ -160,3 +160,31 @@ def test_byol_head_bias_is_checked(digits):
 
     with pytest.raises(ConfigError, match="byol.head_bias"):
         make_cfg(methods=["byol"], byol={**BYOL, "head_bias": "both"})
+
+
+def test_momentum_target_follows_by_ema_and_keeps_the_online_modules_its_owners():
+    """selfsup.momentum.MomentumTarget (BYOL, MoCo v3, DINO): copies start equal, are frozen and not
+    submodules' duplicates; update() moves them by m x target + (1 - m) x online at the cosine's value."""
+    import math
+
+    from torch import nn
+
+    from selfsup.momentum import MomentumTarget
+
+    torch.manual_seed(0)
+    owner = nn.Module()
+    owner.a, owner.b = nn.Linear(3, 4), nn.Linear(4, 2)
+    owner.t = MomentumTarget({"a": owner.a, "b": owner.b}, 0.9, "cosine", offset=1)
+    owner.t.total_steps = 4
+    assert [n for n, p in owner.named_parameters() if p.requires_grad] == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    assert all(not p.requires_grad for p in owner.t.parameters())
+    assert torch.equal(owner.t["a"].weight, owner.a.weight)
+    before = owner.t["b"].weight.clone()
+    with torch.no_grad():
+        owner.b.weight.add_(1.0)
+    m = 1 - (1 - 0.9) * (math.cos(math.pi * 1 / 4) + 1) / 2  # step 0 + offset 1 of 4
+    assert owner.t.momentum() == m
+    owner.t.update()
+    torch.testing.assert_close(owner.t["b"].weight, m * before + (1 - m) * owner.b.weight)
+    assert int(owner.t.step) == 1 and "t.step" in owner.state_dict()
+    assert MomentumTarget({"a": owner.a}, 0.99, "constant").momentum() == 0.99

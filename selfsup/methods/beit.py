@@ -71,7 +71,7 @@ from selfsup.io import InputError
 from selfsup.masking import FILLS, block_masks
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.models import VITS, vit_trunk
+from selfsup.models import VITS, require_vit, vit_trunk
 from selfsup.tokenizer import RESAMPLES, DalleTokenizer, Tokenizer, load_tokenizer
 
 
@@ -141,10 +141,7 @@ class BEiT(Method):
 
     def __init__(self, backbone: Any, cfg: BEiTCfg, num_classes: int):
         super().__init__(backbone, cfg, num_classes)
-        vit = vit_trunk(backbone)
-        if vit is None:
-            raise ConfigError(f"beit.backbone: BEiT masks the patch tokens of a Vision Transformer; choose one of "
-                              f"{', '.join(VITS)} (got {getattr(backbone, 'arch_name', '') or 'a conv net'})")
+        vit = require_vit(backbone, "beit.backbone", "BEiT masks the patch tokens of a Vision Transformer")
         if backbone.front():
             raise ConfigError("beit.sobel: BEiT's patch embedding takes the images themselves; set it to false")
         if cfg.rel_pos_bias != "none" or cfg.layer_scale_init > 0:  # BEiT's blocks; else torchvision's

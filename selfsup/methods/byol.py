@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from selfsup.augment import ViewSpec
 from selfsup.config import ConfigError, TrainCfg, one_of, positive
@@ -36,7 +37,7 @@ from selfsup.contrastive import byol_loss
 from selfsup.heads import projection_head
 from selfsup.methods import register
 from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
-from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
+from selfsup.momentum import MomentumTarget
 
 
 # head_bias -> projection_head's (hidden_bias, out_bias)
@@ -84,11 +85,18 @@ class BYOL(Method):
                                          hidden_bias=hidden_bias, out_bias=out_bias)
         self.predictor = projection_head("mlp", cfg.proj_dim, cfg.proj_dim, cfg.pred_hidden, bn=True,
                                          hidden_bias=hidden_bias, out_bias=out_bias)
-        # the target starts as a copy of the online encoder and projector, never optimised
-        self.target_backbone = frozen_copy(self.backbone)
-        self.target_projector = frozen_copy(self.projector)
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
-        self.total_steps = 0  # K, set from the loop's context
+        # the target starts as a copy of the online encoder and projector, never optimised; tau on the
+        # cosine over the run's K optimiser steps (set from the loop's context)
+        self.target = MomentumTarget({"backbone": self.backbone, "projector": self.projector}, cfg.tau,
+                                     cfg.tau_schedule)
+
+    @property
+    def target_backbone(self) -> nn.Module:
+        return self.target["backbone"]
+
+    @property
+    def target_projector(self) -> nn.Module:
+        return self.target["projector"]
 
     def view_specs(self) -> list[ViewSpec]:
         c = self.cfg
@@ -96,17 +104,14 @@ class BYOL(Method):
         return [first, dataclasses.replace(first, blur_p=c.blur_p2, solarize_p=c.solarize_p2)]
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
-        self.total_steps = ctx.total_steps
+        self.target.total_steps = ctx.total_steps
         return EpochPlan()
 
     def on_resume(self, ctx: TrainContext) -> None:
-        self.total_steps = ctx.total_steps
+        self.target.total_steps = ctx.total_steps
 
     def tau(self) -> float:
-        c = self.cfg
-        if c.tau_schedule == "constant":
-            return c.tau
-        return cosine_momentum(c.tau, int(self.ema_step), self.total_steps)
+        return self.target.momentum()
 
     def forward(self, batch: Batch) -> StepOut:
         x1, x2 = batch.views  # (B, C, H, W) each
@@ -121,7 +126,4 @@ class BYOL(Method):
     @torch.no_grad()
     def on_after_step(self, stepped: bool) -> None:
         if stepped:  # the online network changed: the target follows with this step's decay
-            t = self.tau()
-            ema_update(self.target_backbone, self.backbone, t)
-            ema_update(self.target_projector, self.projector, t)
-            self.ema_step += 1
+            self.target.update()

@@ -77,7 +77,9 @@ class ColorizationCfg(TrainCfg):
     # fixed: a random view_size crop of the image at load_size, no rescaling (official data layer:
     # crop_size 180 of 256 px images); resized: a random resized crop (crop_scale) to view_size
     train_crop: str = "fixed"
-    load_size: int = 256  # the side the fixed crop is cut from (official: the 256 px database images); 0: the dataset's
+    # the side the fixed crop is cut from (official: the 256 px database images, colorization_imagenet sets
+    # it); 0: the dataset's own side, so a typed default never upsamples small images (CIFAR's 32 px) first
+    load_size: int = 0
     rebalance: bool = True  # class rebalancing (sec. 2.2); false: the plain classification loss
     rebalance_lambda: float = 0.5  # the uniform's share in the rebalancing mix (paper: 1/2)
     prior_sigma: float = 5.0  # Gaussian smoothing of the empirical prior (paper: 5)
@@ -139,7 +141,7 @@ class Colorization(Method):
         self._map = output
 
     def view_specs(self) -> list[ViewSpec]:
-        if self.cfg.train_crop == "fixed":  # the whole image at load_size; forward cuts the crop
+        if self.cfg.train_crop == "fixed":  # the whole image at load_size (0: the dataset's); forward cuts the crop
             return [dataclasses.replace(view_spec(self.cfg), crop=False, size=self.cfg.load_size)]
         return [dataclasses.replace(view_spec(self.cfg), size=self.cfg.view_size)]
 

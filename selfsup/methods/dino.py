@@ -60,7 +60,7 @@ from selfsup.augment import ViewSpec
 from selfsup.config import ConfigError, TrainCfg, non_negative, positive
 from selfsup.heads import DINOHead
 from selfsup.methods import register
-from selfsup.models import vit_trunk
+from selfsup.models import require_vit
 from selfsup.methods.base import (
     Batch,
     EpochPlan,
@@ -69,7 +69,8 @@ from selfsup.methods.base import (
     TrainContext,
     view_spec,
 )
-from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
+from selfsup.momentum import MomentumTarget
+from selfsup.prototypes import multi_crop
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -115,19 +116,6 @@ def batch_centre(teacher: torch.Tensor) -> torch.Tensor:
 def update_centre(centre: torch.Tensor, batch_mean: torch.Tensor, m: float) -> torch.Tensor:
     """C <- m C + (1 - m) batch_mean (a new tensor)."""
     return centre * m + batch_mean * (1.0 - m)
-
-
-def multi_crop(net: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """``net`` on every view, consecutive views of one size as one batch (the official
-    ``MultiCropWrapper``); (sum of the views' batches, D) in view order."""
-    out, i = [], 0
-    while i < len(views):
-        j = i + 1
-        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
-            j += 1
-        out.append(net(torch.cat(views[i:j]) if j - i > 1 else views[i]))
-        i = j
-    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- config
@@ -221,18 +209,12 @@ class DINO(Method):
         self.head = DINOHead(backbone.out_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers, c.head_bn,
                              c.norm_last_layer)
         # the teacher starts as a copy of the student (official: load_state_dict), never optimised
-        self.teacher_backbone = frozen_copy(self.backbone)
-        self.teacher_head = frozen_copy(self.head)
+        self.teacher = MomentumTarget({"backbone": self.backbone, "head": self.head}, c.momentum_teacher)
         if c.drop_path:  # the student only, after the copy (main_dino.py builds the teacher without it)
-            vit = vit_trunk(self.backbone)
-            if vit is None:
-                raise ConfigError(f"dino.drop_path: {c.drop_path} needs a ViT backbone (main_dino.py gives "
-                                  f"drop_path_rate to ViTs only); set dino.drop_path: 0 for a conv net")
-            vit.set_drop_path(c.drop_path)
+            require_vit(self.backbone, "dino.drop_path", f"{c.drop_path} is stochastic depth, which main_dino.py "
+                        "gives to ViTs only (set dino.drop_path: 0 for a conv net)").set_drop_path(c.drop_path)
         self.register_buffer("center", torch.zeros(1, c.out_dim))
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # the current epoch (0-based)
-        self.total_steps = 0  # set from the loop's context
         self._pending: torch.Tensor | None = None  # this batch's teacher mean, for the centre
         self._frozen: list[torch.Tensor] | None = None  # the last layer's values while it is frozen
 
@@ -254,7 +236,7 @@ class DINO(Method):
         self._frozen = [p.detach().clone() for p in self.last_layer_params()] if frozen else None
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
-        self.total_steps = ctx.total_steps
+        self.teacher.total_steps = ctx.total_steps
         self.epoch.fill_(epoch)
         if epoch == self.cfg.freeze_last_layer > 0 and ctx.reset_optimizer_state is not None:
             ctx.reset_optimizer_state(self.last_layer_params())  # released: it starts without optimiser state
@@ -262,11 +244,19 @@ class DINO(Method):
         return EpochPlan()
 
     def on_resume(self, ctx: TrainContext) -> None:
-        self.total_steps = ctx.total_steps
+        self.teacher.total_steps = ctx.total_steps
         self._hold_last_layer()  # resumed inside a frozen epoch: its values are the frozen ones
 
     def momentum(self) -> float:
-        return cosine_momentum(self.cfg.momentum_teacher, int(self.ema_step), self.total_steps)
+        return self.teacher.momentum()
+
+    @property
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    @property
+    def teacher_head(self) -> nn.Module:
+        return self.teacher["head"]
 
     def teacher_temp(self) -> float:
         c = self.cfg
@@ -295,10 +285,7 @@ class DINO(Method):
             if self._frozen is not None:  # the last layer is frozen this epoch: undo the step on it
                 for p, v in zip(self.last_layer_params(), self._frozen):
                     p.copy_(v)
-            m = self.momentum()  # the student changed: the teacher follows with this step's momentum
-            ema_update(self.teacher_backbone, self.backbone, m)
-            ema_update(self.teacher_head, self.head, m)
-            self.ema_step += 1
+            self.teacher.update()  # the student changed: the teacher follows with this step's momentum
         if self._pending is not None:
             self.center.copy_(update_centre(self.center, self._pending, self.cfg.center_momentum))
         self._pending = None

@@ -107,12 +107,9 @@ class MAE(Method):
         super().__init__(backbone, cfg, num_classes)
         from torchvision.models.vision_transformer import EncoderBlock
 
-        from selfsup.models import vit_trunk
+        from selfsup.models import require_vit, vit_trunk
 
-        vit = vit_trunk(backbone)
-        if vit is None:
-            raise ConfigError(f"{self.name}.backbone: MAE needs a Vision Transformer (vit_digits, vit_small, "
-                              f"vit_base, ...), got {type(backbone.trunk).__name__}")
+        vit = require_vit(backbone, f"{self.name}.backbone", "MAE masks and reconstructs a ViT's patches")
         if backbone.front():
             raise ConfigError(f"{self.name}.sobel: MAE reconstructs the input pixels; a fixed front end is not "
                               "supported")

@@ -6,7 +6,7 @@
   projector, never optimised, following f_q by theta_k <- m theta_k + (1 - m) theta_q with m on a cosine
   from ``m`` (0.99) to 1 over the run's optimiser steps (``--moco-m-cos``; ``selfsup.momentum``). The
   official ``forward`` applies the update for iteration i with m(i) before computing that iteration's
-  keys; here it runs right after optimiser step i - 1 with the same m(i) (``ema_step`` + 1), which is the
+  keys; here it runs right after optimiser step i - 1 with the same m(i) (``target.step`` + 1), which is the
   same sequence (the official update at i = 0 is a no-op: f_k starts as a copy of f_q).
 - Heads (official ``_build_mlp``; ``selfsup.heads.mlp``): Linear layers without bias, BN + ReLU after
   each hidden one. Projector: 3 layers for a ViT, 2 for a ResNet (``proj_layers`` 0: by the backbone),
@@ -62,8 +62,8 @@ from selfsup.methods.base import (
     TrainContext,
     view_spec,
 )
-from selfsup.models import vit_trunk
-from selfsup.momentum import cosine_momentum, ema_update, frozen_copy
+from selfsup.models import require_vit, vit_trunk
+from selfsup.momentum import MomentumTarget
 
 
 def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -140,19 +140,24 @@ class MoCoV3(Method):
             if c.pos_embed == "sincos":  # after the init, which leaves the position embedding alone
                 vit.fix_sincos_pos_embed("h")
         if c.freeze_patch_embed:
-            if vit is None:
-                raise ConfigError("mocov3.freeze_patch_embed: the random patch projection needs a ViT backbone "
-                                  "(vit_*); set it to false for a conv net")
-            vit.freeze_patch_embed()
+            require_vit(backbone, "mocov3.freeze_patch_embed", "the random patch projection (sec. 4.2) is a ViT's "
+                        "(set it to false for a conv net)").freeze_patch_embed()
         layers = c.proj_layers or (3 if vit is not None else 2)
         pred_bn = c.pred_last_bn == "bn" or (c.pred_last_bn == "auto" and vit is not None)
         self.projector = mlp([backbone.out_dim] + [c.mlp_dim] * (layers - 1) + [c.dim], last_bn="no_affine")
         self.predictor = mlp([c.dim, c.mlp_dim, c.dim], last_bn="no_affine" if pred_bn else "none")
-        # the momentum encoder: a copy of backbone + projector (official: same init), never optimised
-        self.momentum_backbone = frozen_copy(self.backbone)
-        self.momentum_projector = frozen_copy(self.projector)
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))  # optimiser steps taken
-        self.total_steps = 0  # set from the loop's context
+        # the momentum encoder: a copy of backbone + projector (official: same init), never optimised; the
+        # update after optimiser step i uses the official m(i + 1) of the next iteration (offset 1)
+        self.target = MomentumTarget({"backbone": self.backbone, "projector": self.projector}, c.m,
+                                     c.m_schedule, offset=1)
+
+    @property
+    def momentum_backbone(self) -> nn.Module:
+        return self.target["backbone"]
+
+    @property
+    def momentum_projector(self) -> nn.Module:
+        return self.target["projector"]
 
     def view_specs(self) -> list[ViewSpec]:
         c = self.cfg
@@ -160,18 +165,15 @@ class MoCoV3(Method):
         return [first, dataclasses.replace(first, blur_p=c.blur_p2, solarize_p=c.solarize_p2)]
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> EpochPlan:
-        self.total_steps = ctx.total_steps
+        self.target.total_steps = ctx.total_steps
         return EpochPlan()
 
     def on_resume(self, ctx: TrainContext) -> None:
-        self.total_steps = ctx.total_steps
+        self.target.total_steps = ctx.total_steps
 
     def momentum(self) -> float:
         """m for the update after this optimiser step: the official m(i) of the next iteration i."""
-        c = self.cfg
-        if c.m_schedule == "constant":
-            return c.m
-        return cosine_momentum(c.m, int(self.ema_step) + 1, self.total_steps)
+        return self.target.momentum()
 
     def forward(self, batch: Batch) -> StepOut:
         c = self.cfg
@@ -189,10 +191,7 @@ class MoCoV3(Method):
     @torch.no_grad()
     def on_after_step(self, stepped: bool) -> None:
         if stepped:  # the base encoder changed: the momentum encoder follows
-            m = self.momentum()
-            ema_update(self.momentum_backbone, self.backbone, m)
-            ema_update(self.momentum_projector, self.projector, m)
-            self.ema_step += 1
+            self.target.update()
 
     def encoder(self) -> nn.Module:
         return self.backbone
