@@ -389,11 +389,13 @@ def dalle_tokenizer(weights: str | Path, patch: int, channels: int, mean: list[f
 
 # --------------------------------------------------------------------------- files
 def save_tokenizer(path: str | Path, tok: Tokenizer, metrics: dict[str, Any] | None = None) -> None:
-    """Atomic, byte-reproducible (``selfsup.io.save_torch``); loads with weights_only=True."""
+    """Atomic, byte-reproducible (``selfsup.io.save_torch``); loads with weights_only=True. The file keeps
+    the metrics that the weights determine, not the run's ``seconds``: the same training writes the same
+    bytes, so BEiT's run key (which hashes this file) holds when the tokenizer stage re-runs unchanged."""
     save_torch(path, {"kind": tok.kind, "spec": tok.spec(),
                       "state_dict": {k: v.detach().cpu() for k, v in tok.state_dict().items()},
                       "metrics": {k: float(v) for k, v in (metrics or {}).items()
-                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}})
 
 
 def load_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> Tokenizer:

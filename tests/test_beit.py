@@ -72,6 +72,9 @@ def test_vq_ids_are_one_per_vit_patch_in_the_vocabulary_and_survive_the_file(dig
     save_tokenizer(tmp_path / "t.pt", tok, {"final_mse": 0.5})
     raw = torch.load(tmp_path / "t.pt", weights_only=True)
     assert raw["kind"] == "vq" and raw["spec"]["vocab_size"] == 64 and raw["metrics"] == {"final_mse": 0.5}
+    # the run's seconds stay out of the file: the same weights write the same bytes (BEiT's key hashes them)
+    save_tokenizer(tmp_path / "t2.pt", tok, {"final_mse": 0.5, "seconds": 12.3})
+    assert (tmp_path / "t2.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
     back = load_tokenizer(tmp_path / "t.pt")
     assert torch.equal(back.encode(x), tok.encode(x)) and not back.training
     assert not any(p.requires_grad for p in back.parameters())
