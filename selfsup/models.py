@@ -576,6 +576,21 @@ class ViT(nn.Module):
                 out.append((m, m.weight))
         return out
 
+    @torch.no_grad()
+    def _init_linears_and_norms(self, weight_init: Any) -> None:
+        """The common part of MAE's and BEiT's ``_init_weights``: every Linear weight of the blocks (and
+        the attention in-projection) through ``weight_init``, its bias 0; every LayerNorm of the encoder
+        weight 1 and bias 0. Linears first, then the norms (the order of the random draws)."""
+        for m, w in self._linears():
+            weight_init(w)
+            bias = m.in_proj_bias if isinstance(m, nn.MultiheadAttention) else m.bias
+            if bias is not None:
+                nn.init.zeros_(bias)
+        for m in self.vit.encoder.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def init_beit(self, std: float = 0.02) -> None:
         """BEiT's init (unilm@768a3c8 ``beit/modeling_pretrain.py``: ``trunc_normal_`` with a = -std, b = std,
         i.e. cut at one standard deviation, then ``_init_weights``): every Linear weight of the blocks and
@@ -584,15 +599,7 @@ class ViT(nn.Module):
         trunc-normal(std); the relative position bias stays 0 and the layer scale at its init."""
         v = self.vit
         with torch.no_grad():
-            for m, w in self._linears():
-                nn.init.trunc_normal_(w, std=std, a=-std, b=std)
-                bias = m.in_proj_bias if isinstance(m, nn.MultiheadAttention) else m.bias
-                if bias is not None:
-                    nn.init.zeros_(bias)
-            for m in v.encoder.modules():
-                if isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+            self._init_linears_and_norms(lambda w: nn.init.trunc_normal_(w, std=std, a=-std, b=std))
             nn.init.trunc_normal_(v.conv_proj.weight, std=std, a=-std, b=std)
             nn.init.zeros_(v.conv_proj.bias)
             nn.init.trunc_normal_(v.class_token, std=std, a=-std, b=std)
@@ -618,15 +625,7 @@ class ViT(nn.Module):
         The conv bias is left as built (zero: torchvision's init; the official code leaves PyTorch's)."""
         v = self.vit
         with torch.no_grad():
-            for m, w in self._linears():
-                nn.init.xavier_uniform_(w)
-                bias = m.in_proj_bias if isinstance(m, nn.MultiheadAttention) else m.bias
-                if bias is not None:
-                    nn.init.zeros_(bias)
-            for m in v.encoder.modules():
-                if isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+            self._init_linears_and_norms(nn.init.xavier_uniform_)
             w = v.conv_proj.weight  # (D, C, p, p)
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(v.class_token, std=0.02)
