@@ -209,13 +209,7 @@ class TrainCfg:
             raise ConfigError(f"{p}.nesterov: needs optimizer sgd with momentum > 0")
         one_of(p, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         one_of(p, "schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
-        if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
-            raise ConfigError(f"{p}.lr_steps: need increasing positive epochs, got {self.lr_steps}")
-        if self.lr_factors and len(self.lr_factors) != len(self.lr_steps):
-            raise ConfigError(f"{p}.lr_factors: one factor per lr_steps entry ({len(self.lr_steps)}), "
-                              f"got {self.lr_factors}")
-        if any(f <= 0 for f in self.lr_factors):
-            raise ConfigError(f"{p}.lr_factors: factors must be > 0, got {self.lr_factors}")
+        check_lr_steps(p, self.lr_steps, self.lr_factors, "epochs")
         if self.min_lr > self.lr:
             raise ConfigError(f"{p}.min_lr: {self.min_lr} above lr {self.lr}")
         if len(self.jitter) != 4 or any(v < 0 for v in self.jitter) or self.jitter[3] > 0.5:
@@ -560,13 +554,7 @@ class ProbeCfg:
         one_of(p, "lr_step_unit", self.lr_step_unit, ("epoch", "iteration"))
         positive(p, self, "target_dim", "epochs", "batch_size", "lr")
         non_negative(p, self, "weight_decay", "max_train")
-        if any(not 0 < e for e in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
-            raise ConfigError(f"{p}.lr_steps: need increasing positive milestones, got {self.lr_steps}")
-        if self.lr_factors and len(self.lr_factors) != len(self.lr_steps):
-            raise ConfigError(f"{p}.lr_factors: one factor per lr_steps entry ({len(self.lr_steps)}), "
-                              f"got {self.lr_factors}")
-        if any(f <= 0 for f in self.lr_factors):
-            raise ConfigError(f"{p}.lr_factors: factors must be > 0, got {self.lr_factors}")
+        check_lr_steps(p, self.lr_steps, self.lr_factors, "milestones")
         if self.lr_schedule == "cosine" and self.lr_steps:
             raise ConfigError(f"{p}.lr_steps: the cosine schedule has no steps, got {self.lr_steps}")
         if self.protocol == "paper" and self.max_train:
@@ -926,6 +914,17 @@ def non_negative(p: str, obj: Any, *names: str) -> None:
         v = getattr(obj, n)
         if v < 0:
             raise ConfigError(f"{_key(p, n)}: must be >= 0, got {v}")
+
+
+def check_lr_steps(p: str, steps: list[int], factors: list[float], what: str) -> None:
+    """A step schedule's milestones (increasing, > 0; ``what`` names their unit) and its absolute factors
+    (one per milestone, > 0; empty: x0.1 per milestone), for the training and the probe schedules."""
+    if any(not 0 < e for e in steps) or steps != sorted(steps):
+        raise ConfigError(f"{p}.lr_steps: need increasing positive {what}, got {steps}")
+    if factors and len(factors) != len(steps):
+        raise ConfigError(f"{p}.lr_factors: one factor per lr_steps entry ({len(steps)}), got {factors}")
+    if any(f <= 0 for f in factors):
+        raise ConfigError(f"{p}.lr_factors: factors must be > 0, got {factors}")
 
 
 def one_of(p: str, name: str, value: str, allowed: typing.Iterable[str]) -> None:
