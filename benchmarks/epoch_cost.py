@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.sources import prepare  # noqa: E402
-from selfsup.train import pretrain  # noqa: E402
+from selfsup.core.config import load_config  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.data.sources import prepare  # noqa: E402
+from selfsup.engine.loop import pretrain  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Peak GPU memory per process of the ImageNet ViT-B/16 fine-tuning recipe (selfsup/finetune.py: AdamW,
+"""Peak GPU memory per process of the ImageNet ViT-B/16 fine-tuning recipe (selfsup/eval/finetune.py: AdamW,
 drop path 0.1, a 1000-class head), fp32 against bf16 / fp16 autocast, at the batch sizes per process asked.
 
     python benchmarks/finetune_memory.py [--batch 32 64 128 256] [--backbone vit_base] [--size 224]
@@ -41,8 +41,8 @@ GIB = 1024 ** 3
 
 
 def build(backbone: str, size: int, classes: int, device: torch.device) -> nn.Module:
-    """The fine-tuned network of selfsup.finetune: backbone + Linear(D, classes), drop path 0.1."""
-    from selfsup.models import build_backbone, vit_trunk
+    """The fine-tuned network of selfsup.eval.finetune: backbone + Linear(D, classes), drop path 0.1."""
+    from selfsup.models.backbones import build_backbone, vit_trunk
 
     net = build_backbone(backbone, 3, image_size=size)
     if vit_trunk(net) is not None:
@@ -54,8 +54,8 @@ def saved_bytes(model: nn.Module, batch: int, size: int, precision: str) -> tupl
     """(bytes of the tensors the forward saves for backward, those of them shaped like an attention
     matrix (..., N, N), N the tokens), each storage once, the parameters themselves left out (the model
     state counts them), one training forward at ``batch`` on the CPU."""
-    from selfsup.finetune import autocast
-    from selfsup.models import vit_trunk
+    from selfsup.eval.finetune import autocast
+    from selfsup.models.backbones import vit_trunk
 
     vit = vit_trunk(model[0])
     tokens = (size // vit.patch) ** 2 + 1 if vit is not None else -1
@@ -84,7 +84,7 @@ def estimate(model: nn.Module, size: int, precision: str) -> dict[str, float]:
 
 def measure(backbone: str, size: int, classes: int, batch: int, precision: str) -> float:
     """GiB: torch.cuda.max_memory_allocated over one AdamW training step (CUDA only)."""
-    from selfsup.finetune import accumulated_step
+    from selfsup.eval.finetune import accumulated_step
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()

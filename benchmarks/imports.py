@@ -1,13 +1,13 @@
 """Benchmark: the start-up costs the stage scripts are arranged around (lazy imports in
-selfsup/io.py, models.py, augment.py, evaluate.py, kmeans.py; MLflow's set-up in tracking.py).
+selfsup/core/io.py, models.py, augment.py, evaluate.py, kmeans.py; MLflow's set-up in tracking.py).
 
 Each import is timed in a fresh interpreter (median of --repeat runs), as a DVC stage pays it:
 
     .venv/bin/python benchmarks/imports.py [--repeat 3]
 
 Prints seconds per import (torch, torchvision, torch + torchvision, scikit-learn + scipy as
-selfsup.metrics loads them, faiss, mlflow), what ``gc.freeze`` at exit saves after those imports
-(selfsup/stage.py), and the seconds to create a fresh MLflow SQLite store.
+selfsup.cluster.metrics loads them, faiss, mlflow), what ``gc.freeze`` at exit saves after those imports
+(selfsup/core/stage.py), and the seconds to create a fresh MLflow SQLite store.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "torch": "import torch",
     "torchvision": "import torch, torchvision",
-    "scikit-learn + scipy (selfsup.metrics)": "import selfsup.metrics",
+    "scikit-learn + scipy (selfsup.cluster.metrics)": "import selfsup.cluster.metrics",
     "faiss": "import faiss",
     "mlflow": "import mlflow",
 }
 EXIT = "import torch, torchvision"  # the interpreter's exit after the imports every training stage makes
-FROZEN_EXIT = "import atexit, gc; atexit.register(gc.freeze); import torch, torchvision"  # selfsup.stage.setup
+FROZEN_EXIT = "import atexit, gc; atexit.register(gc.freeze); import torch, torchvision"  # selfsup.core.stage.setup
 STORE = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1]); "
          "mlflow.set_experiment('bench')")
 

@@ -26,12 +26,12 @@ def child(folder: str, method: str, workers: int) -> None:
     """One measured run (in its own process)."""
     import yaml
 
-    from selfsup.config import load_config
-    from selfsup.data import load_prepared
-    from selfsup.features import extract_features
-    from selfsup.io import resolve_device
-    from selfsup.sources import prepare
-    from selfsup.train import pretrain
+    from selfsup.core.config import load_config
+    from selfsup.data.prepared import load_prepared
+    from selfsup.models.features import extract_features
+    from selfsup.core.io import resolve_device
+    from selfsup.data.sources import prepare
+    from selfsup.engine.loop import pretrain
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw.update(methods=[method], device="cpu", workers=workers,
@@ -64,7 +64,7 @@ def main() -> None:
     if a.child:
         child(a.child, a.method, a.workers)
         return
-    from selfsup.synthetic import make_image_folder
+    from selfsup.data.synthetic import make_image_folder
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

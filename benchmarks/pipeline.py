@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.sources import prepare  # noqa: E402
-from selfsup.evaluate import cluster_eval, knn_protocols, linear_eval  # noqa: E402
-from selfsup.features import extract_features  # noqa: E402
-from selfsup.io import resolve_device  # noqa: E402
-from selfsup.models import save_backbone  # noqa: E402
-from selfsup.pca import PCAWhitening  # noqa: E402
-from selfsup.train import pretrain  # noqa: E402
+from selfsup.core.config import load_config  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.data.sources import prepare  # noqa: E402
+from selfsup.eval.protocols import cluster_eval, knn_protocols, linear_eval  # noqa: E402
+from selfsup.models.features import extract_features  # noqa: E402
+from selfsup.core.io import resolve_device  # noqa: E402
+from selfsup.models.backbones import save_backbone  # noqa: E402
+from selfsup.cluster.pca import PCAWhitening  # noqa: E402
+from selfsup.engine.loop import pretrain  # noqa: E402
 
 
 def peak_mb() -> float:

@@ -44,9 +44,9 @@ COST = {"supervised": 1.0, "instdisc": 1.0, "mlcd": 1.0, "deepcluster": 1.0 + 1 
 def worker(a: argparse.Namespace) -> None:
     import yaml
 
-    from selfsup import dist
-    from selfsup.config import load_config
-    from selfsup.train import pretrain
+    from selfsup.core import dist
+    from selfsup.core.config import load_config
+    from selfsup.engine.loop import pretrain
     from throughput import bench_block, synthetic
 
     dist.init_from_env("auto", 300)

@@ -24,15 +24,15 @@ import yaml
 sys.path.insert(0, str(Path.cwd()))  # the checkout it is run from
 
 try:
-    from selfsup.sources import prepare
+    from selfsup.data.sources import prepare
 except ImportError:  # before the engine rewrite
-    from selfsup.data import prepare
-from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.features import extract_features  # noqa: E402
-from selfsup.knn import knn_eval  # noqa: E402
-from selfsup.models import save_backbone  # noqa: E402
-from selfsup.train import pretrain  # noqa: E402
+    from selfsup.data.prepared import prepare
+from selfsup.core.config import load_config  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.models.features import extract_features  # noqa: E402
+from selfsup.eval.knn import knn_eval  # noqa: E402
+from selfsup.models.backbones import save_backbone  # noqa: E402
+from selfsup.engine.loop import pretrain  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Benchmark: selfsup.sinkhorn.sinkhorn_knopp vs the float64 NumPy reference.
+"""Benchmark: selfsup.cluster.sinkhorn.sinkhorn_knopp vs the float64 NumPy reference.
 
 Both solvers get the same random log-softmax input (Gaussian logits times
 --logit-scale), run in the same process, with the same stopping rule (mean
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from selfsup.sinkhorn import (  # noqa: E402
+from selfsup.cluster.sinkhorn import (  # noqa: E402
     DEFAULT_MAX_ITERS,
     DEFAULT_TOL,
     sinkhorn_knopp,

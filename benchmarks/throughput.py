@@ -5,14 +5,14 @@
         [--workers -1]
 
 For each method, on the current device, with a synthetic uint8 array dataset of ``size`` px images:
-- train img/s: images per second of the engine's training loop (``selfsup.train.pretrain``; the
+- train img/s: images per second of the engine's training loop (``selfsup.engine.loop.pretrain``; the
   second of two epochs, so warm-up and the clustering / re-labelling at epoch starts are left out);
 - bare img/s: a plain loop of the same backbone, forward + backward + SGD step, on already
   normalised random input of the same batch, with as many views per image as the method declares
   (images per second, not views), in the same precision and memory format;
 - ratio = train / bare (targets: >= 0.8 on the 2-core CPU, >= 0.9 on a GPU);
 - aug img/s batched vs per-sample: the method's declared views made from a uint8 batch by
-  ``selfsup.augment.make_views`` on the device, against torchvision's per-image pipeline
+  ``selfsup.augment.batched.make_views`` on the device, against torchvision's per-image pipeline
   (``torchvision_pipeline``) on the CPU.
 """
 from __future__ import annotations
@@ -31,12 +31,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from selfsup.augment import make_views, torchvision_pipeline  # noqa: E402
-from selfsup.config import load_config  # noqa: E402
-from selfsup.data import Data, Split  # noqa: E402
-from selfsup.io import resolve_device  # noqa: E402
-from selfsup.models import build_backbone  # noqa: E402
-from selfsup.train import AUTOCAST, build_method, pretrain, resolve_specs  # noqa: E402
+from selfsup.augment.batched import make_views, torchvision_pipeline  # noqa: E402
+from selfsup.core.config import load_config  # noqa: E402
+from selfsup.data.prepared import Data, Split  # noqa: E402
+from selfsup.core.io import resolve_device  # noqa: E402
+from selfsup.models.backbones import build_backbone  # noqa: E402
+from selfsup.data.batches import resolve_specs  # noqa: E402
+from selfsup.engine.loop import AUTOCAST, build_method, pretrain  # noqa: E402
 
 METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "supervised"]
 

@@ -3,10 +3,10 @@
 ``dvc.yaml`` is hand-written except for what follows the method list, which this command writes:
 
 - ``check``: the first stage (params.yaml, every key, through the typed config and
-  ``selfsup.preflight``), whose output every other stage depends on, so a bad key fails before DVC
+  ``selfsup.data.preflight``), whose output every other stage depends on, so a bad key fails before DVC
   removes any stage's outputs;
 
-- ``pretrain``: every method's training in one process (``selfsup.pretraining.train_all``), written
+- ``pretrain``: every method's training in one process (``selfsup.engine.pretrain_all.train_all``), written
   whole from ``pretrain_stage``: the union of the methods' import closures, their params blocks,
   their upstream files (those no other method of the stage writes), every method's outputs;
 - the outputs of ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
@@ -14,15 +14,15 @@
   a method's upstream is its output ``data/tokenizer/tokenizer.pt`` (a preset without BEiT trains no
   tokeniser);
 - every other stage's code deps (the ``stages/`` and ``selfsup/`` entries): the import closure of its
-  script (``selfsup.codedeps``); data deps stay as written.
+  script (``selfsup.core.codedeps``); data deps stay as written.
 
 Why one stage per kind of work, not per method: each process start imports torch (and
 scikit-learn or torchvision) and opens the MLflow store, about 5 s here (benchmarks/imports.py), and
 after every stage DVC re-parses and rewrites the stage file's whole lock (``benchmarks/stage_overhead.py``);
 one stage per method and step was 77 stages for the 22-method default. Each of these stages keeps
 per-method granularity itself: training resumes a method's checkpoint while its key (config, code
-closure, data, upstream encoder) holds (``selfsup.train.run_key``), and ``evaluate`` and ``voc``
-reuse a method's stored result while its model and keys hold (``selfsup.io.ResultCache``). So a
+closure, data, upstream encoder) holds (``selfsup.engine.loop.run_key``), and ``evaluate`` and ``voc``
+reuse a method's stored result while its model and keys hold (``selfsup.core.io.ResultCache``). So a
 change to one method's block or file retrains and re-evaluates that method only.
 
 An earlier layout put each method's training in ``pipelines/<m>/dvc.yaml``; this command deletes
@@ -42,9 +42,9 @@ from typing import Any
 
 import yaml
 
-from selfsup.codedeps import ROOT, closure
-from selfsup.config import load_config, load_yaml, method_names
-from selfsup.stage import CHECKED  # the check stage's output, every other stage's dep
+from selfsup.core.codedeps import ROOT, closure
+from selfsup.core.config import load_config, load_yaml, method_names
+from selfsup.core.stage import CHECKED  # the check stage's output, every other stage's dep
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
 PIPELINES = "pipelines"  # the earlier layout's pipelines/<method>/dvc.yaml, deleted when found
@@ -57,7 +57,7 @@ PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "m
                    "dataset.crop_size", "dataset.resize_size", "dist.nproc_per_node", "dist.nnodes"]
 def is_code(dep: str) -> bool:
     """A Python file of the package or a stage script (regenerated); data files such as
-    selfsup/paper_results.yaml are kept as written."""
+    selfsup/report/paper_results.yaml are kept as written."""
     return dep.startswith(("stages/", "selfsup/")) and dep.endswith(".py")
 
 
@@ -66,7 +66,7 @@ CHECK = "check"
 
 def check_stage() -> dict[str, Any]:
     """The first stage: params.yaml, every key of it (``params.yaml:`` with no list), through the typed
-    config and ``selfsup.preflight``, so that a bad key fails before DVC removes any stage's outputs.
+    config and ``selfsup.data.preflight``, so that a bad key fails before DVC removes any stage's outputs.
     Its code deps: its script's closure and every method file (each method block is parsed with its
     method's config class)."""
     return {"cmd": "python stages/check.py", "deps": [], "params": [{"params.yaml": None}],
@@ -76,14 +76,14 @@ def check_stage() -> dict[str, Any]:
 def check_code() -> list[str]:
     """The check stage's code: its script's closure, and the method registry's closure with every method
     (``load_config`` imports each method by name to parse its block)."""
-    from selfsup.codedeps import REGISTRY_FILE
+    from selfsup.core.codedeps import REGISTRY_FILE
 
     return sorted({*closure("stages/check.py"), *(f for m in method_names() for f in closure(REGISTRY_FILE, m))})
 
 
 def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
     """Every method's training loop (resumable at any step), final encoder, per-epoch history,
-    pictures and live MLflow run, in one process (``selfsup.pretraining``)."""
+    pictures and live MLflow run, in one process (``selfsup.engine.pretrain_all``)."""
     code = sorted({f for m in methods for f in closure("stages/pretrain.py", m)})
     # the upstream files the stage reads and does not write (a method's own encoder is written by the
     # stage before the method reading it: Config.training_order)
@@ -111,7 +111,7 @@ EVALUATE = "evaluate"
 
 def evaluate_outputs(methods) -> dict[str, list[Any]]:
     """The root ``evaluate`` stage's outputs: every method's features and step metrics, and the stored
-    metrics it reuses while a method's key holds (selfsup.frozen.evaluate_all). The features persist:
+    metrics it reuses while a method's key holds (selfsup.eval.evaluate_all.evaluate_all). The features persist:
     a reused method's stay as they were written."""
     return {"outs": [{"data/features": {"persist": True, "cache": False}},
                      {"data/eval_runs": {"persist": True, "cache": False}}],
@@ -124,7 +124,7 @@ VOC = "voc"
 
 def voc_outputs(methods) -> dict[str, list[Any]]:
     """The root ``voc`` stage's outputs: every method's detection numbers, and the per-method results it
-    reuses while their key holds (selfsup.detection.transfer_all)."""
+    reuses while their key holds (selfsup.detection.detector.transfer_all)."""
     return {"outs": [{"data/voc_runs": {"persist": True, "cache": False}},
                      *[{f"metrics/voc/{m}_classes.csv": {"cache": False}} for m in methods]],
             "metrics": [{f"metrics/voc/{m}.json": {"cache": False}} for m in methods]}

@@ -50,9 +50,9 @@ from typing import Any
 
 import yaml
 
-from selfsup.config import NO_UPSTREAM, ConfigError, load_config, load_yaml
+from selfsup.core.config import NO_UPSTREAM, ConfigError, load_config, load_yaml
 from selfsup.dag import TOKENS
-from selfsup.io import repo_root
+from selfsup.core.io import repo_root
 
 REPLACED = ("methods", "knn.paper", "report.paper", "instdisc_table1.rows", "finetune.head_layers")  # set whole by a preset, not merged
 META = ("title", "dataset", "source", "sources", "recipe", "params")
@@ -117,9 +117,9 @@ def merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[
 
 
 def typed_defaults() -> dict[str, Any]:
-    """Every key of params.yaml at its typed default: the sections of ``selfsup.config.Config`` and
+    """Every key of params.yaml at its typed default: the sections of ``selfsup.core.config.Config`` and
     every method's config class (what a key left out of params.yaml means)."""
-    from selfsup.config import Config, method_class, method_names
+    from selfsup.core.config import Config, method_class, method_names
 
     d = dataclasses.asdict(Config())
     d.pop("method_cfgs")
@@ -278,7 +278,7 @@ def template_text() -> str:
 
 HEADER = """# selfsup pipeline parameters, written by `python -m selfsup.presets apply {name}`{sets}.
 # The keys and comments come from presets/{default}.yaml, the values from the preset; a key left out
-# has its typed default (selfsup/config.py, selfsup/methods/<name>.py). Every key is validated before
+# has its typed default (selfsup/core/config.py, selfsup/methods/<name>.py). Every key is validated before
 # any work starts. Edit freely or sweep with `dvc exp run -S key=value`; `apply NAME` rewrites this
 # file from the preset alone, and `apply {default}` restores the default.
 """
@@ -425,10 +425,10 @@ def _stand_in(dataset: dict[str, Any], folder: Path, seed: int) -> Any:
     format and loaded as the stages load theirs (the evaluation steps read it back from there)."""
     import numpy as np
 
-    from selfsup.data import load_prepared
-    from selfsup.io import write_json
-    from selfsup.sources import prepare
-    from selfsup.synthetic import make_image_folder
+    from selfsup.data.prepared import load_prepared
+    from selfsup.core.io import write_json
+    from selfsup.data.sources import prepare
+    from selfsup.data.synthetic import make_image_folder
 
     side, ch, classes = STAND_INS[dataset["name"]]
     cls = min(classes, 4)  # a few classes are enough to smoke; the head sizes follow the data
@@ -461,11 +461,11 @@ def smoke(name: str, workdir: str | Path | None = None) -> dict[str, Any]:
     it sets one, else the common kNN), protocol, linear, linear_protocol, probes, finetune, seconds}."""
     import torch
 
-    from selfsup.evaluate import knn_protocols, paper_protocol
-    from selfsup.features import apply_head, extract_features
-    from selfsup.frozen import finetune_step, linear_step
-    from selfsup.models import save_backbone
-    from selfsup.stage import Paths
+    from selfsup.eval.protocols import knn_protocols, paper_protocol
+    from selfsup.models.features import apply_head, extract_features
+    from selfsup.eval.evaluate_all import finetune_step, linear_step
+    from selfsup.models.backbones import save_backbone
+    from selfsup.core.stage import Paths
 
     p = smoke_params(name)
     cfg = load_config(p, parse_methods=True)  # the preset's keys, validated as a stage would
@@ -481,7 +481,7 @@ def smoke(name: str, workdir: str | Path | None = None) -> dict[str, Any]:
             mcfg = cfg
             if up == TOKENS:  # BEiT's tokens: a tokeniser trained for an epoch on the stand-in (a dalle
                 # preset's weights file is the user's: the smoke checks the rest with a vq one of its vocabulary)
-                from selfsup.tokenizer import make_tokenizer, save_tokenizer
+                from selfsup.models.tokenizer import make_tokenizer, save_tokenizer
 
                 tc = dataclasses.replace(cfg.tokenizer, kind="vq", path="", epochs=1, batch_size=SMOKE_BATCH,
                                          vocab=getattr(cfg.method(m), "vocab", cfg.tokenizer.vocab))
@@ -494,7 +494,7 @@ def smoke(name: str, workdir: str | Path | None = None) -> dict[str, Any]:
                     raise ConfigError(f"methods.{m}: smoke needs the upstream {up} among the preset's methods, "
                                       f"before {m}")
                 mcfg = dataclasses.replace(cfg, methods={**cfg.methods, m: str(models[src])})
-            from selfsup.train import pretrain
+            from selfsup.engine.loop import pretrain
 
             method, hist = pretrain(mcfg, m, data, root / m / "ckpt.pt")
             models[m] = P.model(m)

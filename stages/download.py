@@ -5,9 +5,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.sources import prepare  # noqa: E402
-from selfsup.io import write_json  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
+from selfsup.data.sources import prepare  # noqa: E402
+from selfsup.core.io import write_json  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
 
 cfg = setup()
 t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""evaluate: every evaluation of every method's frozen encoder in one process (``selfsup.frozen.evaluate_all``):
+"""evaluate: every evaluation of every method's frozen encoder in one process (``selfsup.eval.evaluate_all.evaluate_all``):
 its features (data/features/<m>/), weighted kNN, PCA-whitening + k-means, the linear probe / SVM /
 per-layer probes, end-to-end fine-tuning; each step writes its own metrics file
 (metrics/{extract,knn,cluster,linear,finetune}/<m>.json). A method whose model and evaluation keys are
@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.frozen import evaluate_all  # noqa: E402
-from selfsup.io import resolve_device, write_json  # noqa: E402
-from selfsup.launch import distributed  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
+from selfsup.eval.evaluate_all import evaluate_all  # noqa: E402
+from selfsup.core.io import resolve_device, write_json  # noqa: E402
+from selfsup.core.launch import distributed  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
 
 cfg = setup(parse_methods=False)
 distributed(cfg)

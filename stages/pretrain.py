@@ -1,4 +1,4 @@
-"""pretrain: every method's training loop in one process (``selfsup.pretraining.train_all``; resumable at
+"""pretrain: every method's training loop in one process (``selfsup.engine.pretrain_all.train_all``; resumable at
 any step): its final encoder, per-epoch history, pictures, metrics and live MLflow run. A method whose
 checkpoint key is unchanged resumes its finished run and trains nothing.
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.config import ConfigError  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.dist import is_main  # noqa: E402
-from selfsup.io import repo_root  # noqa: E402
-from selfsup.launch import distributed  # noqa: E402
-from selfsup.pretraining import train_all  # noqa: E402
-from selfsup.stage import Paths, check_stage_upstream, setup  # noqa: E402
+from selfsup.core.config import ConfigError  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.core.dist import is_main  # noqa: E402
+from selfsup.core.io import repo_root  # noqa: E402
+from selfsup.core.launch import distributed  # noqa: E402
+from selfsup.engine.pretrain_all import train_all  # noqa: E402
+from selfsup.core.stage import Paths, check_stage_upstream, setup  # noqa: E402
 
 cfg = setup()
 names = sys.argv[1:] or list(cfg.methods)

@@ -5,18 +5,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.io import atomic_path, repo_root  # noqa: E402
-from selfsup.report import (  # noqa: E402
+from selfsup.core.io import atomic_path, repo_root  # noqa: E402
+from selfsup.report.results import (  # noqa: E402
     collect, load_histories, load_paper_results, markdown_table, paper_columns, plot_curves, probes_table, results_table,
     to_markdown, voc_markdown)
-from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.tracking import flatten, log_runs, run_params  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
+from selfsup.core.tracking import flatten, log_runs, run_params  # noqa: E402
 
 cfg = setup(parse_methods=False)
 P = Paths()
 t0 = time.perf_counter()
 allm = collect(P.root / "metrics", cfg.methods)
-# ours beside the published number each method's row meets (report.paper: ids in selfsup/paper_results.yaml)
+# ours beside the published number each method's row meets (report.paper: ids in selfsup/report/paper_results.yaml)
 published = load_paper_results()
 table = paper_columns(results_table(allm, cfg.knn.k), cfg.report.paper, cfg.report.paper_note, published)
 probes = probes_table(allm, cfg.report.paper, published)
@@ -68,8 +68,8 @@ with atomic_path(P.reports / "probes.md") as tmp:
         tmp.write_text(markdown_table(probes, "Per-layer linear probes (test top-1)", [
             f"Each stage's activations average-pooled to ~{cfg.probe.target_dim} dims, standardised on the training "
             f"split, a linear classifier ({cfg.probe.epochs} epochs, lr {cfg.probe.lr}), on centre-crop features "
-            "extracted once (the papers train on random crops and test on 10 crops: selfsup/probes.py).",
-            "'(paper)' rows: the published per-layer numbers of the row's report.paper id (selfsup/paper_results.yaml)."]))
+            "extracted once (the papers train on random crops and test on 10 crops: selfsup/eval/layer_probes.py).",
+            "'(paper)' rows: the published per-layer numbers of the row's report.paper id (selfsup/report/paper_results.yaml)."]))
 with atomic_path(P.reports / "probes.csv") as tmp:
     probes.to_csv(tmp, float_format="%.4f")
 with atomic_path(P.reports / "results.md") as tmp:

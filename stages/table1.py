@@ -1,4 +1,4 @@
-"""table1: InstDisc's Table 1, every row in one process (``selfsup.table1.run_rows``: pretrain + extract
+"""table1: InstDisc's Table 1, every row in one process (``selfsup.eval.instdisc_table1.run_rows``: pretrain + extract
 + kNN + linear + SVM per row, a row reused while its key holds), then reports/instdisc_table1.md + .csv
 beside the paper's figures."""
 import sys
@@ -6,13 +6,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.dist import is_main  # noqa: E402
-from selfsup.io import atomic_path, write_json  # noqa: E402
-from selfsup.launch import distributed  # noqa: E402
-from selfsup.report import table1_files  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.table1 import run_rows  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.core.dist import is_main  # noqa: E402
+from selfsup.core.io import atomic_path, write_json  # noqa: E402
+from selfsup.core.launch import distributed  # noqa: E402
+from selfsup.report.results import table1_files  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
+from selfsup.eval.instdisc_table1 import run_rows  # noqa: E402
 
 cfg = setup(parse_methods=["instdisc"])
 P = Paths()

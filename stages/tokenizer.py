@@ -14,11 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from selfsup.config import ConfigError, load_config, load_yaml  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.io import resolve_device, write_json  # noqa: E402
-from selfsup.stage import Paths  # noqa: E402
-from selfsup.tokenizer import check_patch_against, make_tokenizer, save_tokenizer  # noqa: E402
+from selfsup.core.config import ConfigError, load_config, load_yaml  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.core.io import resolve_device, write_json  # noqa: E402
+from selfsup.core.stage import Paths  # noqa: E402
+from selfsup.models.tokenizer import check_patch_against, make_tokenizer, save_tokenizer  # noqa: E402
 
 OUT = Path("data") / "tokenizer" / "tokenizer.pt"
 

@@ -1,5 +1,5 @@
 """voc: Faster R-CNN on each method's backbone, fine-tuned on VOC trainval, VOC07-test AP (one stage for
-every method: ``selfsup.detection.transfer_all``; a method whose model, params, code and data are
+every method: ``selfsup.detection.detector.transfer_all``; a method whose model, params, code and data are
 unchanged reuses its result from data/voc_runs/).
 
 Writes metrics/voc/<m>.json (map50: VOC2007 11-point AP50; map50_area; ap: mean over IoU
@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from selfsup.detection import transfer_all  # noqa: E402
-from selfsup.io import atomic_path, read_json, resolve_device, write_json  # noqa: E402
-from selfsup.launch import distributed  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
+from selfsup.detection.detector import transfer_all  # noqa: E402
+from selfsup.core.io import atomic_path, read_json, resolve_device, write_json  # noqa: E402
+from selfsup.core.launch import distributed  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
 
 cfg = setup(parse_methods=False)
 distributed(cfg)  # several processes: DDP fine-tuning (voc.bn: sync synchronises BN), rank 0 evaluates

@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfsup.io import write_json  # noqa: E402
-from selfsup.stage import Paths, setup  # noqa: E402
-from selfsup.voc_data import prepare_voc  # noqa: E402
+from selfsup.core.io import write_json  # noqa: E402
+from selfsup.core.stage import Paths, setup  # noqa: E402
+from selfsup.detection.voc_data import prepare_voc  # noqa: E402
 
 cfg = setup(parse_methods=False)
 t0 = time.perf_counter()

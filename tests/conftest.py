@@ -6,9 +6,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from selfsup.config import load_config  # noqa: E402
-from selfsup.data import load_prepared  # noqa: E402
-from selfsup.sources import prepare  # noqa: E402
+from selfsup.core.config import load_config  # noqa: E402
+from selfsup.data.prepared import load_prepared  # noqa: E402
+from selfsup.data.sources import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,9 @@ def knn_after_pretrain(name, digits, tmp_path, **over):
     overrides ``over``, its per-epoch history): the "beats random init" check of the method tests."""
     import torch
 
-    from selfsup.features import extract_features
-    from selfsup.knn import knn_eval
-    from selfsup.train import pretrain
+    from selfsup.models.features import extract_features
+    from selfsup.eval.knn import knn_eval
+    from selfsup.engine.loop import pretrain
 
     cpu = torch.device("cpu")
     m, hist = pretrain(make_cfg(methods=[name], **over), name, digits, tmp_path / name / "ck.pt")
@@ -59,7 +59,7 @@ def assert_resume_is_exact(cfg, name, data, tmp_path, kill_after=1, kill_at_batc
     file must be byte-identical. Returns the resumed history."""
     import torch
 
-    from selfsup.train import pretrain, save_backbone
+    from selfsup.engine.loop import pretrain, save_backbone
 
     ref, ref_hist = pretrain(cfg, name, data, tmp_path / "ref" / "ckpt.pt")
 

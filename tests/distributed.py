@@ -5,7 +5,7 @@
 ``fn`` must be a module-level function (the processes are spawned, not forked: forking a
 process that already runs OpenMP / gloo threads can deadlock). Each process gets torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joins the group through
-``selfsup.dist.init_from_env`` and returns its result through a file. A process that fails or
+``selfsup.core.dist.init_from_env`` and returns its result through a file. A process that fails or
 hangs fails the caller, with its traceback.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _entry(r: int, fn: Callable[..., Any], world: int, port: int, args: tuple, o
     os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    from selfsup import dist
+    from selfsup.core import dist
 
     try:
         dist.init_from_env(backend="gloo", timeout_s=120)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from selfsup.data import Data, Split
-from selfsup.train import batch_maker, build_method, pretrain
+from selfsup.data.prepared import Data, Split
+from selfsup.data.batches import batch_maker
+from selfsup.engine.loop import build_method, pretrain
 
 
 def synthetic(n, size, channels=3, classes=4, seed=0):
@@ -35,8 +36,8 @@ def test_clustering_methods_train_on_alexnet_bn(tmp_path, name, over, sobel):
 
 def test_sobel_is_per_method(tmp_path):
     """DeepCluster's code runs Sobel, SeLa's does not: one global switch cannot express both."""
-    from selfsup.config import ConfigError, load_config
-    from selfsup.models import load_backbone, save_backbone
+    from selfsup.core.config import ConfigError, load_config
+    from selfsup.models.backbones import load_backbone, save_backbone
 
     cfg = make_cfg(methods=["deepcluster", "sela"], deepcluster={"sobel": True, "k": 4, "pca_dim": 4},
                    sela={"sobel": False, "clusters": 4})
@@ -54,8 +55,8 @@ def test_sela_relabels_from_shuffled_batches(digits, tmp_path):
     """The official code re-labels from the shuffled training loader. Stored class by class, batches
     taken in storage order are one class each, and batch norm (train mode) removes the class signal
     the labels are computed from; shuffled, the labels carry it whatever the storage order."""
-    from selfsup.methods.base import TrainContext
-    from selfsup.metrics import nmi
+    from selfsup.engine.contract import TrainContext
+    from selfsup.cluster.metrics import nmi
 
     sup, _ = pretrain(make_cfg(supervised={"epochs": 2}), "supervised", digits, tmp_path / "s.pt")
     order = np.argsort(digits.train.y, kind="stable")  # class by class
@@ -101,7 +102,7 @@ def test_instdisc_bank_and_noise_follow_the_run_seed(tmp_path):
 
 # ----------------------------------------------------------------- 8. rank-deficient features
 def test_rank_deficient_features_whiten_with_a_floor_instead_of_stopping():
-    from selfsup.pca import PCAWhitening
+    from selfsup.cluster.pca import PCAWhitening
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16))  # rank 3 in 16-d
@@ -118,7 +119,7 @@ def test_rank_deficient_features_whiten_with_a_floor_instead_of_stopping():
 
 # ----------------------------------------------------------------- 9. MLCD
 def test_mlcd_margin_gradient_is_straight_through_as_unicom():
-    from selfsup.mlcd_loss import apply_margin
+    from selfsup.losses.mlcd import apply_margin
 
     cos = torch.tensor([0.3, 0.7, -0.2], requires_grad=True)
     st = apply_margin(cos, 0.3, "arc", "straight_through")
@@ -130,8 +131,8 @@ def test_mlcd_margin_gradient_is_straight_through_as_unicom():
 
 
 def test_mlcd_refuses_kmeans_centres_from_another_encoder(digits, tmp_path):
-    from selfsup.config import ConfigError
-    from selfsup.train import save_backbone
+    from selfsup.core.config import ConfigError
+    from selfsup.engine.loop import save_backbone
 
     rcfg = make_cfg(methods=["random"])
     rand, _ = pretrain(rcfg, "random", digits, tmp_path / "r.pt")
@@ -144,7 +145,7 @@ def test_mlcd_refuses_kmeans_centres_from_another_encoder(digits, tmp_path):
 
 # ----------------------------------------------------------------- 7. the CIFAR-stem ResNet-50
 def test_resnet50_cifar_keeps_32px_resolution():
-    from selfsup.models import build_backbone
+    from selfsup.models.backbones import build_backbone
 
     net = build_backbone("resnet50_cifar", 3, image_size=32)
     assert net.out_dim == 2048 and net.trunk.conv1.stride == (1, 1)
@@ -161,9 +162,9 @@ def test_paper_knn_reads_the_saved_head_at_the_training_temperature(digits, tmp_
     """InstDisc, InvaSpread and the MoCo CIFAR demo run their kNN on the L2-normalised 128-d head
     output at the training temperature: the encoder file carries the head and the temperature, so a
     sweep of <m>.temperature moves the protocol's T with it."""
-    from selfsup.evaluate import knn_protocols, paper_protocol
-    from selfsup.features import apply_head, extract_features
-    from selfsup.models import load_backbone, load_eval_head, save_backbone
+    from selfsup.eval.protocols import knn_protocols, paper_protocol
+    from selfsup.models.features import apply_head, extract_features
+    from selfsup.models.backbones import load_backbone, load_eval_head, save_backbone
 
     cfg = make_cfg(methods=[name], **{name: {"epochs": 1, **over}})
     m, _ = pretrain(cfg, name, digits, tmp_path / "ck.pt")
@@ -190,8 +191,8 @@ def test_paper_knn_reads_the_saved_head_at_the_training_temperature(digits, tmp_
 
 
 def test_paper_knn_refuses_head_features_a_method_does_not_save():
-    from selfsup.config import ConfigError
-    from selfsup.evaluate import paper_protocol
+    from selfsup.core.config import ConfigError
+    from selfsup.eval.protocols import paper_protocol
 
     with pytest.raises(ConfigError, match="knn.paper.deepcluster.features"):
         paper_protocol("knn.paper.deepcluster", 10, 0.1, "head", {"head": None, "temperature": None})
@@ -200,7 +201,7 @@ def test_paper_knn_refuses_head_features_a_method_does_not_save():
 
 
 def test_sela_paper_features_are_post_relu_fc7(tmp_path):
-    from selfsup.models import load_eval_head, save_backbone
+    from selfsup.models.backbones import load_eval_head, save_backbone
 
     cfg = make_cfg(methods=["sela"], model={"backbone": "alexnet_bn"}, sela={"heads": 2, "clusters": 4})
     m = build_method(cfg, "sela", synthetic(8, 64))
@@ -214,8 +215,8 @@ def test_sela_final_knn_on_pca_128_features():
     """SeLa's final kNN number: PCA to 128 dims (fitted on the training features) before the kNN."""
     import faiss
 
-    from selfsup.evaluate import knn_protocols, paper_protocol
-    from selfsup.knn import knn_eval
+    from selfsup.eval.protocols import knn_protocols, paper_protocol
+    from selfsup.eval.knn import knn_eval
 
     rng = np.random.default_rng(0)
     tr, te = rng.normal(size=(300, 40)).astype(np.float32), rng.normal(size=(60, 40)).astype(np.float32)
@@ -235,8 +236,8 @@ def test_simclr_v2_head_is_three_layers_and_its_saved_head_rebuilds(digits, tmp_
     """SimCLR v2's deeper projection head (head_layers 3: Linear-BN-ReLU twice, then Linear) trains,
     and the eval head saved with the encoder rebuilds it with the same outputs; 1 layer fails naming
     the key."""
-    from selfsup.config import ConfigError
-    from selfsup.models import load_eval_head, save_backbone
+    from selfsup.core.config import ConfigError
+    from selfsup.models.backbones import load_eval_head, save_backbone
 
     cfg = make_cfg(methods=["simclr"], simclr={"epochs": 1, "warmup_epochs": 0, "head_layers": 3, "batch_size": 64})
     m, hist = pretrain(cfg, "simclr", digits, tmp_path / "ck.pt")

@@ -1,4 +1,4 @@
-"""selfsup.augment: batched ops equal torchvision's per image, parameter distributions follow
+"""selfsup.augment.batched: batched ops equal torchvision's per image, parameter distributions follow
 torchvision's samplers, seeding, views, and the per-image uint8 paths."""
 import math
 
@@ -8,7 +8,7 @@ from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from selfsup import augment as A
+from selfsup.augment.batched import batched as A
 
 TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""BEiT (selfsup/methods/beit.py) and its visual tokeniser (selfsup/tokenizer.py, stages/tokenizer.py): token
+"""BEiT (selfsup/methods/beit.py) and its visual tokeniser (selfsup/models/tokenizer.py, stages/tokenizer.py): token
 ids of the ViT's patch grid in the vocabulary, an exact file round trip (weights_only), a short VQ-VAE
 training that lowers its reconstruction error and uses many codes, the DALL-E encoder's shapes with random
 weights (no real weights here) and its state_dict layout, the stage end to end, BEiT's loss against a slow
@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from conftest import ROOT, assert_resume_is_exact, make_cfg
-from selfsup.config import ConfigError
-from selfsup.data import Data, Split
-from selfsup.io import InputError
-from selfsup.methods.base import Batch, TrainContext
-from selfsup.models import build_backbone
-from selfsup.tokenizer import (DalleEncoder, DalleTokenizer, VQTokenizer, check_patch_against, dalle_tokenizer,
+from selfsup.core.config import ConfigError
+from selfsup.data.prepared import Data, Split
+from selfsup.core.io import InputError
+from selfsup.engine.contract import Batch, TrainContext
+from selfsup.models.backbones import build_backbone
+from selfsup.models.tokenizer import (DalleEncoder, DalleTokenizer, VQTokenizer, check_patch_against, dalle_tokenizer,
                                load_tokenizer, map_pixels, save_tokenizer, tokenizer_cfg, train_tokenizer)
-from selfsup.train import build_method, pretrain
+from selfsup.engine.loop import build_method, pretrain
 
 CPU = torch.device("cpu")
 # the digits tokeniser (params.yaml's tokenizer block, fewer epochs) and BEiT block
@@ -355,8 +355,8 @@ def test_beit_resume_is_exact(digits, tok_file, tmp_path):
 def _train_two_ranks(folder, tok_file, tmp):
     from pathlib import Path
 
-    from selfsup import dist
-    from selfsup.data import load_prepared
+    from selfsup.core import dist
+    from selfsup.data.prepared import load_prepared
 
     data = small(load_prepared(folder), 160)
     cfg = make_cfg(methods={"beit": tok_file}, beit={**BEIT, "epochs": 1, "batch_size": 16}, log_every=1)

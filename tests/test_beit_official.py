@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from selfsup.config import ConfigError
-from selfsup.models import BEiTBlock, DropPath, PatchMap, RelPosBias, build_backbone, vit_trunk
+from selfsup.core.config import ConfigError
+from selfsup.models.backbones import BEiTBlock, DropPath, PatchMap, RelPosBias, build_backbone, vit_trunk
 
 BEIT = {"backbone": "vit_digits", "vocab": 16, "min_block": 4, "mask_ratio": 0.4}
 
@@ -77,7 +77,7 @@ def test_beit_init_and_the_output_projection_rescale():
 
 
 def test_saved_beit_trunk_loads_for_the_evaluations_with_its_probe_points(digits, tmp_path):
-    from selfsup.models import load_backbone, save_backbone
+    from selfsup.models.backbones import load_backbone, save_backbone
 
     torch.manual_seed(0)
     m = _beit()
@@ -106,7 +106,7 @@ def test_finetuning_copies_the_shared_bias_into_each_block_at_its_layer():
     """unilm run_class_finetuning.py --rel_pos_bias: blocks.i.attn.relative_position_bias_table = the shared
     table, then trained apart; layer decay gives each copy its block's layer (get_num_layer_for_vit:
     blocks.i -> i + 1) and the copies are decayed (2-d, not in no_weight_decay)."""
-    from selfsup.finetune import param_groups_lrd
+    from selfsup.eval.finetune import param_groups_lrd
 
     torch.manual_seed(0)
     net = _beit().backbone.eval()
@@ -197,7 +197,7 @@ def slow_official_mask(h, w, num, min_block, min_aspect, g):
 @pytest.mark.parametrize("h,w,ratio,min_block", [(14, 14, 75 / 196, 16), (4, 4, 0.4, 4), (8, 8, 0.4, 4),
                                                  (6, 9, 0.5, 3)])
 def test_official_mask_fill_equals_the_generator_try_for_try(h, w, ratio, min_block):
-    from selfsup.masking import block_mask
+    from selfsup.augment.masking import block_mask
 
     num = int(round(ratio * h * w))
     for seed in range(30):
@@ -207,7 +207,7 @@ def test_official_mask_fill_equals_the_generator_try_for_try(h, w, ratio, min_bl
 
 
 def test_official_fill_stops_short_and_complete_reaches_the_count():
-    from selfsup.masking import block_mask
+    from selfsup.augment.masking import block_mask
 
     g = torch.Generator().manual_seed(0)
     off = [int(block_mask(14, 14, 75 / 196, g, 16, fill="official").sum()) for _ in range(300)]
@@ -220,7 +220,7 @@ def test_official_fill_stops_short_and_complete_reaches_the_count():
 def test_lanczos_view_matches_pil():
     from PIL import Image
 
-    from selfsup.tokenizer import lanczos_resize
+    from selfsup.models.tokenizer import lanczos_resize
 
     rng = np.random.default_rng(0)
     for (hh, ww, h, w) in [(48, 40, 24, 24), (16, 16, 32, 32), (25, 19, 10, 14)]:
@@ -233,7 +233,7 @@ def test_lanczos_view_matches_pil():
 def test_beit_sets_the_dalle_view_and_bilinear_keeps_the_old_one():
     import torch.nn.functional as F
 
-    from selfsup.tokenizer import DalleEncoder, DalleTokenizer, lanczos_resize, map_pixels
+    from selfsup.models.tokenizer import DalleEncoder, DalleTokenizer, lanczos_resize, map_pixels
 
     torch.manual_seed(0)
     tok = DalleTokenizer(16, 1, [0.3], [0.4], DalleEncoder(n_hid=64, vocab_size=512)).eval()
@@ -292,7 +292,7 @@ def test_mae_no_weight_decay_set_is_the_official_one():
 # ----------------------------------------------------------------- fine-tuning
 def test_finetune_cosine_ends_at_min_lr():
     """MAE lr_sched.adjust_learning_rate: warm-up lr x t / warm, then min_lr + (lr - min_lr)(1 + cos) / 2."""
-    from selfsup.finetune import finetune_lr
+    from selfsup.eval.finetune import finetune_lr
 
     peak, warm, total, floor = 4e-3, 10, 110, 1e-6
     assert finetune_lr(0, peak, warm, total, floor) == 0.0 and finetune_lr(5, peak, warm, total, floor) == peak / 2
@@ -304,8 +304,8 @@ def test_finetune_cosine_ends_at_min_lr():
 def test_finetune_global_batch_in_micro_batches(digits, monkeypatch):
     """batch_size is the batch of one optimiser step; micro_batch splits it for memory: the same number of
     optimiser steps, each over micro-batches of that size, the lr scaled by the global batch."""
-    from selfsup import finetune as ft
-    from selfsup.data import Data, Split
+    from selfsup.eval import finetune as ft
+    from selfsup.data.prepared import Data, Split
 
     calls = []
     real = ft.accumulated_step

@@ -1,4 +1,4 @@
-"""The check stage (stages/check.py, selfsup.preflight): params.yaml read whole and checked against the
+"""The check stage (stages/check.py, selfsup.data.preflight): params.yaml read whole and checked against the
 machine before any stage runs, numbers in YAML 1.1 and 1.2 spellings, and a bad key reported as one line.
 End to end under DVC (a bad param deletes nothing, a sweep's `1e-06` parses): tests/test_pipeline.py."""
 import os
@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from selfsup.config import ConfigError, load_config, load_yaml
-from selfsup.preflight import check_device, preflight
+from selfsup.core.config import ConfigError, load_config, load_yaml
+from selfsup.data.preflight import check_device, preflight
 
 
 @pytest.mark.parametrize("text, value", [("1e-6", 1e-6), ("1e-06", 1e-6), ("1.0e-6", 1e-6), ("1.0e+12", 1e12),

@@ -1,10 +1,10 @@
-"""Run keys follow the code, not its comments: ``selfsup.codedeps.code_hash`` on syntax trees."""
+"""Run keys follow the code, not its comments: ``selfsup.core.codedeps.code_hash`` on syntax trees."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from selfsup.codedeps import ROOT, closure, code_hash, source_identity
+from selfsup.core.codedeps import ROOT, closure, code_hash, source_identity
 from selfsup.methods import REGISTRY
 
 SRC = '''"""Module doc."""
@@ -37,7 +37,7 @@ def test_a_code_change_counts():
 def test_a_comment_in_every_methods_closure_keeps_every_run_key(tmp_path: Path):
     for d in ("selfsup", "stages"):
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
-    starts = [("selfsup/train.py", m) for m in REGISTRY] + [("stages/evaluate.py", None), ("stages/voc.py", None)]
+    starts = [("selfsup/engine/loop.py", m) for m in REGISTRY] + [("stages/evaluate.py", None), ("stages/voc.py", None)]
     before = {s: code_hash(closure(*s)) for s in starts}
     touched = sorted({f for s in starts for f in closure(*s)})
     for f in touched:
@@ -46,7 +46,7 @@ def test_a_comment_in_every_methods_closure_keeps_every_run_key(tmp_path: Path):
         assert p.read_bytes() != (ROOT / f).read_bytes()
     assert {s: code_hash(closure(*s), root=tmp_path) for s in starts} == before
     # and one real edit in the shared loop changes every method's key
-    p = tmp_path / "selfsup/train.py"
+    p = tmp_path / "selfsup/engine/loop.py"
     p.write_text(p.read_text() + "\n_EDIT = 1\n")
-    after = {s: code_hash(closure(*s), root=tmp_path) for s in starts if s[0] == "selfsup/train.py"}
+    after = {s: code_hash(closure(*s), root=tmp_path) for s in starts if s[0] == "selfsup/engine/loop.py"}
     assert all(after[s] != before[s] for s in after)

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from conftest import ROOT, make_cfg
-from selfsup.colour import ab_bins, rebalance_weights, rgb_to_lab, soft_encode
-from selfsup.config import load_config
-from selfsup.data import Data, Split
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
-from selfsup.methods.base import Batch
-from selfsup.models import LabL, load_backbone, save_backbone
-from selfsup.pictures import method_pictures, save_png
-from selfsup.train import build_method, pretrain
+from selfsup.augment.colour import ab_bins, rebalance_weights, rgb_to_lab, soft_encode
+from selfsup.core.config import load_config
+from selfsup.data.prepared import Data, Split
+from selfsup.models.features import extract_features
+from selfsup.eval.knn import knn_eval
+from selfsup.engine.contract import Batch
+from selfsup.models.backbones import LabL, load_backbone, save_backbone
+from selfsup.engine.pictures import method_pictures, save_png
+from selfsup.engine.loop import build_method, pretrain
 
 CPU = torch.device("cpu")
 CIFAR = Path(os.environ.get("SELFSUP_SHARED_DATASETS", ROOT.parent / "shared" / "datasets")) / "cifar10-jpeg.tar.xz"
@@ -166,8 +166,8 @@ def test_soft_encoding_is_the_official_ten_neighbour_layer():
 def cifar_small(tmp_path_factory):
     if not CIFAR.is_file():
         pytest.skip(f"{CIFAR} not present (the CIFAR-10 JPEG copy beside the checkout)")
-    from selfsup.data import load_prepared
-    from selfsup.sources import prepare
+    from selfsup.data.prepared import load_prepared
+    from selfsup.data.sources import prepare
 
     root = tmp_path_factory.mktemp("cifar")
     ds = {"name": "imagefolder", "path": str(CIFAR), "root": str(root / "raw"), "image_size": 32,

@@ -1,4 +1,4 @@
-"""Tests of selfsup.colour (Zhang, Isola & Efros, "Colorful Image Colorization")."""
+"""Tests of selfsup.augment.colour (Zhang, Isola & Efros, "Colorful Image Colorization")."""
 
 import math
 import re
@@ -6,11 +6,10 @@ import re
 import pytest
 import torch
 
-import selfsup.colour as colour
-from selfsup.colour import (
+import selfsup.augment.colour as colour
+from selfsup.augment.colour import (
     ab_bins,
     annealed_mean,
-    colour_loss,
     empirical_prior,
     in_gamut,
     lab_image,
@@ -21,6 +20,7 @@ from selfsup.colour import (
     smooth_prior,
     soft_encode,
 )
+from selfsup.losses.colourisation import colour_loss
 
 GRID = 10.0
 
@@ -165,7 +165,7 @@ def test_bins_official_rule_count_and_known_centres():
     assert min(a for a, _ in got) == -90 and max(a for a, _ in got) == 100
     assert min(b for _, b in got) == -110 and max(b for _, b in got) == 100
     # the rule against a slow reference on a coarse footprint, at the lattice points near the border
-    from selfsup.colour import _footprint, _grid_in_dilated_hull
+    from selfsup.augment.colour import _footprint, _grid_in_dilated_hull
 
     ab = _footprint(24)  # (2, 3456)
     fast = {tuple(r) for r in (_grid_in_dilated_hull(ab, 10.0) * 10).tolist()}

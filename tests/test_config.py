@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_cfg
-from selfsup.config import ConfigError, load_config
-from selfsup.data import load_prepared
-from selfsup.io import InputError, read_features, write_features
-from selfsup.train import build_method
+from selfsup.core.config import ConfigError, load_config
+from selfsup.data.prepared import load_prepared
+from selfsup.core.io import InputError, read_features, write_features
+from selfsup.engine.loop import build_method
 
 
 def test_shipped_params_parse():

@@ -11,15 +11,16 @@ import yaml
 from torch import nn
 
 from conftest import ROOT, assert_resume_is_exact, make_cfg
-from selfsup.contrastive import info_nce, invaspread_loss, nt_xent
-from selfsup.augment import make_views
-from selfsup.data import Data, Split
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
+from selfsup.losses.contrastive import info_nce, invaspread_loss, nt_xent
+from selfsup.augment.batched import make_views
+from selfsup.data.prepared import Data, Split
+from selfsup.models.features import extract_features
+from selfsup.eval.knn import knn_eval
 from selfsup.methods import Batch
-from selfsup.models import build_backbone
-from selfsup.momentum import KeyQueue, SplitBatchNorm, ema_update, split_batch_norm
-from selfsup.train import build_method, pretrain, resolve_specs
+from selfsup.models.backbones import build_backbone
+from selfsup.models.momentum import KeyQueue, SplitBatchNorm, ema_update, split_batch_norm
+from selfsup.data.batches import resolve_specs
+from selfsup.engine.loop import build_method, pretrain
 
 CPU = torch.device("cpu")
 METHODS = ["invaspread", "moco", "simclr"]
@@ -303,7 +304,7 @@ def test_moco_resume_after_a_kill_at_a_random_step_is_exact(digits, tmp_path):
     ("simclr", {"temperature": 0.0}, "simclr.temperature"),
 ])
 def test_bad_values_name_the_key(name, over, key):
-    from selfsup.config import ConfigError
+    from selfsup.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         digits_cfg(name, **over)

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import make_cfg
-from selfsup.data import load_prepared
-from selfsup.sources import DatasetUnavailable, prepare
-from selfsup.io import InputError
+from selfsup.data.prepared import load_prepared
+from selfsup.data.sources import DatasetUnavailable, prepare
+from selfsup.core.io import InputError
 
 
 def test_digits_split_is_stratified_and_deterministic(tmp_path, digits):
@@ -115,7 +115,7 @@ def test_imagenet_layout_is_indexed_not_copied(tmp_path):
     the index holds paths, labels and sizes; eval geometry is resize 256 + centre crop 224."""
     from PIL import Image
 
-    from selfsup.loader import eval_batches
+    from selfsup.data.loader import eval_batches
 
     root = tmp_path / "ILSVRC2012"
     sizes = {}

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_resume_is_exact, knn_after_pretrain, make_cfg
-from selfsup.io import derive_seed
-from selfsup.methods.base import TrainContext
-from selfsup.methods.deepclusterv2 import IGNORE, deepclusterv2_loss, spherical_kmeans
-from selfsup.train import batch_maker, build_method
+from selfsup.core.io import derive_seed
+from selfsup.engine.contract import TrainContext
+from selfsup.cluster.spherical_kmeans import spherical_kmeans
+from selfsup.losses.prototypes import IGNORE, deepclusterv2_loss
+from selfsup.data.batches import batch_maker
+from selfsup.engine.loop import build_method
 
 # the digits defaults of the deepclusterv2 block proposed for params.yaml
 DCV2 = {"epochs": 10, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine",
@@ -24,7 +26,7 @@ DCV2 = {"epochs": 10, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_de
 
 
 def subset(data, n=400):
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     return Data(Split(data.train.x[:n], data.train.y[:n]), data.test, {**data.meta, "n_train": n})
 

@@ -10,15 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_resume_is_exact, make_cfg
 
-from selfsup.methods.base import Batch
-from selfsup.methods.dino import (
-    batch_centre,
-    dino_loss,
-    teacher_temperature,
-    update_centre,
-)
-from selfsup.momentum import cosine_momentum
-from selfsup.train import build_method
+from selfsup.engine.contract import Batch
+from selfsup.losses.dino import batch_centre, dino_loss, teacher_temperature, update_centre
+from selfsup.models.momentum import cosine_momentum
+from selfsup.engine.loop import build_method
 
 # the digits defaults proposed for params.yaml (dino block)
 DIGITS = {"backbone": "vit_digits", "epochs": 10, "batch_size": 128, "optimizer": "adamw", "lr": 0.002,
@@ -131,7 +126,7 @@ def test_teacher_gets_no_gradient_and_follows_the_student(digits):
 
 
 def test_last_layer_is_frozen_in_the_first_epoch(digits, tmp_path):
-    from selfsup.train import pretrain
+    from selfsup.engine.loop import pretrain
 
     cfg = make_cfg(methods=["dino"], dino={**SMALL, "epochs": 1, "batch_size": 256})
     init = build_method(cfg, "dino", digits)
@@ -170,9 +165,9 @@ def test_resume_is_exact(digits, tmp_path):
 def test_beats_random_init_on_digits(digits, tmp_path):
     """The digits default (vit_digits, 10 epochs): the saved encoder (the teacher) and the student both
     beat the random-init vit_digits on kNN-200 (measured: teacher 51.7, student 52.8, random 37.2)."""
-    from selfsup.features import extract_features
-    from selfsup.knn import knn_eval
-    from selfsup.train import pretrain
+    from selfsup.models.features import extract_features
+    from selfsup.eval.knn import knn_eval
+    from selfsup.engine.loop import pretrain
 
     cpu = torch.device("cpu")
     cfg = make_cfg(methods=["dino"], dino=DIGITS)
@@ -200,9 +195,9 @@ def _official_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=
 
 
 def test_weight_decay_follows_the_official_cosine():
-    from selfsup.config import TrainCfg
+    from selfsup.core.config import TrainCfg
     from selfsup.methods.dino import DINOCfg
-    from selfsup.schedules import wd_schedule
+    from selfsup.engine.schedules import wd_schedule
 
     c = DINOCfg(epochs=7, weight_decay=0.04, weight_decay_end=0.4)
     s = wd_schedule(c, 13)
@@ -216,9 +211,9 @@ def test_weight_decay_follows_the_official_cosine():
 
 
 def test_final_lr_is_not_scaled_with_the_batch():
-    from selfsup.config import TrainCfg
+    from selfsup.core.config import TrainCfg
     from selfsup.methods.dino import DINOCfg
-    from selfsup.schedules import lr_schedule
+    from selfsup.engine.schedules import lr_schedule
 
     c = DINOCfg(epochs=2, lr=0.0005, min_lr=1e-6, lr_scaling="linear", warmup_epochs=0)
     s = lr_schedule(c, 10, global_batch=512)
@@ -230,7 +225,7 @@ def test_final_lr_is_not_scaled_with_the_batch():
 
 
 def test_clip_grad_per_param_matches_the_official_loop():
-    from selfsup.optim import clip_grad_per_param
+    from selfsup.engine.optim import clip_grad_per_param
 
     g = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.zeros(*shape)) for shape in [(5, 4), (7,), (3, 3, 2), (2,)]]
@@ -253,8 +248,8 @@ def test_clip_grad_per_param_matches_the_official_loop():
 def test_student_has_drop_path_and_the_teacher_none(digits):
     import pytest
 
-    from selfsup.config import ConfigError
-    from selfsup.models import DropPath, vit_trunk
+    from selfsup.core.config import ConfigError
+    from selfsup.models.backbones import DropPath, vit_trunk
 
     def rates(backbone):
         return [m.p for m in vit_trunk(backbone).modules() if isinstance(m, DropPath)]
@@ -274,10 +269,10 @@ def test_student_has_drop_path_and_the_teacher_none(digits):
 def test_loop_schedules_weight_decay_on_the_regularised_group_only(digits, tmp_path):
     """One run: the last step's weight decay is the cosine's value at that step (logged), and the
     checkpointed optimiser has it on the decayed group, 0 on the biases / norms."""
-    from selfsup.io import load_torch
+    from selfsup.core.io import load_torch
     from selfsup.methods.dino import DINOCfg
-    from selfsup.schedules import wd_schedule
-    from selfsup.train import pretrain
+    from selfsup.engine.schedules import wd_schedule
+    from selfsup.engine.loop import pretrain
 
     cfg = make_cfg(methods=["dino"], dino={**SMALL, "epochs": 1, "batch_size": 256})
     _, hist = pretrain(cfg, "dino", digits, tmp_path / "w" / "ck.pt")

@@ -36,7 +36,7 @@ def small_cfg(name, **over):
 
 
 def small_data(folder, n=160):
-    from selfsup.data import Data, Split, load_prepared
+    from selfsup.data.prepared import Data, Split, load_prepared
 
     d = load_prepared(folder)
     return Data(Split(d.train.x[:n], d.train.y[:n]), d.test, {**d.meta, "n_train": n})
@@ -49,8 +49,8 @@ def state_digest(module):
 
 # ----------------------------------------------------------------- every method trains in step
 def _train_all(folder, tmp):
-    from selfsup import dist
-    from selfsup.train import pretrain
+    from selfsup.core import dist
+    from selfsup.engine.loop import pretrain
 
     data = small_data(folder)
     out = {}
@@ -95,7 +95,7 @@ def _frozen(m):
 
 def _method_for_grads(name, folder, shard=False):
     from selfsup.methods import Batch  # noqa: F401
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
 
     over = {"nce_m": 0} if name == "instdisc" else {"negative_ratio": 1.0} if name == "mlcd" else {}
     if shard:
@@ -129,10 +129,10 @@ def _batch(name, m, lo, hi):
 
 
 def _grads_ddp(name, folder, shard=False):
-    from selfsup import dist
+    from selfsup.core import dist
 
     m = _method_for_grads(name, folder, shard)
-    from selfsup.train import ddp_ignore
+    from selfsup.engine.loop import ddp_ignore
 
     m._ddp_params_and_buffers_to_ignore = ddp_ignore(m)  # as the engine: DDP leaves the shard alone
     ddp = nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False)
@@ -181,8 +181,8 @@ def test_two_ranks_of_half_batches_give_the_one_process_gradients(digits_folder)
 
 # ----------------------------------------------------------------- sharded extraction
 def _extract(folder):
-    from selfsup.features import extract_sharded
-    from selfsup.models import build_backbone
+    from selfsup.models.features import extract_sharded
+    from selfsup.models.backbones import build_backbone
 
     data = small_data(folder, n=301)
     torch.manual_seed(3)
@@ -191,8 +191,8 @@ def _extract(folder):
 
 
 def test_sharded_extraction_equals_one_process(digits_folder):
-    from selfsup.features import extract_features
-    from selfsup.models import build_backbone
+    from selfsup.models.features import extract_features
+    from selfsup.models.backbones import build_backbone
 
     r0, r1 = run_ranks(_extract, 2, (str(digits_folder),))
     data = small_data(str(digits_folder), n=301)
@@ -205,7 +205,7 @@ def test_sharded_extraction_equals_one_process(digits_folder):
 
 # ----------------------------------------------------------------- the batches of W ranks
 def test_ranks_share_the_global_batches():
-    from selfsup.loader import EpochBatches
+    from selfsup.data.loader import EpochBatches
 
     order = np.random.default_rng(0).permutation(100)
     one = EpochBatches(32, False)
@@ -271,10 +271,10 @@ def test_a_lost_rank_stops_the_run_and_it_resumes(tmp_path):
 
 # ----------------------------------------------------------------- VOC under DDP, synchronised BN
 def _voc(voc_dir):
-    from selfsup import dist
-    from selfsup.config import VocCfg, build
-    from selfsup.detection import run_voc
-    from selfsup.models import build_backbone
+    from selfsup.core import dist
+    from selfsup.core.config import VocCfg, build
+    from selfsup.detection.detector import run_voc
+    from selfsup.models.backbones import build_backbone
 
     cfg = build(VocCfg, {"enabled": True, "embedded": {"trainval_images": 12, "test_images": 8}, "steps": 4, "warmup_steps": 1,
                          "lr_steps": [3], "bn": "sync", "batch_size": 4}, "voc")
@@ -306,7 +306,7 @@ def test_global_batch_norm_equals_one_bn_over_the_whole_batch():
 
 
 def _global_bn():
-    from selfsup import dist
+    from selfsup.core import dist
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 5, 5)
@@ -321,8 +321,8 @@ def _global_bn():
 
 
 def test_voc_fine_tunes_under_ddp_with_synchronised_bn(tmp_path):
-    from selfsup.config import VocCfg, build
-    from selfsup.voc_data import prepare_voc
+    from selfsup.core.config import VocCfg, build
+    from selfsup.detection.voc_data import prepare_voc
 
     prepare_voc(build(VocCfg, {"enabled": True, "embedded": {"trainval_images": 12, "test_images": 8}}, "voc"), 0, 0.2,
                 tmp_path / "voc")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from selfsup import dist
-from selfsup.kmeans import ShardedDatasetAssign, kmeans_sharded
-from selfsup.sinkhorn import sinkhorn_knopp
+from selfsup.core import dist
+from selfsup.cluster.kmeans import ShardedDatasetAssign, kmeans_sharded
+from selfsup.cluster.sinkhorn import sinkhorn_knopp
 
 # --------------------------------------------------------------------------------------------- #
 # Sinkhorn-Knopp

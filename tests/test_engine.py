@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from conftest import assert_resume_is_exact, make_cfg
-from selfsup.data import Data, Split
-from selfsup.optim import LARS, build_optimizer, param_groups
-from selfsup.schedules import Schedule, lr_schedule
-from selfsup.train import pretrain
+from selfsup.data.prepared import Data, Split
+from selfsup.engine.optim import LARS, build_optimizer, param_groups
+from selfsup.engine.schedules import Schedule, lr_schedule
+from selfsup.engine.loop import pretrain
 
 
 def small(digits, n=160):
@@ -58,7 +58,7 @@ def test_warmup_then_cosine_per_step_and_per_epoch():
 
 
 def test_lr_factors_must_match_the_milestones():
-    from selfsup.config import ConfigError
+    from selfsup.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="invaspread.lr_factors"):
         make_cfg(methods=["invaspread"], invaspread={"lr_steps": [120, 160], "lr_factors": [0.1]})
@@ -135,7 +135,7 @@ def test_deepcluster_resumes_mid_epoch_exactly(digits, tmp_path):
 
 
 def test_the_model_file_is_byte_reproducible(digits, tmp_path):
-    from selfsup.train import save_backbone
+    from selfsup.engine.loop import save_backbone
 
     cfg = make_cfg()
     m, _ = pretrain(cfg, "random", digits, tmp_path / "r.pt")

@@ -1,4 +1,4 @@
-"""The fine-tuning evaluation (selfsup/finetune.py): layer-wise lr decay of a ViT as MAE's
+"""The fine-tuning evaluation (selfsup/eval/finetune.py): layer-wise lr decay of a ViT as MAE's
 param_groups_lrd, soft targets of label smoothing / mixup / CutMix, bad keys named, and a short run on
 digits that learns (and leaves the pretrained encoder file untouched)."""
 import math
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
-from selfsup.config import ConfigError
-from selfsup.finetune import finetune, mix_batch, param_groups_lrd, vit_layer_id
-from selfsup.models import build_backbone
+from selfsup.core.config import ConfigError
+from selfsup.eval.finetune import finetune, mix_batch, param_groups_lrd, vit_layer_id
+from selfsup.models.backbones import build_backbone
 
 
 def test_layer_decay_follows_the_block_depth():
@@ -71,8 +71,8 @@ def test_bad_keys_are_named(key, value):
 
 
 def test_a_short_finetune_learns_and_leaves_the_encoder_file(digits, tmp_path):
-    from selfsup.models import load_backbone, save_backbone
-    from selfsup.train import build_method
+    from selfsup.models.backbones import load_backbone, save_backbone
+    from selfsup.engine.loop import build_method
 
     cfg = make_cfg(methods=["random"], finetune={"epochs": 2, "warmup_epochs": 0, "batch_size": 64, "lr": 4e-3,
                                                  "mixup": 0.0, "cutmix": 0.0, "flip": False})
@@ -89,7 +89,7 @@ def test_a_short_finetune_learns_and_leaves_the_encoder_file(digits, tmp_path):
 def test_hidden_layers_are_the_first_part_of_the_projection_head():
     """SimCLR v2's fine-tuning from the projection head's first layer: the kept part computes exactly the
     head's first hidden layer, as a copy; asking for more layers than the head has is an error."""
-    from selfsup.heads import hidden_layers, projection_head
+    from selfsup.models.heads import hidden_layers, projection_head
 
     torch.manual_seed(0)
     proj = projection_head("mlp", 16, 8, hidden_dim=12, bn=True, layers=3).eval()
@@ -107,10 +107,10 @@ def test_finetune_from_the_first_head_layer_of_simclr_v2(digits, digits_folder, 
     """finetune.head_layers.simclr 1: the evaluate stage's fine-tuning step trains backbone + the first
     hidden layer of the saved 3-layer head + a classifier on its output (the protocol says so); a method
     whose file holds no projection head is named in the error."""
-    from selfsup.frozen import finetune_step
-    from selfsup.models import save_backbone
-    from selfsup.stage import Paths
-    from selfsup.train import build_method
+    from selfsup.eval.evaluate_all import finetune_step
+    from selfsup.models.backbones import save_backbone
+    from selfsup.core.stage import Paths
+    from selfsup.engine.loop import build_method
 
     P = Paths(tmp_path)
     ft = {"enabled": True, "epochs": 1, "warmup_epochs": 0, "batch_size": 64, "lr": 4e-3, "mixup": 0.0,
@@ -133,7 +133,7 @@ def test_finetune_from_the_first_head_layer_of_simclr_v2(digits, digits_folder, 
 # --------------------------------------------------------------------------- the papers' recipe keys
 def _vit_model(seed=0, depth=2):
     """A small ViT (LayerNorm only, no dropout: the batch split changes nothing) + a classifier."""
-    from selfsup.models import Backbone, ViT
+    from selfsup.models.backbones import Backbone, ViT
 
     torch.manual_seed(seed)
     trunk = ViT(1, 2, 16, depth, 2, 32, 8)
@@ -151,8 +151,8 @@ def _soft(y, k=10):
 def test_accumulated_micro_batches_step_as_one_batch(sizes):
     """micro_batch: micro-batches of b_i images give the gradients and the SGD update of one batch of
     sum b_i (MAE's accum_iter; unequal sizes weighted by their share), not those of the first micro-batch."""
-    from selfsup.finetune import accumulated_step
-    from selfsup.optim import build_optimizer
+    from selfsup.eval.finetune import accumulated_step
+    from selfsup.engine.optim import build_optimizer
 
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -178,7 +178,7 @@ def test_accumulated_micro_batches_step_as_one_batch(sizes):
 def test_bf16_autocast_forward_and_fp32_left_alone():
     """precision bf16: the forward runs under autocast (bf16 logits before the cast), the gradients stay
     fp32 and close to fp32's; fp32 is a plain forward."""
-    from selfsup.finetune import accumulated_step
+    from selfsup.eval.finetune import accumulated_step
 
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
@@ -204,7 +204,7 @@ def test_bf16_autocast_forward_and_fp32_left_alone():
 def test_randaugment_and_random_erasing_change_the_training_images():
     """rand-m9-mstd0.5-inc1 and reprob: the images change, seeded (same seed, same images), and the global
     RNG (dropout, drop path) is left where it was; reprob 1 erases a box of noise in every image."""
-    from selfsup.finetune import RandAug, timm_train_transform
+    from selfsup.eval.finetune import RandAug, timm_train_transform
 
     g = torch.Generator().manual_seed(3)
     u8 = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
@@ -232,7 +232,7 @@ def test_mean_pool_reads_the_patch_tokens_through_fc_norm():
     """pool mean: the mean of the last block's patch tokens (before the final norm) through fc_norm
     (MAE's global_pool); fc_norm is in the classifier's layer with no weight decay; the final norm is
     unused."""
-    from selfsup.finetune import MeanPool
+    from selfsup.eval.finetune import MeanPool
 
     bb = _vit_model().backbone.eval()
     pooled = MeanPool(bb).eval()
@@ -261,7 +261,7 @@ def test_mean_pool_reads_the_patch_tokens_through_fc_norm():
 
 def test_head_init_std_and_scale():
     """MAE: weight N(0, 2e-5), bias 0; BEiT: N(0, 0.02) x 0.001; 0: nn.Linear's init, scaled."""
-    from selfsup.finetune import init_head
+    from selfsup.eval.finetune import init_head
 
     fc = nn.Linear(512, 100)
     init_head(fc, 2e-5, 1.0, torch.Generator().manual_seed(0))
@@ -283,7 +283,7 @@ def test_a_short_finetune_with_the_papers_keys(digits):
                                                  "micro_batch": 64, "randaugment": "rand-m9-mstd0.5-inc1",
                                                  "reprob": 0.25, "pool": "mean", "head_init_std": 0.02,
                                                  "head_init_scale": 0.001})
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     small = Data(Split(np.asarray(digits.train.x[:512]), digits.train.y[:512]), digits.test, digits.meta)
     bb = build_backbone("vit_digits", 1, image_size=8)

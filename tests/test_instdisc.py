@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_resume_is_exact, make_cfg
-from selfsup.config import ConfigError, Table1Row
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
+from selfsup.core.config import ConfigError, Table1Row
+from selfsup.models.features import extract_features
+from selfsup.eval.knn import knn_eval
 from selfsup.methods import Batch
-from selfsup.memory import MemoryBank, estimate_z, full_softmax_loss, nce_loss
-from selfsup.report import load_paper_results, table1, table1_markdown
-from selfsup.table1 import row_config
-from selfsup.train import build_method, pretrain
+from selfsup.losses.nce import estimate_z, full_softmax_loss, nce_loss
+from selfsup.models.memory_bank import MemoryBank
+from selfsup.report.results import load_paper_results, table1, table1_markdown
+from selfsup.eval.instdisc_table1 import row_config
+from selfsup.engine.loop import build_method, pretrain
 
 CPU = torch.device("cpu")
 
@@ -211,7 +212,7 @@ def test_table1_rows_and_report():
 def test_resume_after_a_kill_is_exact(digits, tmp_path):
     """Memory bank, Z and the per-epoch noise stream survive a kill: the resumed run equals
     an uninterrupted one (CPU, fixed seed)."""
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     small = Data(Split(digits.train.x[:160], digits.train.y[:160]), digits.test, {**digits.meta, "n_train": 160})
     cfg = instdisc_cfg(epochs=2, nce_m=16)
@@ -223,7 +224,7 @@ def test_resume_after_a_kill_at_a_random_step_is_exact(digits, tmp_path):
     Z, the noise draws and the optimiser continue exactly, and the model file is byte-identical."""
     import numpy as np
 
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     small = Data(Split(digits.train.x[:160], digits.train.y[:160]), digits.test, {**digits.meta, "n_train": 160})
     cfg = make_cfg(methods=["instdisc"], log_every=1, checkpoint_minutes=0.0,

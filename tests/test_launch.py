@@ -1,4 +1,4 @@
-"""selfsup.launch under torchrun (2 gloo processes on the CPU): a stage ends only with all its ranks;
+"""selfsup.core.launch under torchrun (2 gloo processes on the CPU): a stage ends only with all its ranks;
 killing torchrun's agent leaves no rank alive (their watchdog), killing the launcher stops torchrun
 and its ranks, and a lost rank is named by the stage's error, not the rank that stopped after it."""
 import contextlib
@@ -15,7 +15,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process groups")
 
-# a stage as the real ones start: its config asks for 2 processes, selfsup.launch.distributed re-runs
+# a stage as the real ones start: its config asks for 2 processes, selfsup.core.launch.distributed re-runs
 # it under torchrun; each rank writes "pid agent-pid launcher-folder", then runs until killed ("busy": in a
 # collective most of the time, as training is; "idle": never, so only its watchdog can end it)
 STAGE = '''
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from selfsup import dist, launch
+from selfsup.core import dist, launch
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 cfg = SimpleNamespace(processes=2, nproc_per_node=2, nnodes=1, rdzv_endpoint="", rdzv_id="test", backend="gloo",
@@ -46,7 +46,7 @@ while time.monotonic() < end:
 
 def _gone(pid):
     """Ended (a zombie that nobody reaped yet counts: it runs no more)."""
-    from selfsup import dist
+    from selfsup.core import dist
 
     if dist.HAVE_PROC:
         stat = dist.proc_stat(pid)
@@ -148,7 +148,7 @@ def test_the_first_rank_to_end_without_a_record_was_lost():
     same look, a rank that raised or got torchrun's SIGTERM was stopped by the other."""
     from pathlib import Path
 
-    from selfsup.launch import _Ranks
+    from selfsup.core.launch import _Ranks
 
     def verdict(recs, ended, status=None):
         ranks = _Ranks(Path("."))

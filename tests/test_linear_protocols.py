@@ -1,4 +1,4 @@
-"""The papers' linear probes of ViTs (selfsup/linprotocols.py, linear.protocol mae | dino | beit) against
+"""The papers' linear probes of ViTs (selfsup/eval/vit_linear.py, linear.protocol mae | dino | beit) against
 references written from the official code: MAE's BN(affine=False) + LARS probe step by step (main_linprobe.py,
 util/lars.py, util/lr_sched.py), DINO's last-blocks CLS concatenation (eval_linear.py +
 get_intermediate_layers), BEiT's per-block [CLS, mean patch] features (run_linear_eval.py), the cosine
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
-from selfsup.config import ConfigError
-from selfsup.linprotocols import (feature_dims, lr_at, make_heads, make_optimizer, paper_linear_probe,
+from selfsup.core.config import ConfigError
+from selfsup.eval.vit_linear import (feature_dims, lr_at, make_heads, make_optimizer, paper_linear_probe,
                                   probe_features, schedule_time, train_step)
-from selfsup.models import Backbone, ViT, build_backbone
+from selfsup.models.backbones import Backbone, ViT, build_backbone
 
 CPU = torch.device("cpu")
 
@@ -121,7 +121,7 @@ def test_paper_protocols_train_on_digits(digits, protocol, over):
     """A short run of each protocol on a random vit_digits (512 training images): the encoder untouched;
     dino and beit above chance (10 %; MAE's LARS moves a probe too little in a few dozen steps to test
     that), beit's per-block results."""
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     small = Data(Split(np.asarray(digits.train.x[:512]), digits.train.y[:512]), digits.test, digits.meta)
     torch.manual_seed(0)
@@ -144,10 +144,10 @@ def test_paper_protocols_train_on_digits(digits, protocol, over):
 def test_conv_nets_fall_back_to_the_pooled_output_and_the_stage_wires_it(digits, digits_folder, tmp_path):
     """A conv net under dino: the backbone's output (DINO's eval_linear.py on a ResNet), through the
     evaluate stage's linear step; mae refuses a batch above the training set (drop_last)."""
-    from selfsup.frozen import linear_step
-    from selfsup.models import save_backbone
-    from selfsup.stage import Paths
-    from selfsup.train import build_method
+    from selfsup.eval.evaluate_all import linear_step
+    from selfsup.models.backbones import save_backbone
+    from selfsup.core.stage import Paths
+    from selfsup.engine.loop import build_method
 
     P = Paths(tmp_path)
     P.dataset.parent.mkdir(parents=True, exist_ok=True)
@@ -182,12 +182,12 @@ def test_bad_linear_keys_are_named(over, match):
 
 
 def test_augmented_protocol_schedules_and_optimisers():
-    """linear.protocol augmented (selfsup/lincls.py): step = MoCo's x0.1 per milestone; cosine = MoCo v3's /
+    """linear.protocol augmented (selfsup/eval/augmented_linear.py): step = MoCo's x0.1 per milestone; cosine = MoCo v3's /
     SimSiam's adjust_learning_rate, init_lr x 0.5 (1 + cos(pi epoch / epochs)), and SwAV's
     CosineAnnealingLR(epochs, eta_min 0) stepped per epoch; nesterov (BYOL) on the SGD; lars = apex LARC
     (trust 0.001, clip False) around it, as SimSiam's --lars."""
-    from selfsup.lincls import lincls_lr, lincls_optimizer
-    from selfsup.optim import LARS
+    from selfsup.eval.augmented_linear import lincls_lr, lincls_optimizer
+    from selfsup.engine.optim import LARS
 
     step = make_cfg(linear={"protocol": "augmented", "epochs": 100, "lr_steps": [60, 80]}).linear
     assert [lincls_lr(step, 30.0, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])

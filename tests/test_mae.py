@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_resume_is_exact, make_cfg
-from selfsup.masking import block_mask, block_masks, draw_block, patchify, random_mask, unpatchify
-from selfsup.methods.mae import mae_loss, sincos_pos_embed
+from selfsup.augment.masking import block_mask, block_masks, draw_block, patchify, random_mask, unpatchify
+from selfsup.losses.mae import mae_loss
+from selfsup.methods.mae import sincos_pos_embed
 
 MAE_DIGITS = {"backbone": "vit_digits", "epochs": 2, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0,
               "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4, "decoder_mlp": 64, "augment": "crop",
@@ -99,7 +100,7 @@ def test_loss_is_the_masked_mean_of_normalised_patches():
 
 
 def _mae(digits, **over):
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
 
     return build_method(make_cfg(methods=["mae"], mae={**MAE_DIGITS, **over}), "mae", digits)
 
@@ -122,7 +123,7 @@ def test_encoder_sees_exactly_the_visible_patches(digits):
 
 
 def test_mae_errors_name_the_key(digits):
-    from selfsup.config import ConfigError
+    from selfsup.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="mae.backbone"):
         _mae(digits, backbone="smallcnn")
@@ -131,8 +132,8 @@ def test_mae_errors_name_the_key(digits):
 
 
 def test_picture_and_a_short_run_lowers_the_loss(digits, tmp_path):
-    from selfsup.pictures import method_pictures
-    from selfsup.train import pretrain
+    from selfsup.engine.pictures import method_pictures
+    from selfsup.engine.loop import pretrain
 
     cfg = make_cfg(methods=["mae"], mae={**MAE_DIGITS, "epochs": 4})
     m, hist = pretrain(cfg, "mae", digits, tmp_path / "ck.pt")
@@ -146,7 +147,7 @@ def test_picture_and_a_short_run_lowers_the_loss(digits, tmp_path):
 
 
 def test_resume_is_bit_exact(digits, tmp_path):
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     small = Data(Split(digits.train.x[:256], digits.train.y[:256]), digits.test, {**digits.meta, "n_train": 256})
     cfg = make_cfg(methods=["mae"], mae={**MAE_DIGITS, "epochs": 2}, log_every=1, checkpoint_minutes=0)

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from selfsup.data import Data, Split
-from selfsup.features import extract_features
-from selfsup.io import InputError
-from selfsup.kmeans import topk_centroids
-from selfsup.knn import knn_eval
-from selfsup.methods.base import TrainContext
+from selfsup.data.prepared import Data, Split
+from selfsup.models.features import extract_features
+from selfsup.core.io import InputError
+from selfsup.cluster.kmeans import topk_centroids
+from selfsup.eval.knn import knn_eval
+from selfsup.engine.contract import TrainContext
 from selfsup.methods.mlcd import ASSIGNMENT, read_assignment
-from selfsup.mlcd_loss import (apply_margin, cosine_logits, multilabel_loss, positive_columns, sample_centres,
+from selfsup.losses.mlcd import (apply_margin, cosine_logits, multilabel_loss, positive_columns, sample_centres,
                                soft_label_loss, soft_targets)
-from selfsup.train import build_method, pretrain, save_backbone
+from selfsup.engine.loop import build_method, pretrain, save_backbone
 
 CPU = torch.device("cpu")
 
@@ -185,7 +185,7 @@ def test_resume_reloads_the_assignment_and_matches_an_uninterrupted_run(digits, 
 
     # a different assignment file under the checkpoint is refused, with the path named
     from selfsup.methods.mlcd import write_assignment
-    import selfsup.io as sio
+    import selfsup.core.io as sio
 
     ck = sio.load_torch(tmp_path / "b" / "ck.pt")
     ck["epoch"], ck["history"] = 1, ck["history"][:1]

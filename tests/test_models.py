@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from selfsup.models import Sobel, build_backbone
+from selfsup.models.backbones import Sobel, build_backbone
 
 
 @pytest.mark.parametrize("name, ch, size, dim", [
@@ -26,7 +26,7 @@ def test_nin_is_rotnets_four_block_network():
     """The official NetworkInNetwork layout: per block a k x k conv then two 1 x 1 (block 1:
     192-160-96, 5 x 5; block 2: 192 x 3, 5 x 5; blocks 3-4: 192 x 3, 3 x 3), a max-pool after block 1
     and average pools after blocks 2 and 3, so 32 px maps to 16, 8, 4, 4."""
-    from selfsup.probes import probe_points
+    from selfsup.models.backbones import probe_points
 
     net = build_backbone("nin", 3).eval()
     convs = [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in net.modules()

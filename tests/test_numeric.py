@@ -6,11 +6,11 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from selfsup.kmeans import assign_to_centroids, kmeans
-from selfsup.knn import knn_eval, knn_predict_scores
-from selfsup.metrics import ari, hungarian_accuracy, nmi
-from selfsup.pca import PCAWhitening, pca_whiten
-from selfsup.sampler import uniform_cluster_indices
+from selfsup.cluster.kmeans import assign_to_centroids, kmeans
+from selfsup.eval.knn import knn_eval, knn_predict_scores
+from selfsup.cluster.metrics import ari, hungarian_accuracy, nmi
+from selfsup.cluster.pca import PCAWhitening, pca_whiten
+from selfsup.cluster.sampler import uniform_cluster_indices
 
 
 def correlated(n=2000, d=40, seed=0):
@@ -39,7 +39,7 @@ def test_whitening_caps_its_dimension_at_the_rank(caplog):
     """A dimension above what the features span is capped with one warning naming the key: at the
     feature dimension, at N - 1 samples, at the numerical rank; the kept axes are still whitened."""
     x = correlated(n=100, d=8)
-    caplog.set_level("WARNING", logger="selfsup.pca")
+    caplog.set_level("WARNING", logger="selfsup.cluster.pca")
     assert PCAWhitening.fit(x, 9, key="whiten.pca_dim").dim == 8
     assert PCAWhitening.fit(x[:5], 8, key="whiten.pca_dim").dim == 4  # 5 centred samples span 4 axes
     low = np.repeat(x[:, :4], 2, axis=1)  # rank 4 in 8-d: 6 dims would blow noise up to unit variance
@@ -148,8 +148,8 @@ def test_weighted_knn_equals_brute_force():
 
 
 def test_knn_paper_protocol_beside_the_common_one():
-    from selfsup.evaluate import knn_protocols
-    from selfsup.knn import knn_eval
+    from selfsup.eval.protocols import knn_protocols
+    from selfsup.eval.knn import knn_eval
 
     rng = np.random.default_rng(3)
     tr, te = rng.normal(size=(120, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
@@ -164,7 +164,7 @@ def test_knn_paper_protocol_beside_the_common_one():
 def test_linear_probe_ignores_a_feature_constant_on_the_training_split():
     """Issue 12.5: a feature constant on train but not on test must not swamp the probe (dividing by
     std + 1e-6 blew it up a million-fold: 25 % top-1 on this set)."""
-    from selfsup.linear import linear_probe
+    from selfsup.eval.linear_probe import linear_probe
 
     rng = np.random.default_rng(0)
     ytr, yte = rng.integers(0, 2, 400), rng.integers(0, 2, 200)
@@ -178,7 +178,7 @@ def test_linear_probe_ignores_a_feature_constant_on_the_training_split():
 def test_svm_on_l2_normalised_features():
     """Linear SVM (InstDisc Table 1's linear column): separable classes are classified exactly, the
     rows are L2-normalised first (rescaling a row changes nothing), unlabelled splits are skipped."""
-    from selfsup.evaluate import svm_eval
+    from selfsup.eval.protocols import svm_eval
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 16)) * 5

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.optim import LARS, param_groups
-from selfsup.schedules import Schedule
+from selfsup.engine.optim import LARS, param_groups
+from selfsup.engine.schedules import Schedule
 
 
 def test_bias_lr_mult_puts_conv_and_linear_biases_in_their_own_group():

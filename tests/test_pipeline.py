@@ -21,7 +21,7 @@ import yaml
 
 from conftest import ROOT
 from selfsup.dag import stages_of
-from selfsup.synthetic import make_image_folder
+from selfsup.data.synthetic import make_image_folder
 
 METHODS = ["deepcluster", "random", "supervised", "mlcd"]
 UPSTREAM = {"mlcd": "data/models/deepcluster.pt"}  # MLCD clusters DeepCluster's encoder (a DVC dep)

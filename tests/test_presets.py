@@ -8,9 +8,9 @@ import yaml
 
 from conftest import ROOT
 from selfsup import presets
-from selfsup.config import ConfigError, load_config
+from selfsup.core.config import ConfigError, load_config
 from selfsup.methods import REGISTRY
-from selfsup.report import OURS_FOR, load_paper_results, paper_columns
+from selfsup.report.results import OURS_FOR, load_paper_results, paper_columns
 
 METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "rotnet", "jigsaw", "relloc",
            "colorization", "byol", "simsiam", "swav", "deepclusterv2", "dino", "mocov3", "mae", "beit", "random",
@@ -215,12 +215,12 @@ def test_report_puts_ours_beside_the_paper():
 def test_report_stage_reads_the_paper_table_as_a_dvc_dependency():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for s in ("report", "table1"):
-        assert "selfsup/paper_results.yaml" in stages[s]["deps"], s
+        assert "selfsup/report/paper_results.yaml" in stages[s]["deps"], s
     assert "report" in stages["report"]["params"]
 
 
 def test_a_per_layer_paper_number_meets_our_probe_of_that_layer():
-    from selfsup.report import probes_table
+    from selfsup.report.results import probes_table
 
     res = load_paper_results()
     pid = "deepcluster/imagenet/alexnet_bn_sobel/conv5"

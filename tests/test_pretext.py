@@ -3,9 +3,9 @@ per-image reference, and a few epochs on digits beating the random-init encoder.
 import torch
 
 from conftest import knn_after_pretrain, make_cfg
-from selfsup.methods.base import Batch
+from selfsup.engine.contract import Batch
 from selfsup.methods.rotnet import rotate_batch
-from selfsup.train import build_method
+from selfsup.engine.loop import build_method
 
 
 
@@ -45,8 +45,8 @@ def test_rotnet_beats_random_init_on_digits(digits, tmp_path):
 
 def block_maps(name, size):
     """Each probe point's output shape of backbone ``name`` on a (1, 3, size, size) input."""
-    from selfsup.models import build_backbone
-    from selfsup.probes import probe_points
+    from selfsup.models.backbones import build_backbone
+    from selfsup.models.backbones import probe_points
 
     net = build_backbone(name, 3).eval()
     shapes = {}
@@ -250,7 +250,7 @@ def test_jigsaw_tile_network_is_the_cfn():
     so conv5 is 6 x 6 and pool5 3 x 3 (2304-d); the head: fc6 1024 per tile (ReLU, dropout), fc7 on
     the nine concatenated, fc8 per permutation; biases at lr x2 (bias_lr_mult)."""
     from selfsup.methods.jigsaw import Jigsaw, JigsawCfg
-    from selfsup.models import build_backbone
+    from selfsup.models.backbones import build_backbone
 
     net = build_backbone("alexnet_cfn", 3).eval()
     convs = [m for m in net.trunk.features if isinstance(m, torch.nn.Conv2d)]

@@ -1,15 +1,16 @@
-"""Per-layer linear probes (selfsup/probes.py): the stages of each backbone, the papers' ~9k pooled
+"""Per-layer linear probes (selfsup/eval/layer_probes.py): the stages of each backbone, the papers' ~9k pooled
 sizes on AlexNet, hooked activations equal to a manual forward, and probes that learn on digits."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_cfg
-from selfsup.config import ConfigError, ProbeCfg, build
-from selfsup.data import Split
-from selfsup.models import build_backbone
-from selfsup.probes import layer_features, pool_side, probe_all, probe_points
-from selfsup.train import pretrain
+from selfsup.core.config import ConfigError, ProbeCfg, build
+from selfsup.data.prepared import Split
+from selfsup.models.backbones import build_backbone
+from selfsup.eval.layer_probes import layer_features, pool_side, probe_all
+from selfsup.models.backbones import probe_points
+from selfsup.engine.loop import pretrain
 
 CPU = torch.device("cpu")
 
@@ -65,8 +66,8 @@ def test_probes_learn_on_digits(digits, tmp_path):
 def test_moco_linear_protocol_trains_on_augmented_views(digits, tmp_path):
     """MoCo's main_lincls: a linear classifier on the frozen encoder, fresh crops every epoch, x0.1
     steps; the encoder (BN statistics included) stays untouched."""
-    from selfsup.features import extract_features
-    from selfsup.lincls import augmented_linear_probe
+    from selfsup.models.features import extract_features
+    from selfsup.eval.augmented_linear import augmented_linear_probe
 
     sup, _ = pretrain(make_cfg(supervised={"epochs": 2}), "supervised", digits, tmp_path / "s.pt")
     bb = sup.backbone
@@ -100,8 +101,8 @@ def test_ten_crop_average_equals_a_slow_loop_over_the_crops():
     """The paper protocol's test: the softmax of each of the ten crops averaged (DeepCluster's
     --tencrops), batched, equals a loop over images and crops; image arrays are upsampled by
     resize / crop and cropped at their native side; files (any size) as Resize + TenCrop."""
-    from selfsup.features import normalize
-    from selfsup.probes import ten_crop_batches, ten_crops, tencrop_scores
+    from selfsup.models.features import normalize
+    from selfsup.eval.layer_probes import ten_crop_batches, ten_crops, tencrop_scores
 
     torch.manual_seed(0)
     net = build_backbone("smallcnn", 3).eval()
@@ -141,8 +142,8 @@ def test_paper_protocol_trains_every_layer_on_crops(digits):
     """probe.protocol paper on digits: every layer's probe from one pass per batch, random crops, a
     10-crop test; the encoder untouched (BN statistics included); the whole training set (max_train
     refused)."""
-    from selfsup.data import Data
-    from selfsup.train import batch_maker
+    from selfsup.data.prepared import Data
+    from selfsup.data.batches import batch_maker
 
     cfg = make_cfg(methods=["random"])
     torch.manual_seed(0)
@@ -206,7 +207,7 @@ def _caffe_resize_loop(a, side):
 def test_bilinear_pooling_is_caffes_resize_layer(h, side):
     """probe.pooling bilinear: the AlexNet maps at 227 px (conv1 55, conv2 27, conv3-5 13) to the linear
     test's grids, equal to a loop over the official layer; not the average pooling it replaces."""
-    from selfsup.probes import caffe_resize, pool
+    from selfsup.eval.layer_probes import caffe_resize, pool
 
     a = torch.from_numpy(np.random.default_rng(h + side).normal(size=(2, 3, h, h)))
     got = caffe_resize(a, side)
@@ -220,7 +221,7 @@ def test_step_schedules_are_rotnets_lut_and_caffes_step_policy():
     """probe.lr_schedule step: RotNet's adjust_learning_rates (the LUT_lr entry of the first bound above
     the epoch, the last one after) for both official configs, and the colourisation solver's Caffe
     step policy (0.01 x 0.1 ^ floor(iter / 40000)) with iteration milestones."""
-    from selfsup.probes import step_lr
+    from selfsup.eval.layer_probes import step_lr
 
     for lr, steps, factors, lut, epochs in [
             (0.1, [20, 40, 45], [0.2, 0.04, 0.008], [(20, 0.1), (40, 0.02), (45, 0.004), (50, 0.0008)], 100),
@@ -244,8 +245,8 @@ def test_mlp_classifier_is_rotnets_multlayer():
     """probe.classifier mlp: NonLinearClassifier.py's MultLayer for CIFAR-10 (200 = min(20 x 10, 2048)
     hidden units, bias-free hidden Linears, its N(0, sqrt(2 / out)) init); the paper protocol puts no
     affine-free BN before it."""
-    from selfsup.linear import mlp_classifier
-    from selfsup.probes import paper_heads
+    from selfsup.eval.linear_probe import mlp_classifier
+    from selfsup.eval.layer_probes import paper_heads
 
     net = mlp_classifier(192 * 8 * 8, 10, torch.Generator().manual_seed(0))
     kinds = [type(m).__name__ for m in net]
@@ -262,10 +263,10 @@ def test_mlp_classifier_is_rotnets_multlayer():
 
 
 def test_fast_probe_takes_the_schedule_nesterov_and_mlp(monkeypatch):
-    """The fast protocol's classifier (selfsup.linear.linear_probe) with a step schedule, Nesterov SGD and
+    """The fast protocol's classifier (selfsup.eval.linear_probe.linear_probe) with a step schedule, Nesterov SGD and
     the MLP: the lr of every step is the schedule's, the optimiser Nesterov's, and it learns a separable
     problem."""
-    import selfsup.linear as L
+    import selfsup.eval.linear_probe as L
 
     seen = {}
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
-from selfsup.methods.base import Batch
+from selfsup.engine.contract import Batch
 from selfsup.methods.relloc import (NEIGHBOURS, RelLoc, dense_pairs, drop_colours, pixelate,
                                     resample_matrix)
-from selfsup.train import build_method
+from selfsup.engine.loop import build_method
 
 
 def test_dense_pairs_are_every_adjacent_pair_in_both_orders():
@@ -140,7 +140,7 @@ def test_head_and_summed_dense_loss():
 def _rgb_data(n=8, side=24):
     import numpy as np
 
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     rng = np.random.default_rng(0)
 

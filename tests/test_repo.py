@@ -4,7 +4,7 @@ import re
 import yaml
 
 from conftest import ROOT
-from selfsup.config import load_config
+from selfsup.core.config import load_config
 from selfsup.methods import REGISTRY
 
 
@@ -68,20 +68,20 @@ def test_the_lock_holds_no_stale_stage():
 
 
 def test_a_training_depends_only_on_its_own_method():
-    """The point of per-method closures: the code in a method's checkpoint key (selfsup.train.run_key)
+    """The point of per-method closures: the code in a method's checkpoint key (selfsup.engine.loop.run_key)
     is its own, so editing SeLa's Sinkhorn retrains SeLa and not MoCo, and no method's key covers
     another method's file."""
-    from selfsup.codedeps import closure
+    from selfsup.core.codedeps import closure
 
-    moco, sela = set(closure("selfsup/train.py", "moco")), set(closure("selfsup/train.py", "sela"))
-    assert "selfsup/sinkhorn.py" in sela and "selfsup/sinkhorn.py" not in moco
-    assert "selfsup/momentum.py" in moco and "selfsup/momentum.py" not in sela
+    moco, sela = set(closure("selfsup/engine/loop.py", "moco")), set(closure("selfsup/engine/loop.py", "sela"))
+    assert "selfsup/cluster/sinkhorn.py" in sela and "selfsup/cluster/sinkhorn.py" not in moco
+    assert "selfsup/models/momentum.py" in moco and "selfsup/models/momentum.py" not in sela
     assert not {f for f in moco if f.startswith("selfsup/methods/")} - {
-        "selfsup/methods/__init__.py", "selfsup/methods/base.py", "selfsup/methods/moco.py"}
+        "selfsup/methods/__init__.py", "selfsup/engine/contract.py", "selfsup/methods/moco.py"}
     # the config parser imports no method: the evaluation stage depends on no method's code (the
     # contract only: MoCo's augmented probe runs the training loop's loader)
     assert {f for f in closure("stages/evaluate.py") if f.startswith("selfsup/methods/")} <= {
-        "selfsup/methods/__init__.py", "selfsup/methods/base.py"}
+        "selfsup/methods/__init__.py", "selfsup/engine/contract.py"}
 
 
 def test_the_registry_is_lazy():
@@ -89,10 +89,10 @@ def test_the_registry_is_lazy():
     import subprocess
     import sys
 
-    code = ("import sys; import selfsup.config, selfsup.methods as m; "
+    code = ("import sys; import selfsup.core.config, selfsup.methods as m; "
             "print(sorted(k for k in sys.modules if k.startswith('selfsup.methods.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['selfsup.methods.base']"
+    assert out.strip() == "[]"
 
 
 def test_dag_prunes_the_lock_entries_of_removed_stages(tmp_path):

@@ -1,14 +1,14 @@
 """The evaluate stage runs every method in one process and reuses a method's metrics while its model file
-and the evaluation keys are unchanged (selfsup.frozen.evaluate_all); the voc stage's counterpart is
+and the evaluation keys are unchanged (selfsup.eval.evaluate_all.evaluate_all); the voc stage's counterpart is
 tested in tests/test_voc.py."""
 import dataclasses
 import os
 
 import torch
 
-from selfsup import frozen
-from selfsup.config import load_config
-from selfsup.stage import Paths
+from selfsup.eval import evaluate_all as frozen
+from selfsup.core.config import load_config
+from selfsup.core.stage import Paths
 
 
 def test_evaluate_all_reuses_a_method_until_its_model_or_the_evaluation_keys_change(tmp_path, monkeypatch):
@@ -48,11 +48,11 @@ def test_evaluate_all_reuses_a_method_until_its_model_or_the_evaluation_keys_cha
 
 
 def test_the_pretrain_stage_trains_only_what_changed(digits, tmp_path):
-    """selfsup.pretraining.train_all, the pretrain stage's loop: a second run resumes every finished
+    """selfsup.engine.pretrain_all.train_all, the pretrain stage's loop: a second run resumes every finished
     run (zero batches) and rewrites each model file byte for byte (so evaluate and voc reuse their
     results); a changed block retrains that method only; MLCD trains after DeepCluster, whose encoder
     it reads, and retrains when that encoder changes."""
-    from selfsup.pretraining import train_all
+    from selfsup.engine.pretrain_all import train_all
 
     P = Paths(tmp_path)
     base = {"methods": {"mlcd": "data/models/deepcluster.pt", "random": "data/dataset", "deepcluster": "data/dataset"},
@@ -81,9 +81,9 @@ def test_the_pretrain_stage_trains_only_what_changed(digits, tmp_path):
 
 
 def test_the_table1_stage_reuses_a_row_until_its_key_changes(digits, tmp_path, monkeypatch):
-    """selfsup.table1.run_rows, the table1 stage's loop: a row is trained and evaluated once; a new row
+    """selfsup.eval.instdisc_table1.run_rows, the table1 stage's loop: a row is trained and evaluated once; a new row
     runs alone; a changed evaluation key (the linear probe) or InstDisc block runs every row again."""
-    from selfsup import table1
+    from selfsup.eval import instdisc_table1 as table1
 
     calls = []
 

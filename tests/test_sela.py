@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from conftest import make_cfg
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
+from selfsup.models.features import extract_features
+from selfsup.eval.knn import knn_eval
 from selfsup.methods.sela import relabel_epochs
-from selfsup.train import pretrain
+from selfsup.engine.loop import pretrain
 
 CPU = torch.device("cpu")
 

@@ -8,10 +8,10 @@ import math
 import torch
 
 from conftest import assert_resume_is_exact, knn_after_pretrain, make_cfg
-from selfsup.contrastive import byol_loss, simsiam_loss
-from selfsup.methods.base import Batch
-from selfsup.momentum import cosine_momentum
-from selfsup.train import build_method
+from selfsup.losses.contrastive import byol_loss, simsiam_loss
+from selfsup.engine.contract import Batch
+from selfsup.models.momentum import cosine_momentum
+from selfsup.engine.loop import build_method
 
 # the digits defaults of params.yaml
 AUG = {"augment": "crop", "crop_scale": [0.3, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8,
@@ -131,7 +131,7 @@ def test_simsiam_zero_init_leaves_a_net_without_residual_blocks_as_built(digits)
 def test_byol_heads_have_the_official_mlp_biases(digits):
     """deepmind-research byol/utils/networks.py MLP: hk.Linear(hidden, with_bias=True) -> BN -> ReLU ->
     hk.Linear(out, with_bias=False), for both the projector and the predictor (head_bias first, the
-    default); head_bias last keeps selfsup.heads.projection_head's layout (no bias before the BN, a bias
+    default); head_bias last keeps selfsup.models.heads.projection_head's layout (no bias before the BN, a bias
     on the output Linear)."""
     official = {k: v for k, v in BYOL.items() if k != "head_bias"}  # the typed default
     m = build_method(make_cfg(methods=["byol"], byol=official), "byol", digits)
@@ -156,20 +156,20 @@ def test_byol_heads_have_the_official_mlp_biases(digits):
 def test_byol_head_bias_is_checked(digits):
     import pytest
 
-    from selfsup.config import ConfigError
+    from selfsup.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="byol.head_bias"):
         make_cfg(methods=["byol"], byol={**BYOL, "head_bias": "both"})
 
 
 def test_momentum_target_follows_by_ema_and_keeps_the_online_modules_its_owners():
-    """selfsup.momentum.MomentumTarget (BYOL, MoCo v3, DINO): copies start equal, are frozen and not
+    """selfsup.models.momentum.MomentumTarget (BYOL, MoCo v3, DINO): copies start equal, are frozen and not
     submodules' duplicates; update() moves them by m x target + (1 - m) x online at the cosine's value."""
     import math
 
     from torch import nn
 
-    from selfsup.momentum import MomentumTarget
+    from selfsup.models.momentum import MomentumTarget
 
     torch.manual_seed(0)
     owner = nn.Module()

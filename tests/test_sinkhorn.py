@@ -1,4 +1,4 @@
-"""Tests for selfsup.sinkhorn (SeLa Sinkhorn-Knopp label assignment). CPU only."""
+"""Tests for selfsup.cluster.sinkhorn (SeLa Sinkhorn-Knopp label assignment). CPU only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from selfsup.sinkhorn import (
+from selfsup.cluster.sinkhorn import (
     CHECK_EVERY,
     SinkhornResult,
     sinkhorn_knopp,

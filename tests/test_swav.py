@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_resume_is_exact, knn_after_pretrain, make_cfg
-from selfsup.methods.base import Batch
-from selfsup.methods.swav import swav_loss, swav_sinkhorn
-from selfsup.train import build_method, pretrain
+from selfsup.engine.contract import Batch
+from selfsup.cluster.sinkhorn import swav_sinkhorn
+from selfsup.losses.prototypes import swav_loss
+from selfsup.engine.loop import build_method, pretrain
 
 # the digits defaults of the swav block proposed for params.yaml
 SWAV = {"epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine",
@@ -27,7 +28,7 @@ SWAV = {"epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_dec
 
 def subset(data, n=400):
     """The first n training images (runs that check mechanics, not accuracy)."""
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     return Data(Split(data.train.x[:n], data.train.y[:n]), data.test, {**data.meta, "n_train": n})
 
@@ -196,8 +197,8 @@ def test_queue_length_is_rounded_down_to_a_multiple_of_the_global_batch(digits, 
     """Official main_swav.py: args.queue_length -= args.queue_length % (args.batch_size * args.world_size)."""
     import pytest
 
-    from selfsup import dist
-    from selfsup.config import ConfigError
+    from selfsup.core import dist
+    from selfsup.core.config import ConfigError
     from selfsup.methods.swav import effective_queue_length
 
     assert effective_queue_length(3840, 256, 1) == 3840  # the official batch-256 recipe: 15 batches
@@ -244,7 +245,7 @@ def test_pil_blur_matches_pillows_gaussian_blur():
     six box passes; SimCLR's kernel of 10 % of the side (3 px here) cuts the larger sigmas and misses."""
     from PIL import Image, ImageFilter
 
-    from selfsup.augment import gaussian_blur, pil_gaussian_blur
+    from selfsup.augment.batched import gaussian_blur, pil_gaussian_blur
 
     img = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].double()  # (1, 3, 24, 20) in [0, 255]
@@ -263,8 +264,8 @@ def test_pil_blur_matches_pillows_gaussian_blur():
 def test_swav_defaults_are_the_official_larc_and_pil_blur(digits):
     """SwAV's typed defaults: LARS with apex LARC's trust ratio, and every crop blurred the PIL way (the
     blur step of its views is pil_gaussian_blur); simclr restores the 10 % kernel; a bad rule is named."""
-    from selfsup.augment import apply_params, pil_gaussian_blur, sample_params
-    from selfsup.config import ConfigError
+    from selfsup.augment.batched import apply_params, pil_gaussian_blur, sample_params
+    from selfsup.core.config import ConfigError
 
     cfg = make_cfg(methods=["swav"], swav={**SWAV, "blur_p": 1.0})
     assert cfg.method("swav").lars_rule == "larc" and cfg.method("swav").blur_kernel == "pil"

@@ -31,7 +31,7 @@ def memory():
 
 
 def small_data(folder, n=160):
-    from selfsup.data import Data, Split, load_prepared
+    from selfsup.data.prepared import Data, Split, load_prepared
 
     d = load_prepared(folder)
     return Data(Split(d.train.x[:n], d.train.y[:n]), d.test, {**d.meta, "n_train": n})
@@ -56,7 +56,7 @@ def method_codes(m, full, world, rank):
 
 
 def queued_method(folder):
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
 
     # a queue of 14 at batch 7: a multiple of the global batch on one process (7) and on two (14), which
     # the official rounding (SwAV.queue_length) keeps as it is
@@ -70,10 +70,10 @@ def queued_method(folder):
 
 
 def _ranks(folder, tmp):
-    from selfsup import dist
-    from selfsup.methods.deepclusterv2 import spherical_kmeans
-    from selfsup.methods.swav import swav_sinkhorn
-    from selfsup.train import pretrain
+    from selfsup.core import dist
+    from selfsup.cluster.spherical_kmeans import spherical_kmeans
+    from selfsup.cluster.sinkhorn import swav_sinkhorn
+    from selfsup.engine.loop import pretrain
 
     r, w = dist.rank(), dist.world()
     out = {}
@@ -97,7 +97,7 @@ def ranks(digits_folder, tmp_path_factory):
 
 
 def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_batch(ranks, digits_folder):
-    from selfsup.methods.swav import swav_sinkhorn
+    from selfsup.cluster.sinkhorn import swav_sinkhorn
 
     one = swav_sinkhorn(scores(), 0.05, 3)
     assert [len(r["codes"]) for r in ranks] == [19, 18]
@@ -110,7 +110,7 @@ def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_batch(ranks
 
 
 def test_distributed_kmeans_equals_one_process_on_the_concatenated_memory(ranks):
-    from selfsup.methods.deepclusterv2 import spherical_kmeans
+    from selfsup.cluster.spherical_kmeans import spherical_kmeans
 
     one = spherical_kmeans(memory(), 9, 10, torch.Generator().manual_seed(5))
     for r in ranks:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from selfsup import tracking
-from selfsup.io import repo_root
-from selfsup.tracking import LiveRun, flatten, log_runs, tracking_uri
+from selfsup.core import tracking
+from selfsup.core.io import repo_root
+from selfsup.core.tracking import LiveRun, flatten, log_runs, tracking_uri
 
 
 def test_store_resolves_to_the_repository_root(tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_resume_and_later_stages_use_the_same_run(store):
 CRASH = """
 import sys
 from pathlib import Path
-from selfsup.tracking import LiveRun
+from selfsup.core.tracking import LiveRun
 run = LiveRun(Path(sys.argv[1]), "crash", "moco")
 print(run.start({"a": 1}), flush=True)
 run.log({"loss": 1.0}, 1)

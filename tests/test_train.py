@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import assert_resume_is_exact, make_cfg
-from selfsup.features import extract_features
-from selfsup.knn import knn_eval
+from selfsup.models.features import extract_features
+from selfsup.eval.knn import knn_eval
 from selfsup.methods import REGISTRY
-from selfsup.train import pretrain
+from selfsup.engine.loop import pretrain
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def test_every_method_starts_from_the_same_init(digits, tmp_path):
     a, _ = pretrain(cfg, "random", digits, tmp_path / "a.pt")
     b, _ = pretrain(cfg, "random", digits, tmp_path / "b.pt")
     c = REGISTRY["supervised"]  # built the same way before training
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
     sup = build_method(cfg, "supervised", digits)
     for (k, v), w, s in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values(),
                             sup.backbone.state_dict().values()):
@@ -85,7 +85,7 @@ def test_supervised_loss_drops(digits, tmp_path):
 
 
 def test_supervised_skips_without_labels(digits, tmp_path, caplog):
-    from selfsup.data import Data, Split
+    from selfsup.data.prepared import Data, Split
 
     unl = Data(Split(digits.train.x, np.full_like(digits.train.y, -1)), digits.test, digits.meta)
     m, hist = pretrain(make_cfg(supervised={"epochs": 1}), "supervised", unl, tmp_path / "s.pt")
@@ -94,8 +94,8 @@ def test_supervised_skips_without_labels(digits, tmp_path, caplog):
 
 
 def test_missing_upstream_names_the_file(digits, tmp_path):
-    from selfsup.io import InputError
-    from selfsup.methods.base import Method
+    from selfsup.core.io import InputError
+    from selfsup.engine.contract import Method
 
     class Up(Method):  # a throwaway method that reads an upstream encoder
         name = "up_probe"

@@ -1,4 +1,4 @@
-"""Vision Transformer backbones (selfsup.models.ViT on torchvision's VisionTransformer): the DINO / MoCo v3
+"""Vision Transformer backbones (selfsup.models.backbones.ViT on torchvision's VisionTransformer): the DINO / MoCo v3
 sizes, the CLS-token output for 1- and 3-channel input, any input size through the resized position
 embedding, the blocks as probe points, an exact save / load round trip (the file records the arch and
 the image side), the frozen random patch projection (MoCo v3 sec. 4.2), and a method's own backbone
@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from selfsup.config import ConfigError
-from selfsup.models import (
+from selfsup.core.config import ConfigError
+from selfsup.models.backbones import (
     VITS,
     ViT,
     build_backbone,
@@ -75,7 +75,7 @@ def test_other_input_sizes_take_the_resized_position_embedding():
 
 
 def test_blocks_are_the_probe_points():
-    from selfsup.probes import probe_points
+    from selfsup.models.backbones import probe_points
 
     torch.manual_seed(0)
     net = build_backbone("vit_digits", 1, image_size=8).eval()
@@ -90,7 +90,7 @@ def test_blocks_are_the_probe_points():
 
 
 def test_probe_features_of_a_vit(digits):
-    from selfsup.probes import layer_features
+    from selfsup.eval.layer_probes import layer_features
 
     torch.manual_seed(0)
     net = build_backbone("vit_digits", 1, image_size=8)
@@ -102,8 +102,8 @@ def test_save_load_round_trip_is_exact_and_records_the_arch(digits, tmp_path):
     """A method on its own ViT (dino.backbone: vit_digits, model.backbone smallcnn): the file records
     vit_digits and the image side; the loaded network gives the saved encoder's features exactly, at
     the eval geometry of the extract stage."""
-    from selfsup.features import extract_features
-    from selfsup.train import build_method
+    from selfsup.models.features import extract_features
+    from selfsup.engine.loop import build_method
 
     cfg = make_cfg(methods=["dino"], dino=DINO)
     assert cfg.model.backbone == "smallcnn"
@@ -138,8 +138,8 @@ def test_frozen_patch_projection_stays_fixed_under_the_optimiser(digits):
     """MoCo v3's random patch projection: not among the optimised parameters, unchanged by a step
     (weight decay included), while the rest moves."""
     from selfsup.methods import Batch
-    from selfsup.optim import build_optimizer
-    from selfsup.train import build_method
+    from selfsup.engine.optim import build_optimizer
+    from selfsup.engine.loop import build_method
 
     cfg = make_cfg(methods=["mocov3"], mocov3={"backbone": "vit_digits", "dim": 16, "mlp_dim": 32, "lr": 0.1,
                                                "weight_decay": 0.1, "freeze_patch_embed": True})
@@ -168,8 +168,8 @@ def test_frozen_patch_projection_stays_fixed_under_the_optimiser(digits):
 
 
 def test_a_method_has_its_own_backbone(digits):
-    from selfsup.models import SmallCNN
-    from selfsup.train import build_method
+    from selfsup.models.backbones import SmallCNN
+    from selfsup.engine.loop import build_method
 
     cfg = make_cfg(methods=["dino", "simclr"], dino=DINO)
     assert cfg.method("simclr").backbone == ""  # "": model.backbone
@@ -183,11 +183,11 @@ def test_a_method_has_its_own_backbone(digits):
     tiny = make_cfg(methods=["simclr"], simclr={"backbone": "vit_small"})
     with pytest.raises(ConfigError, match=r"^simclr\.backbone: vit_small needs images of at least 16 px, got 8"):
         build_method(tiny, "simclr", digits)
-    assert set(VITS) <= set(__import__("selfsup.config", fromlist=["BACKBONES"]).BACKBONES)
+    assert set(VITS) <= set(__import__("selfsup.core.config", fromlist=["BACKBONES"]).BACKBONES)
 
 
 def test_vit_feature_map_for_detection():
-    """The detector's ViT backbone (selfsup.detection.ViTMap): a stride-patch map of the patch tokens, at any
+    """The detector's ViT backbone (selfsup.detection.detector.ViTMap): a stride-patch map of the patch tokens, at any
     image size (the position embedding resized); tests/test_voc.py trains a detector step on it."""
     net = build_backbone("vit_digits", 1, image_size=8)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_vit_feature_map_for_detection():
 def test_sync_batch_norm_keeps_a_frozen_bn_frozen():
     """The CPU converter (GlobalBatchNorm) carries requires_grad over: an EMA target's or teacher's BN
     stays out of the gradient (else DDP waits for gradients that never come)."""
-    from selfsup.dist import sync_batch_norm
+    from selfsup.core.dist import sync_batch_norm
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4))
     for p in net[1].parameters():
@@ -213,7 +213,7 @@ def test_drop_path_drops_whole_samples_and_is_off_in_eval():
     linearly over the blocks, keeps the blocks' dropout, and adds no parameter (a saved trunk loads)."""
     import torch
 
-    from selfsup.models import DropPath, ViT
+    from selfsup.models.backbones import DropPath, ViT
 
     torch.manual_seed(0)
     x = torch.randn(400, 3, 5)

@@ -14,7 +14,7 @@ from torch import nn
 
 
 def small_data(folder, n=160):
-    from selfsup.data import Data, Split, load_prepared
+    from selfsup.data.prepared import Data, Split, load_prepared
 
     d = load_prepared(folder)
     return Data(Split(d.train.x[:n], d.train.y[:n]), d.test, {**d.meta, "n_train": n})
@@ -22,8 +22,8 @@ def small_data(folder, n=160):
 
 # ----------------------------------------------------------------- DINO: teacher and centre in step
 def _dino(folder, tmp):
-    from selfsup import dist
-    from selfsup.train import pretrain
+    from selfsup.core import dist
+    from selfsup.engine.loop import pretrain
 
     cfg = make_cfg(methods=["dino"], dino={**DINO_SMALL, "batch_size": 16}, log_every=1)
     m, hist = pretrain(cfg, "dino", small_data(folder), Path(tmp) / f"dino-{dist.rank()}" / "ck.pt")
@@ -47,8 +47,8 @@ def test_dino_keeps_teacher_and_centre_identical_on_the_ranks(digits_folder, tmp
 
 # ----------------------------------------------------------------- MoCo v3: 2 x B/2 == 1 x B
 def _mocov3_method(folder):
-    from selfsup import dist
-    from selfsup.train import build_method
+    from selfsup.core import dist
+    from selfsup.engine.loop import build_method
 
     # a learned position embedding and torchvision's init: with the official sin-cos table (zero at the
     # CLS position) the CLS token (torchvision's zeros, or MoCo v3's std 1e-6) enters the first LayerNorm
@@ -74,7 +74,7 @@ def _mocov3_batch(lo, hi):
 
 
 def _mocov3_two_ranks(folder):
-    from selfsup import dist
+    from selfsup.core import dist
 
     m = _mocov3_method(folder)
     ddp = nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_cfg
 
 from selfsup.methods import Batch
-from selfsup.models import DropPath, build_backbone, sincos_pos_embed, vit_trunk
+from selfsup.models.backbones import DropPath, build_backbone, sincos_pos_embed, vit_trunk
 
 
 def _slow(dim, h, w, r, c, k, first):
@@ -39,7 +39,7 @@ def _pe(m):
 
 
 def _step(m, batch):
-    from selfsup.optim import build_optimizer
+    from selfsup.engine.optim import build_optimizer
 
     opt = build_optimizer(m.param_groups(), m.cfg)
     m.train()
@@ -49,7 +49,7 @@ def _step(m, batch):
 
 
 def test_frozen_sincos_pos_embed_gets_no_gradient_and_no_decay_in_mocov3_and_mae(digits):
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
 
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
@@ -102,7 +102,7 @@ def test_mocov3_official_init_statistics():
 
 
 def test_mocov3_init_and_pos_embed_keys_leave_conv_nets_and_other_methods_alone(digits):
-    from selfsup.train import build_method
+    from selfsup.engine.loop import build_method
 
     torch.manual_seed(0)
     plain = build_backbone("vit_digits", 1, image_size=8).state_dict()
@@ -127,7 +127,7 @@ def test_beit_drop_path_is_active_in_train_mode_only(digits):
     torch.manual_seed(0)
     m = BEiT(build_backbone("vit_digits", 1, image_size=8), cfg, 10)
     layers = vit_trunk(m.backbone).vit.encoder.layers
-    drops = [blk.drop_path for blk in layers]  # BEiT's blocks (selfsup.models.BEiTBlock)
+    drops = [blk.drop_path for blk in layers]  # BEiT's blocks (selfsup.models.backbones.BEiTBlock)
     assert all(isinstance(d, DropPath) for d in drops)
     assert drops[0].p == 0.0 and abs(drops[-1].p - 0.1) < 1e-12  # linear over the blocks to 0.1
     x = torch.randn(16, 1, 8, 8)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.config import ConfigError, VocCfg, build, load_config
-from selfsup.detection import apply_bn, build_detector, lr_at, run_voc
-from selfsup.io import InputError
-from selfsup.models import build_backbone
-from selfsup.voc_data import compose_embedded, load_split, parse_voc_xml, prepare_voc, read_manifest
-from selfsup.voc_eval import evaluate_detections, voc_ap, voc_eval_class
+from selfsup.core.config import ConfigError, VocCfg, build, load_config
+from selfsup.detection.detector import apply_bn, build_detector, lr_at, run_voc
+from selfsup.core.io import InputError
+from selfsup.models.backbones import build_backbone
+from selfsup.detection.voc_data import compose_embedded, load_split, parse_voc_xml, prepare_voc, read_manifest
+from selfsup.detection.voc_ap import evaluate_detections, voc_ap, voc_eval_class
 
 B = [10.0, 10.0, 29.0, 29.0]  # a 20x20 box, 1-based inclusive
 
@@ -171,7 +171,7 @@ def test_embedded_set_is_deterministic_and_valid_voc(tmp_path):
 
 def test_real_voc_offline_fails_clearly(tmp_path):
     cfg = build(VocCfg, {"enabled": True, "dataset": "voc2007", "path": str(tmp_path / "nowhere")}, "voc")
-    from selfsup.sources import DatasetUnavailable
+    from selfsup.data.sources import DatasetUnavailable
 
     with pytest.raises(DatasetUnavailable, match="VOC2007"):
         prepare_voc(cfg, 0, 0.2, tmp_path / "voc")
@@ -243,7 +243,7 @@ def test_bad_voc_params_fail_naming_the_key(over, key):
 
 
 def test_xml_writer_roundtrip(tmp_path):
-    from selfsup.voc_data import VocAnnotation, VocObject, write_voc_xml
+    from selfsup.detection.voc_data import VocAnnotation, VocObject, write_voc_xml
 
     a = VocAnnotation("x.jpg", 40, 30, 1, [VocObject("digit1", (2, 3, 20, 25), truncated=1, difficult=1)], "VOC2007")
     write_voc_xml(tmp_path / "x.xml", a)
@@ -256,7 +256,7 @@ def test_one_process_batches_are_the_dataloader_shuffle(n, b):
     """The rank-aware loader draws exactly what DataLoader(shuffle=True, generator) drew before it
     (so one process fine-tunes as before), epoch after epoch, and leaves the global RNG (which the
     detector samples its RoIs with) as that did."""
-    from selfsup.detection import _collate, voc_loader
+    from selfsup.detection.detector import _collate, voc_loader
 
     def run(make):
         torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_one_process_batches_are_the_dataloader_shuffle(n, b):
 
 def test_iou_exactly_at_the_threshold_follows_iou_compare():
     """Issue 12.10: the Python devkit port (detectron2) counts IoU > 0.5, the MATLAB devkit >= 0.5."""
-    from selfsup.voc_eval import voc_eval_class
+    from selfsup.detection.voc_ap import voc_eval_class
 
     # ground truth 1..10 x 1..10 (100 px, inclusive); a detection 1..10 x 1..5 covers exactly half: IoU 0.5
     g = {0: (np.array([[1.0, 1.0, 10.0, 10.0]]), np.array([False]))}
@@ -290,7 +290,7 @@ def test_the_voc_stage_reuses_a_method_result_until_its_model_or_params_change(t
     are unchanged is not fine-tuned again (its stored result comes back, marked reused)."""
     import dataclasses
 
-    from selfsup import detection
+    from selfsup.detection.detector import detector as detection
 
     calls = []
 

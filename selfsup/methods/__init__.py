@@ -3,7 +3,7 @@ and returns the class it registered with ``@register``; its ``Config`` parses th
 the same name.
 
 Nothing here imports a method eagerly, so a stage's import closure (hence its DVC code deps and
-its checkpoint key, see ``selfsup/codedeps.py``) holds only the methods it runs. Adding a method:
+its checkpoint key, see ``selfsup/core/codedeps.py``) holds only the methods it runs. Adding a method:
 a file here with ``@register``, a params block and an entry in ``methods:``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 from pathlib import Path
 from typing import Iterator, MutableMapping
 
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
 
 _DIR = Path(__file__).resolve().parent
 _NOT_METHODS = {"__init__", "base"}

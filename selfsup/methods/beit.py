@@ -3,7 +3,7 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
 ``modeling_pretrain.py``, ``engine_for_pretraining.py``, ``masking_generator.py``) does it.
 
 - Visual tokens (sec. 2.1.2): a frozen tokeniser read from the UPSTREAM file (``methods.beit``, written by
-  the ``tokenizer`` stage, ``selfsup/tokenizer.py``: DALL-E's dVAE encoder as the paper, or a VQ-VAE trained
+  the ``tokenizer`` stage, ``selfsup/models/tokenizer.py``: DALL-E's dVAE encoder as the paper, or a VQ-VAE trained
   by the pipeline) maps the view to one token per ViT patch; eval mode, no gradient, outside the module's
   state (not in checkpoints: the run key holds the file's hash, and a resumed run reloads it). Its
   ``patch`` must equal the ViT's and its vocabulary ``vocab``. The tokens are of the same crop the ViT
@@ -12,7 +12,7 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
   112 --second_interpolation lanczos``: 112 px for 14 x 14 tokens), resampled here from the training crop
   rather than from the original image; "bilinear", the earlier antialiased bilinear resize. The ``vq``
   tokeniser reads the crop at the ViT's own patch size, so the key changes nothing there.
-- Masking (sec. 2.3, Algorithm 1; sec. 2.5): blockwise, ``selfsup.masking.block_masks``: blocks of at least
+- Masking (sec. 2.3, Algorithm 1; sec. 2.5): blockwise, ``selfsup.augment.masking.block_masks``: blocks of at least
   ``min_block`` patches with aspect ratio in [``min_aspect``, 1 / ``min_aspect``] until ``mask_ratio`` of
   the patches are masked (paper: 40 %, min 16 of 14 x 14; official: 75 patches, 38 %), one mask per image,
   drawn from a generator seeded by the loop's per-step seed (a resumed run draws the same masks).
@@ -20,7 +20,7 @@ modelling with visual tokens (sec. 2), as the official code (microsoft/unilm ``b
   short of the count) or "complete" (the earlier rule: halves the minimum block and reaches the count).
 - Network (``VisionTransformerForMaskedImageModeling`` in ``modeling_pretrain.py``): the ViT's patch
   embedding (``conv_proj``), masked positions replaced by a learned ``mask_token`` (x (1 - m) + mask_token
-  m), the CLS token prepended, BEiT's transformer blocks (``selfsup.models.BEiTBlock``: layer scale
+  m), the CLS token prepended, BEiT's transformer blocks (``selfsup.models.backbones.BEiTBlock``: layer scale
   ``layer_scale_init``, official 0.1 for ViT-B, ``--layer_scale_init_value``; q / v biases) with
   ``rel_pos_bias`` "shared": one relative position bias for all blocks and no absolute position
   embedding (``use_shared_rel_pos_bias`` True, ``use_abs_pos_emb`` False), the final LayerNorm, then
@@ -65,14 +65,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.data import Data
-from selfsup.io import InputError
-from selfsup.masking import FILLS, block_masks
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.data.prepared import Data
+from selfsup.core.io import InputError
+from selfsup.augment.masking import FILLS, block_masks
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.models import VITS, require_vit, vit_trunk
-from selfsup.tokenizer import RESAMPLES, DalleTokenizer, Tokenizer, load_tokenizer
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.models.backbones import VITS, require_vit, vit_trunk
+from selfsup.models.tokenizer import RESAMPLES, DalleTokenizer, Tokenizer, load_tokenizer
 
 
 @dataclass

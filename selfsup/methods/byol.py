@@ -6,14 +6,14 @@ gives of another view of the same image; no negatives (sec. 3).
   Linear(256) (``proj_hidden`` / ``proj_dim``, ``pred_hidden``). ``head_bias`` first (official
   deepmind-research ``byol/utils/networks.py`` ``MLP``: ``hk.Linear(with_bias=True)`` -> BN -> ReLU ->
   ``hk.Linear(with_bias=False)``): the first Linear has a bias, the last none; ``last``: the shared
-  ``selfsup.heads.projection_head`` layout, the bias on the last Linear and none before the BN. The
+  ``selfsup.models.heads.projection_head`` layout, the bias on the last Linear and none before the BN. The
   BN cancels the first bias in the forward pass; the last one is a trained offset of the output the
   loss compares, which the official heads do not have.
 - Loss (eq. 2): 2 - 2 cos(q_online(v), sg(z_target(v'))) for both orders of the two views, summed
-  (the symmetrised loss, eq. 4); ``selfsup.contrastive.byol_loss``.
+  (the symmetrised loss, eq. 4); ``selfsup.losses.contrastive.byol_loss``.
 - Target (sec. 3.1): an exponential moving average of the online encoder and projector, updated
   after each optimiser step with decay tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 over the
-  K optimiser steps of the run (tau_base 0.996; ``selfsup.momentum.cosine_momentum``); it gets no
+  K optimiser steps of the run (tau_base 0.996; ``selfsup.models.momentum.cosine_momentum``); it gets no
   gradient. The step counter is a buffer, so a resumed run continues the schedule exactly.
 - Augmentations (Table 6): two asymmetric views, both with crop, flip, colour jitter (0.4, 0.4, 0.2,
   0.1, p 0.8) and grayscale 0.2; view 1 blur p 1.0, no solarisation; view 2 blur p 0.1, solarise
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, one_of, positive
-from selfsup.contrastive import byol_loss
-from selfsup.heads import projection_head
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.losses.contrastive import byol_loss
+from selfsup.models.heads import projection_head
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
-from selfsup.momentum import MomentumTarget
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
+from selfsup.models.momentum import MomentumTarget
 
 
 # head_bias -> projection_head's (hidden_bias, out_bias)

@@ -1,14 +1,14 @@
 """Colourisation (Zhang, Isola, Efros, "Colorful Image Colorization", ECCV 2016): from the
 lightness L of a CIE Lab image predict, per pixel, a distribution over quantised ab colours
 (sec. 2.1), trained with class rebalancing (sec. 2.2); the encoder is the self-supervised result.
-The maths lives in ``selfsup.colour``; this file is the network and the training step.
+The maths lives in ``selfsup.augment.colour``; this file is the network and the training step.
 
-- Input: the encoder's input adapter (``selfsup.models.LabL``) turns the normalised RGB view into
+- Input: the encoder's input adapter (``selfsup.models.backbones.LabL``) turns the normalised RGB view into
   L - 50 (the official code's centring); it is saved with the encoder, so extraction, probes and VOC
   transfer hand it RGB like any other backbone.
-- Output: the trunk's last feature map (the last ``selfsup.probes.probe_points`` stage: ResNet
+- Output: the trunk's last feature map (the last ``selfsup.eval.layer_probes.probe_points`` stage: ResNet
   layer4, AlexNet conv5, smallcnn block3) -> 3 x 3 conv (``hidden``) + ReLU -> 1 x 1 conv to the
-  Q in-gamut ab bins (``selfsup.colour.ab_bins``, rule ``bins``, grid ``grid``: ``hull`` at 10 is
+  Q in-gamut ab bins (``selfsup.augment.colour.ab_bins``, rule ``bins``, grid ``grid``: ``hull`` at 10 is
   the official Q = 313 set).
 - Train view (``train_crop``): ``fixed``, as the official AlexNet's data layer
   (``richzhang/colorization@407a471 colorization/train_alexnet/train_val.prototxt``: crop_size 180,
@@ -51,20 +51,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup import dist
-from selfsup.augment import ViewSpec
-from selfsup.colour import (BIN_RULES, ab_bins, annealed_mean, colour_loss, empirical_prior, lab_to_rgb, nearest_bin,
+from selfsup.core import dist
+from selfsup.augment.batched import ViewSpec
+from selfsup.augment.colour import (BIN_RULES, ab_bins, annealed_mean, empirical_prior, lab_to_rgb, nearest_bin,
                             rebalance_weights, rgb_to_lab, smooth_prior, soft_encode)
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.losses.colourisation import colour_loss
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
-from selfsup.probes import probe_points
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
+from selfsup.models.backbones import probe_points
 
 
 @dataclass
 class ColorizationCfg(TrainCfg):
     grid: int = 10  # ab bin side (paper: 10)
-    # which lattice points are bins (selfsup.colour.ab_bins): hull = the official 313 at grid 10
+    # which lattice points are bins (selfsup.augment.colour.ab_bins): hull = the official 313 at grid 10
     # (richzhang/colorization pts_in_hull.npy); cells = the 262 cells an sRGB colour rounds into
     bins: str = "hull"
     soft_k: int = 10  # nearest bins of the soft encoding (official NNEncLayer: NN 10; paper sec. 2.1: 5)

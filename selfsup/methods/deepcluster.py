@@ -7,7 +7,7 @@ Every epoch (sec. 3.2-3.3):
 3. faiss k-means into ``k`` clusters (20 iterations), a fresh seed per epoch
    derived from the run seed (the official code draws ``np.random.randint(1234)``);
 4. cluster ids re-indexed over the non-empty clusters -> pseudo-labels;
-5. an epoch's sample order that is uniform over clusters (``selfsup.sampler``);
+5. an epoch's sample order that is uniform over clusters (``selfsup.cluster.sampler``);
 6. a new linear head N(0, 0.01), zero bias, ``k`` outputs as the official code (empty
    clusters keep an output no sample targets), trained without momentum (the official
    ``optimizer_tl``; here a parameter group with momentum 0 whose optimiser state is cleared
@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.data import Data
-from selfsup.io import derive_seed
-from selfsup.kmeans import faiss_gpu, kmeans
+from selfsup.core import dist
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.data.prepared import Data
+from selfsup.core.io import derive_seed
+from selfsup.cluster.kmeans import faiss_gpu, kmeans
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.metrics import nmi
-from selfsup.optim import param_groups
-from selfsup.pca import pca_whiten
-from selfsup.sampler import uniform_cluster_indices
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.cluster.metrics import nmi
+from selfsup.engine.optim import param_groups
+from selfsup.cluster.pca import pca_whiten
+from selfsup.cluster.sampler import uniform_cluster_indices
 
 
 @dataclass

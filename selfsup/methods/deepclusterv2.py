@@ -24,7 +24,7 @@ nothing copied).
   (``deepclusterv2_loss``); images with no memory row (official: -100) are ignored.
 - Prototypes are not trained in the official recipe: ``--freeze_prototypes_niters 300000`` is more than
   the 800 x 313 optimiser steps of its run (``freeze_prototypes_iters``: the same mechanism as SwAV's,
-  ``selfsup.prototypes.PrototypeFreeze``); they are reset to the centroids every epoch anyway.
+  ``selfsup.models.prototypes.PrototypeFreeze``); they are reset to the centroids every epoch anyway.
 - Several processes (official: distributed k-means): each rank clusters its own contiguous share of
   the bank rows (``dist.shard``), the per-iteration centroid sums and counts are all-reduced, and the
   assignments are all-gathered. Two differences: (1) the official memory is per process (the rows of
@@ -49,21 +49,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from selfsup import dist
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, positive
-from selfsup.data import Data
-from selfsup.heads import projection_head
-from selfsup.io import derive_seed
+from selfsup.core import dist
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, positive
+from selfsup.data.prepared import Data
+from selfsup.cluster.spherical_kmeans import spherical_kmeans
+from selfsup.losses.prototypes import IGNORE, deepclusterv2_loss
+from selfsup.models.heads import projection_head
+from selfsup.core.io import derive_seed
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.metrics import nmi
-from selfsup.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
-
-IGNORE = -100  # the official target of an image with no memory row (CrossEntropyLoss ignore_index)
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.cluster.metrics import nmi
+from selfsup.models.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
 
 
 @dataclass
@@ -77,80 +76,6 @@ class DeepClusterV2Cfg(MultiCropCfg):
         positive(p, self, "kmeans_iters")
         if not self.prototypes or any(k < 1 for k in self.prototypes):
             raise ConfigError(f"{p}.prototypes: a non-empty list of cluster counts >= 1, got {self.prototypes}")
-
-
-# --------------------------------------------------------------------------- spherical k-means
-@dataclass
-class SphericalKMeans:
-    centroids: torch.Tensor  # (k, D) float32, unit rows, the same on every rank
-    assign: torch.Tensor  # (n_r,) long: this rank's rows' cluster
-    counts: torch.Tensor  # (k,) long: global cluster sizes of the final assignment
-    objective: float  # global mean cosine of the rows to their centroid
-
-
-def _rank_offsets(n_local: int, device: torch.device) -> tuple[int, int]:
-    """(global row index of this rank's first row, global N): shards in rank order."""
-    sizes = dist.all_gather(torch.tensor([n_local], device=device)).tolist()
-    return sum(sizes[:dist.rank()]), sum(sizes)
-
-
-def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, D), (k, D) -> the largest dot product's centroid (n,) long and its value (n,)."""
-    ids, vals = [], []
-    for s in range(0, len(x), chunk):
-        v, i = (x[s:s + chunk] @ c.t()).max(dim=1)  # (chunk, k) -> (chunk,)
-        ids.append(i)
-        vals.append(v)
-    if not ids:
-        return x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
-    return torch.cat(ids), torch.cat(vals)
-
-
-@torch.no_grad()
-def spherical_kmeans(x_shard: torch.Tensor, k: int, iters: int = 10,
-                     generator: torch.Generator | None = None) -> SphericalKMeans:
-    """Spherical k-means over the rows of all ranks (collective; one process: a plain k-means of
-    ``x_shard``), as the official ``cluster_memory``.
-
-    x_shard: (n_r, D) unit rows held by this rank (rank r's rows follow rank r-1's). Initial
-    centroids: rows ``randperm(N, generator)[:k]`` of the concatenated rows (the generator must give
-    the same draw on every rank). Then ``iters`` x (E: nearest centroid by dot product; M: each
-    non-empty cluster's centroid <- its mean, the sums and counts all-reduced; every centroid
-    re-normalised; an empty cluster keeps its centroid) and a final E step."""
-    x = x_shard.float()
-    off, n = _rank_offsets(len(x), x.device)
-    if not 1 <= k <= n:
-        raise ValueError(f"k: need 1 <= k <= {n} rows, got {k}")
-    pick = torch.randperm(n, generator=generator)[:k].to(x.device)  # (k,) global rows
-    mine = (pick >= off) & (pick < off + len(x))
-    c = x.new_zeros(k, x.shape[1])  # (k, D)
-    c[mine] = x[pick[mine] - off]
-    c = dist.all_reduce(c)  # each row from the one rank that holds it (others add zeros)
-    for it in range(iters + 1):
-        assign, best = _nearest(x, c)  # (n_r,), (n_r,)
-        if it == iters:
-            break
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, assign, x.double())
-        counts = torch.bincount(assign, minlength=k).to(x.device)  # (k,)
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-        full = counts > 0
-        new = c.double()
-        new[full] = sums[full] / counts[full].unsqueeze(1)
-        c = F.normalize(new, dim=1).float()  # empty clusters: their previous (unit) centroid
-    counts = dist.all_reduce(torch.bincount(assign, minlength=k).to(x.device))
-    total = dist.all_reduce(best.double().sum())
-    return SphericalKMeans(c, assign, counts, float(total) / n)
-
-
-def deepclusterv2_loss(scores: list[torch.Tensor], targets: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """scores: per head (V B, K_h) prototype scores of every crop, crop-major; targets: (H, B) the
-    images' cluster ids per head (IGNORE: none). Mean over heads of the cross-entropy of
-    scores / temperature against the image's id, averaged over all crops (official)."""
-    v = scores[0].shape[0] // targets.shape[1]
-    losses = [F.cross_entropy(s.float() / temperature, t.repeat(v), ignore_index=IGNORE)
-              for s, t in zip(scores, targets)]
-    return torch.stack(losses).mean()
 
 
 # --------------------------------------------------------------------------- the method

@@ -2,12 +2,12 @@
 ICCV 2021), as the paper (sec. 3, Algorithm 1, appendix) and the official code (facebookresearch/dino
 ``main_dino.py``, ``vision_transformer.DINOHead``, ``utils``) do it.
 
-- Student g_s = backbone + ``DINOHead`` (``selfsup.heads``: 3-layer MLP, hidden 2048, GELU, bottleneck
+- Student g_s = backbone + ``DINOHead`` (``selfsup.models.heads``: 3-layer MLP, hidden 2048, GELU, bottleneck
   256, L2 normalisation, a weight-normalised bias-free last layer to K = ``out_dim`` 65536 whose norm is
   fixed to 1 with ``norm_last_layer``). Teacher g_t: the same network, starting as a copy of the student,
   never optimised, updated after each optimiser step as an exponential moving average of the student,
   theta_t <- l theta_t + (1 - l) theta_s, with l following a cosine from ``momentum_teacher`` (0.996) to
-  1 over the run's optimiser steps (``selfsup.momentum.cosine_momentum``, the official
+  1 over the run's optimiser steps (``selfsup.models.momentum.cosine_momentum``, the official
   ``cosine_scheduler(momentum_teacher, 1, epochs, iters)``); the step counter is a buffer, so a resumed
   run continues the schedule exactly.
 - Multi-crop (sec. 3.1): 2 global views (``crop_scale`` 0.4-1, the dataset's view side; view 1 blur p 1,
@@ -39,8 +39,8 @@ linear warm-up epochs then cosine to 1e-6, weight decay cosine 0.04 -> 0.4, grad
 parameter), 100 epochs (300-800 for the released models), teacher_temp 0.04 (0.07 after 30 warm-up epochs
 and norm_last_layer false in the boosted ViT-S run), fp16. ResNet-50: SGD lr 0.03, weight decay 1e-4, global crops
 0.14-1, local 0.05-0.14, no stochastic depth. As the official code: the weight decay of the regularised
-group follows a cosine 0.04 -> 0.4 per step (``weight_decay_end``, the loop's ``selfsup.schedules.wd_schedule``);
-the gradients are clipped per parameter at 3.0 (``clip_grad_per_param``, ``selfsup.optim.clip_grad_per_param``),
+group follows a cosine 0.04 -> 0.4 per step (``weight_decay_end``, the loop's ``selfsup.engine.schedules.wd_schedule``);
+the gradients are clipped per parameter at 3.0 (``clip_grad_per_param``, ``selfsup.engine.optim.clip_grad_per_param``),
 the last layer too, before its frozen-epoch reset (main_dino.py clips, then ``cancel_gradients_last_layer``; the
 clip is per tensor, so the order changes nothing for the others); the final lr 1e-6 is not scaled with the batch
 (``scale_min_lr`` False); the student's ViT has stochastic depth ``drop_path`` 0.1, the teacher none.
@@ -55,13 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup import dist
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, non_negative, positive
-from selfsup.heads import DINOHead
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, positive
+from selfsup.losses.dino import batch_centre, dino_loss, teacher_temperature, update_centre
+from selfsup.models.heads import DINOHead
 from selfsup.methods import register
-from selfsup.models import require_vit
-from selfsup.methods.base import (
+from selfsup.models.backbones import require_vit
+from selfsup.engine.contract import (
     Batch,
     EpochPlan,
     Method,
@@ -69,53 +69,8 @@ from selfsup.methods.base import (
     TrainContext,
     view_spec,
 )
-from selfsup.momentum import MomentumTarget
-from selfsup.prototypes import multi_crop
-
-
-# --------------------------------------------------------------------------- pure functions
-def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
-    """The teacher temperature of (0-based) ``epoch``: ``warmup_epochs`` values from ``warmup_temp`` to
-    ``temp`` evenly spaced, both ends included (``np.linspace``), then ``temp`` (the official
-    ``teacher_temp_schedule``)."""
-    if epoch >= warmup_epochs:
-        return temp
-    if warmup_epochs == 1:
-        return warmup_temp
-    return warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
-
-
-def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor, student_temp: float,
-              teacher_temp: float, n_global: int = 2) -> torch.Tensor:
-    """DINO's loss. ``student``: (V B, K) outputs of the V views, view by view (the ``n_global`` global
-    ones first); ``teacher``: (n_global B, K) outputs of the global views; ``centre``: (1, K) or (K,).
-    The mean over the pairs (teacher view i, student view v != i) of the batch-averaged cross-entropy
-    between softmax((teacher_i - centre) / teacher_temp) (no gradient) and softmax(student_v / student_temp)."""
-    b = len(teacher) // n_global
-    v = len(student) // b
-    t = F.softmax((teacher.detach().float() - centre.float()) / teacher_temp, dim=-1).chunk(n_global)
-    logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(v)
-    total, terms = student.new_zeros((), dtype=torch.float32), 0
-    for i, q in enumerate(t):
-        for j, lp in enumerate(logp):
-            if i != j:  # not the view the teacher saw
-                total = total - (q * lp).sum(-1).mean()
-                terms += 1
-    return total / terms
-
-
-@torch.no_grad()
-def batch_centre(teacher: torch.Tensor) -> torch.Tensor:
-    """(1, K): the mean of the teacher outputs over the global batch (all ranks: a summed all-reduce)."""
-    s = teacher.detach().float().sum(0, keepdim=True)
-    dist.all_reduce(s)
-    return s / (len(teacher) * dist.world())
-
-
-@torch.no_grad()
-def update_centre(centre: torch.Tensor, batch_mean: torch.Tensor, m: float) -> torch.Tensor:
-    """C <- m C + (1 - m) batch_mean (a new tensor)."""
-    return centre * m + batch_mean * (1.0 - m)
+from selfsup.models.momentum import MomentumTarget
+from selfsup.models.prototypes import multi_crop
 
 
 # --------------------------------------------------------------------------- config

@@ -6,7 +6,7 @@
   ``dim``-d embedding (official: the network's last fc to ``low_dim`` 128), L2-normalised
   (sec. 3.1).
 - ``softmax: nonparametric`` (the method): a memory bank holds one embedding per
-  training image (``selfsup.memory.MemoryBank``). The loss compares the embedding f of
+  training image (``selfsup.models.memory_bank.MemoryBank``). The loss compares the embedding f of
   image i with the bank, P(i|f) = exp(v_i^T f / tau) / Z (sec. 3.1), through
   - NCE (``nce_m`` > 0, sec. 3.2): ``nce_m`` noise entries drawn uniformly per sample;
     Z = N * mean(exp(v^T f / tau)) estimated once, on the first batch, then fixed
@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup import dist
-from selfsup.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.data import Data
-from selfsup.heads import EvalHead, l2n, projection_head, proj_spec
-from selfsup.memory import MEMORY_INITS, MemoryBank, estimate_z, full_softmax_loss, nce_loss
+from selfsup.core import dist
+from selfsup.core.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.data.prepared import Data
+from selfsup.models.heads import EvalHead, l2n, projection_head, proj_spec
+from selfsup.losses.nce import estimate_z, full_softmax_loss, nce_loss
+from selfsup.models.memory_bank import MEMORY_INITS, MemoryBank
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.engine.contract import Batch, Method, StepOut
 
 @dataclass
 class InstDiscCfg(TrainCfg):

@@ -5,7 +5,7 @@ features (Ye, Zhang, Yuen, Chang; CVPR 2019), as the paper and the official code
 - Two augmented views of each image in a batch, one forward pass over the 2B images
   (official: ``torch.cat((inputs1, inputs2), 0)``), a linear embedding (the
   ResNet's fc to ``low_dim`` 128), L2-normalised; no memory bank.
-- The loss (``selfsup.contrastive.invaspread_loss``), temperature 0.1: ``loss_form:
+- The loss (``selfsup.losses.contrastive.invaspread_loss``), temperature 0.1: ``loss_form:
   code`` (default) is the official ``BatchCriterion`` over the 2B views in both
   directions (-log P(positive) - sum over the 2B-2 other in-batch negatives of
   log(1 - P), the softmax over the 2B-1 other views), with the official one-sided
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from selfsup import dist
-from selfsup.config import TrainCfg, one_of, positive
-from selfsup.contrastive import invaspread_loss
-from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
+from selfsup.core import dist
+from selfsup.core.config import TrainCfg, one_of, positive
+from selfsup.losses.contrastive import invaspread_loss
+from selfsup.models.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.engine.contract import Batch, Method, StepOut
 
 
 @dataclass

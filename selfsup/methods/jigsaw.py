@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut, view_spec
+from selfsup.engine.contract import Batch, Method, StepOut, view_spec
 
 GRID = 3
 PERMUTATION_RULES = ("max_mean", "max_min")

@@ -2,7 +2,7 @@
 CVPR 2022): mask a random 75 % of a ViT's patches, encode only the visible ones, and let a light
 decoder reconstruct the pixels of the masked ones (sec. 3).
 
-- Masking (sec. 3 "Masking"): per image a uniform random subset (``selfsup.masking.random_mask``,
+- Masking (sec. 3 "Masking"): per image a uniform random subset (``selfsup.augment.masking.random_mask``,
   drawn from the loop's seeded RNG, so a resumed run draws the same masks).
 - Encoder (sec. 3 "MAE encoder"): the backbone's ViT on the visible patches only, with their position
   embeddings and the CLS token (the official code keeps the CLS token as a dummy during
@@ -42,11 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, one_of, positive
-from selfsup.masking import patchify, random_mask, unpatchify
+from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.augment.masking import patchify, random_mask, unpatchify
+from selfsup.losses.mae import mae_loss
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
-from selfsup.models import sincos_pos_embed  # the decoder's table, and the encoder's with pos_embed sincos
+from selfsup.engine.contract import Batch, Method, StepOut
+from selfsup.models.backbones import sincos_pos_embed  # the decoder's table, and the encoder's with pos_embed sincos
 
 
 @dataclass
@@ -85,18 +86,6 @@ class MAECfg(TrainCfg):
             raise ConfigError(f"{p}.decoder_heads: {self.decoder_heads} must divide decoder_dim {self.decoder_dim}")
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """Mean over masked patches of the per-patch mean squared error; ``pred`` / ``target`` (B, N, p p C),
-    ``mask`` (B, N) 1 = masked. ``norm_pix``: the target normalised per patch, (t - mean) / sqrt(var + 1e-6)
-    (unbiased variance, as torch's ``var`` in the official code)."""
-    if norm_pix:
-        mean = target.mean(-1, keepdim=True)
-        var = target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(-1)  # (B, N)
-    return (per_patch * mask).sum() / mask.sum()
-
-
 @register
 class MAE(Method):
     name = "mae"
@@ -107,7 +96,7 @@ class MAE(Method):
         super().__init__(backbone, cfg, num_classes)
         from torchvision.models.vision_transformer import EncoderBlock
 
-        from selfsup.models import require_vit, vit_trunk
+        from selfsup.models.backbones import require_vit, vit_trunk
 
         vit = require_vit(backbone, f"{self.name}.backbone", "MAE masks and reconstructs a ViT's patches")
         if backbone.front():
@@ -135,7 +124,7 @@ class MAE(Method):
         """``models_mae.py`` ``initialize_weights``: the encoder's (``ViT.init_mae``: xavier-uniform Linears
         and patch projection, CLS token N(0, 0.02)), then the decoder's Linears (q, k, v fused, as timm's)
         xavier-uniform with bias 0, its LayerNorms 1 / 0 and the mask token N(0, 0.02)."""
-        from selfsup.models import vit_trunk
+        from selfsup.models.backbones import vit_trunk
 
         vit_trunk(self.backbone).init_mae()
         with torch.no_grad():
@@ -240,9 +229,9 @@ class MAE(Method):
         """The official ``optim_factory.add_weight_decay(model, weight_decay)`` (timm 0.3.2, no skip list):
         no weight decay on 1-d parameters (biases, LayerNorms) when ``exclude_norm_bias``; the CLS and
         mask tokens (3-d) are decayed; frozen tensors (the fixed sin-cos tables) are left out."""
-        from selfsup.optim import param_groups
+        from selfsup.engine.optim import param_groups
 
         return [g for g in param_groups(self, self.cfg.weight_decay, self.cfg.exclude_norm_bias) if g["params"]]
 
 
-__all__ = ["MAE", "MAECfg", "mae_loss", "sincos_pos_embed"]
+__all__ = ["MAE", "MAECfg", "sincos_pos_embed"]

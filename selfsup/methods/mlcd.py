@@ -1,5 +1,5 @@
 """MLCD: multi-label cluster discrimination (An, Yang, Dai, Feng, Deng; ECCV 2024), faithful to
-the paper (its pre-training code is not public; the loss is in ``selfsup/mlcd_loss.py``).
+the paper (its pre-training code is not public; the loss is in ``selfsup/losses/mlcd.py``).
 
 Clustering step (sec. 3.1), once before training:
 1. features of the training set from an *upstream* encoder (paper: off-the-shelf CLIP
@@ -39,18 +39,18 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.data import Data
-from selfsup.io import InputError, atomic_path, derive_seed
-from selfsup.kmeans import kmeans, topk_centroids
+from selfsup.core import dist
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.data.prepared import Data
+from selfsup.core.io import InputError, atomic_path, derive_seed
+from selfsup.cluster.kmeans import kmeans, topk_centroids
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.metrics import nmi
-from selfsup.models import load_backbone
-from selfsup.mlcd_loss import (MARGIN_GRADS, MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.cluster.metrics import nmi
+from selfsup.models.backbones import load_backbone
+from selfsup.losses.mlcd import (MARGIN_GRADS, MARGINS, cosine_logits, multilabel_loss, positive_columns, sample_centres,
                                sharded_multilabel_loss, soft_label_loss, soft_targets)
-from selfsup.pca import PCAWhitening
+from selfsup.cluster.pca import PCAWhitening
 
 ASSIGNMENT = "assignment.parquet"
 LOG_IMAGES = 8  # images of a batch the per-step pos_in_topl diagnostic looks at

@@ -5,13 +5,13 @@ one-GPU CIFAR-10 demo notebook) do it.
 
 - Query encoder f_q = backbone + head; key encoder f_k a copy of it that receives no
   gradient and follows f_q by the momentum update theta_k <- m theta_k + (1 - m)
-  theta_q (sec. 3.2, Eq. 2; ``selfsup.momentum.ema_update``). The official ``forward``
+  theta_q (sec. 3.2, Eq. 2; ``selfsup.models.momentum.ema_update``). The official ``forward``
   applies it before computing the keys; here it runs in ``on_after_step``, right after the
   optimiser step, which is the same sequence (the first official update is a no-op: f_k
   starts as a copy of f_q).
-- InfoNCE (Eq. 1; ``selfsup.contrastive.info_nce``) of each query against its key
+- InfoNCE (Eq. 1; ``selfsup.losses.contrastive.info_nce``) of each query against its key
   (the other view) and a FIFO queue of ``queue_size`` past keys
-  (``selfsup.momentum.KeyQueue``), temperature ``temperature``; the batch's keys are
+  (``selfsup.models.momentum.KeyQueue``), temperature ``temperature``; the batch's keys are
   enqueued after the step (``on_after_step``).
 - v2: an MLP head (Linear -> ReLU -> Linear, no BN, as the official ``--mlp``),
   temperature 0.2, cosine lr, blur augmentation ("aug+"), on ImageNet.
@@ -21,7 +21,7 @@ one-GPU CIFAR-10 demo notebook) do it.
   ranks), the keys are gathered and un-shuffled, and each rank keeps its own; the queue is fed
   with the gathered keys, so it is identical on every rank (``bn_splits`` is ignored there).
   On one device we do what the official CIFAR demo does: ``bn_splits`` sub-batch BN
-  (``selfsup.momentum.SplitBatchNorm``) in both encoders plus a random permutation of the key
+  (``selfsup.models.momentum.SplitBatchNorm``) in both encoders plus a random permutation of the key
   batch (``shuffle_bn``). ``bn_splits: 1`` is plain BN (the demo: "analogous to SyncBatchNorm").
 - ``symmetric`` (demo option, off by default as in the paper): also the loss with the
   views swapped, summed (the demo's loss_12 + loss_21), both key batches enqueued.
@@ -42,13 +42,13 @@ from typing import Any
 
 import torch
 
-from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.contrastive import info_nce
-from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
+from selfsup.core import dist
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.losses.contrastive import info_nce
+from selfsup.models.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
-from selfsup.momentum import KeyQueue, ema_update, frozen_copy, shuffled, split_batch_norm
+from selfsup.engine.contract import Batch, Method, StepOut
+from selfsup.models.momentum import KeyQueue, ema_update, frozen_copy, shuffled, split_batch_norm
 
 
 @dataclass

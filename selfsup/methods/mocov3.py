@@ -4,11 +4,11 @@
 
 - Base encoder f_q = backbone + projector + predictor; momentum encoder f_k = a copy of backbone +
   projector, never optimised, following f_q by theta_k <- m theta_k + (1 - m) theta_q with m on a cosine
-  from ``m`` (0.99) to 1 over the run's optimiser steps (``--moco-m-cos``; ``selfsup.momentum``). The
+  from ``m`` (0.99) to 1 over the run's optimiser steps (``--moco-m-cos``; ``selfsup.models.momentum``). The
   official ``forward`` applies the update for iteration i with m(i) before computing that iteration's
   keys; here it runs right after optimiser step i - 1 with the same m(i) (``target.step`` + 1), which is the
   same sequence (the official update at i = 0 is a no-op: f_k starts as a copy of f_q).
-- Heads (official ``_build_mlp``; ``selfsup.heads.mlp``): Linear layers without bias, BN + ReLU after
+- Heads (official ``_build_mlp``; ``selfsup.models.heads.mlp``): Linear layers without bias, BN + ReLU after
   each hidden one. Projector: 3 layers for a ViT, 2 for a ResNet (``proj_layers`` 0: by the backbone),
   ``mlp_dim`` 4096 -> ``dim`` 256, ending in a BN without affine parameters; predictor: 2 layers
   ``dim -> mlp_dim -> dim``, ending in that BN for a ViT and in a plain Linear for a ResNet
@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup import dist
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.heads import mlp
+from selfsup.core import dist
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.models.heads import mlp
 from selfsup.methods import register
-from selfsup.methods.base import (
+from selfsup.engine.contract import (
     Batch,
     EpochPlan,
     Method,
@@ -62,8 +62,8 @@ from selfsup.methods.base import (
     TrainContext,
     view_spec,
 )
-from selfsup.models import require_vit, vit_trunk
-from selfsup.momentum import MomentumTarget
+from selfsup.models.backbones import require_vit, vit_trunk
+from selfsup.models.momentum import MomentumTarget
 
 
 def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfsup.config import BACKBONES, one_of
+from selfsup.core.config import BACKBONES, one_of
 from selfsup.methods import register
-from selfsup.methods.base import Method
+from selfsup.engine.contract import Method
 
 
 @dataclass

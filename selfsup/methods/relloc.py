@@ -56,10 +56,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut, view_spec
+from selfsup.engine.contract import Batch, Method, StepOut, view_spec
 from selfsup.methods.jigsaw import GRID, cut_tiles
 
 NEIGHBOURS = [0, 1, 2, 3, 5, 6, 7, 8]  # label -> cell index (row-major 3 x 3; 4 is the centre)

@@ -13,7 +13,7 @@ simultaneously"), and a 4-way classifier on the features predicts which rotation
   nesterov, weight decay 5e-4, 200 epochs with lr x0.2 / x0.04 / x0.008 from epochs 60, 120 and 160
   (``LUT_lr``), ``dataloader.py``'s RandomCrop(32, padding=4) + flip (``pad_crop``). The network is the
   4-block NIN without the average pool after block 3 (net_opt ``use_avg_on_conv3`` False):
-  ``model.backbone: nin_rotnet`` (``selfsup.models.NIN``; preset rotnet_cifar10).
+  ``model.backbone: nin_rotnet`` (``selfsup.models.backbones.NIN``; preset rotnet_cifar10).
 - Official ImageNet settings (``config/ImageNet_RotNet_AlexNet.py``): batch 192, 50 epochs, lr 0.01 x0.1
   from epochs 15, 30 and 45, RandomSizedCrop(224) + flip, RotNet's AlexNet (``architectures/AlexNet.py``:
   ``model.backbone: alexnet_rotnet``; preset rotnet_imagenet).
@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of
-from selfsup.heads import HEADS, projection_head
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of
+from selfsup.models.heads import HEADS, projection_head
 from selfsup.methods import register
-from selfsup.augment import ViewSpec
-from selfsup.methods.base import Batch, Method, StepOut, view_spec
+from selfsup.augment.batched import ViewSpec
+from selfsup.engine.contract import Batch, Method, StepOut, view_spec
 
 ROTATIONS = 4
 

@@ -9,7 +9,7 @@
 - Labels start as a random equal partition per head (official init), and are
   re-assigned ``relabel_times`` times over training by Sinkhorn-Knopp under the
   equal-partition constraint: Q = diag(a) P^lam diag(b), labels = argmax per row
-  (sec. 3.1, Eq. 4-7; ``selfsup.sinkhorn``).
+  (sec. 3.1, Eq. 4-7; ``selfsup.cluster.sinkhorn``).
 - When: the official code fires the j-th optimisation after (epochs + 1.0001) * s_j
   epochs of data, s = linspace(0, 1, relabel_times) (CIFAR: ``linear``) or its
   square (ImageNet: ``quadratic``, denser early). Our loop re-labels at epoch
@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, one_of, positive
-from selfsup.data import Data
-from selfsup.heads import EvalHead
-from selfsup.io import derive_seed
+from selfsup.core import dist
+from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.data.prepared import Data
+from selfsup.models.heads import EvalHead
+from selfsup.core.io import derive_seed
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.metrics import nmi
-from selfsup.sinkhorn import sinkhorn_knopp
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.cluster.metrics import nmi
+from selfsup.cluster.sinkhorn import sinkhorn_knopp
 
 
 @dataclass
@@ -60,7 +60,7 @@ class SeLaCfg(TrainCfg):
     relabel_schedule: str = "linear"  # linear (CIFAR code) | quadratic (ImageNet code)
     relabel_heads: str = "all"  # all (ImageNet code) | one (CIFAR code: round-robin)
     relabel_features: str = "train"  # train (official: train loader, train mode) | eval
-    sk_tol: float = 1e-6  # mean relative change of the per-sample scaling (see selfsup.sinkhorn)
+    sk_tol: float = 1e-6  # mean relative change of the per-sample scaling (see selfsup.cluster.sinkhorn)
     sk_max_iters: int = 10_000
 
     def check(self, p: str) -> None:

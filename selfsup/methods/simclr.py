@@ -8,14 +8,14 @@
   ``--use_blur=False``, as we do on small images), one forward pass over all 2B.
 - Projection head g(.) (sec. 2.1, B.1): Linear -> BN -> ReLU -> Linear to 128; the
   official code also batch-normalises the output layer (no bias/centre), which
-  ``selfsup.heads`` does not: noted, not followed. The loss is on the L2-normalised
+  ``selfsup.models.heads`` does not: noted, not followed. The loss is on the L2-normalised
   head output, evaluation on the backbone features h (before g).
 - SimCLR v2 (Chen et al., NeurIPS 2020, sec. 2): a deeper projection head, ``head_layers: 3``
   (official simclr v2 ``num_proj_layers`` 3, each of the backbone's width); the paper fine-tunes from
   the head's first layer: ``finetune.head_layers: {simclr: 1}`` in the preset (the official flag
   ``ft_proj_selector``, 0 by default: the backbone alone); the kNN / linear evaluations read the
   backbone features h as v1.
-- NT-Xent (``selfsup.contrastive.nt_xent``) at ``temperature``: the mean over the 2B
+- NT-Xent (``selfsup.losses.contrastive.nt_xent``) at ``temperature``: the mean over the 2B
   anchors (paper Eq. 1; the official code's value is 2x, see there).
 - Official CIFAR-10 settings (README): ResNet-50 (CIFAR stem), batch 512, 1000
   epochs, LARS lr 1.0, weight decay 1e-4, temperature 0.5, 10 warm-up epochs then
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from selfsup import dist
-from selfsup.config import ConfigError, TrainCfg, non_negative, one_of, positive
-from selfsup.contrastive import nt_xent
-from selfsup.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
+from selfsup.core import dist
+from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.losses.contrastive import nt_xent
+from selfsup.models.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.engine.contract import Batch, Method, StepOut
 
 
 @dataclass

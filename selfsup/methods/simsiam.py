@@ -3,7 +3,7 @@ through one encoder and projector, a predictor on one side, and a stop-gradient 
 no negatives, no momentum encoder (sec. 3, Algorithm 1).
 
 - Loss (eq. 1-4): D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine similarity
-  (``selfsup.contrastive.simsiam_loss``); its minimum is -1.
+  (``selfsup.losses.contrastive.simsiam_loss``); its minimum is -1.
 - Projector (sec. 4, "Baseline settings"): ``proj_layers`` x (Linear -> BN), ReLU between, the
   output BN included (official ``simsiam/builder.py``: the last BN has no affine parameters); 3
   layers of 2048 on ImageNet, 2 on CIFAR (sec. 5, the CIFAR ResNet variant). Predictor: Linear(512)
@@ -14,7 +14,7 @@ no negatives, no momentum encoder (sec. 3, Algorithm 1).
   zero_init_residual=True)``, the torchvision ResNet ``main_simsiam.py`` passes in): the last BN of
   every residual block starts with weight 0, so each block starts as the identity; done here on the
   built backbone (torchvision ``BasicBlock.bn2`` / ``Bottleneck.bn3``, the blocks of every ResNet
-  ``selfsup.models`` builds, CIFAR stem or not). A backbone without residual blocks (smallcnn,
+  ``selfsup.models.backbones`` builds, CIFAR stem or not). A backbone without residual blocks (smallcnn,
   alexnet_bn, a ViT) is left as built.
 - Official ImageNet: ResNet-50, batch 512, SGD lr 0.05 x batch / 256, momentum 0.9, weight decay
   1e-4, 100 epochs cosine, MoCo v2's augmentations. CIFAR-10 (sec. 5): ResNet-18 variant, batch
@@ -28,12 +28,12 @@ from typing import Any
 
 from torch import nn
 
-from selfsup.config import ConfigError, TrainCfg, positive
-from selfsup.contrastive import simsiam_loss
-from selfsup.heads import mlp
+from selfsup.core.config import ConfigError, TrainCfg, positive
+from selfsup.losses.contrastive import simsiam_loss
+from selfsup.models.heads import mlp
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
-from selfsup.optim import param_groups
+from selfsup.engine.contract import Batch, Method, StepOut
+from selfsup.engine.optim import param_groups
 
 
 @dataclass

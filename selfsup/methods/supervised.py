@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from selfsup.config import TrainCfg
+from selfsup.core.config import TrainCfg
 from selfsup.methods import register
-from selfsup.methods.base import Batch, Method, StepOut
+from selfsup.engine.contract import Batch, Method, StepOut
 
 
 @dataclass

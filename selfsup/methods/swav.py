@@ -5,7 +5,7 @@ batch, under an equal-partition constraint (sec. 3.1). Official code: facebookre
 ``main_swav.py`` (read for this file; nothing copied).
 
 - Network (sec. 3.1, official ``src/resnet50.py``): backbone -> projection head Linear(hidden) -> BN
-  -> ReLU -> Linear(``feat_dim``) (``selfsup.heads.projection_head``; the official first Linear has a
+  -> ReLU -> Linear(``feat_dim``) (``selfsup.models.heads.projection_head``; the official first Linear has a
   bias before the BN, ours drops it, BN removes it anyway) -> L2 normalisation -> prototypes, a
   bias-free Linear(``feat_dim``, K): scores z^T c_k.
 - Prototypes (sec. 3.1; appendix A.1 pseudocode): each prototype is L2-normalised. The paper
@@ -14,7 +14,7 @@ batch, under an equal-partition constraint (sec. 3.1). Official code: facebookre
   sees unit prototypes (the same sequence of weights). Frozen for the first
   ``freeze_prototypes_iters`` optimiser steps (official ``freeze_prototypes_niters`` 313, one ImageNet
   epoch at batch 4096; the appendix, as we recall it: during the first epoch), see
-  ``selfsup.prototypes.PrototypeFreeze`` for how the official ``p.grad = None`` is reproduced.
+  ``selfsup.models.prototypes.PrototypeFreeze`` for how the official ``p.grad = None`` is reproduced.
 - Codes (sec. 3.1, eq. 3; ``swav_sinkhorn``): Q = Diag(u) exp(C^T Z / eps) Diag(v) by ``sinkhorn_iters``
   = 3 Sinkhorn-Knopp iterations, eps = 0.05, soft (no rounding: sec. 3.1 finds the continuous codes
   better), computed only for the crops ``crops_for_assign`` (the two large crops), without gradient.
@@ -24,7 +24,7 @@ batch, under an equal-partition constraint (sec. 3.1). Official code: facebookre
   cross-entropy -sum_k q_i^k log softmax(z_v^T C / tau)^k against every other crop v != i
   (tau = ``temperature`` 0.1). The paper writes sums over i and v; the official code averages over
   the batch, the V - 1 other crops and the assigned crops: we follow the code (a constant factor).
-- Multi-crop (sec. 3.2; ``selfsup.prototypes``): ``n_large`` = 2 crops of the dataset's size and
+- Multi-crop (sec. 3.2; ``selfsup.models.prototypes``): ``n_large`` = 2 crops of the dataset's size and
   ``n_small`` crops of ``small_size``; views of one resolution share a backbone pass (official).
 - Queue (sec. 3.1, "working with small batches"; official ``queue_length``, ``epoch_queue_starts``): from
   epoch ``epoch_queue_starts`` on, the embeddings of the assigned crops of each batch are pushed into a
@@ -56,16 +56,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from selfsup import dist
-from selfsup.augment import ViewSpec
-from selfsup.config import ConfigError, non_negative, one_of, positive
-from selfsup.heads import projection_head
+from selfsup.core import dist
+from selfsup.augment.batched import ViewSpec
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.cluster.sinkhorn import swav_sinkhorn
+from selfsup.losses.prototypes import swav_loss
+from selfsup.models.heads import projection_head
 from selfsup.methods import register
-from selfsup.methods.base import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
+from selfsup.models.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
 
 
 @dataclass
@@ -80,7 +81,7 @@ class SwAVCfg(MultiCropCfg):
     lars_rule: str = "larc"
     # the blur of every crop: pil, PIL's ImageFilter.GaussianBlur(radius = sigma ~ U(0.1, 2)) without a
     # kernel cut at 10 % of the crop (swav src/multicropdataset.py PILRandomGaussianBlur; solo-learn's
-    # GaussianBlur) | simclr, torchvision's kernel of 10 % of the crop's side (selfsup/augment.py)
+    # GaussianBlur) | simclr, torchvision's kernel of 10 % of the crop's side (selfsup/augment/batched.py)
     blur_kernel: str = "pil"
 
     def check(self, p: str) -> None:
@@ -91,64 +92,6 @@ class SwAVCfg(MultiCropCfg):
         if self.n_crops < 2:
             raise ConfigError(f"{p}.n_small: the swapped prediction needs at least 2 crops, got n_large "
                               f"{self.n_large} + n_small {self.n_small}")
-
-
-# --------------------------------------------------------------------------- the maths
-@torch.no_grad()
-def swav_sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """SwAV's codes (sec. 3.1, eq. 3; appendix A.1 pseudocode; official ``distributed_sinkhorn``).
-
-    scores: (N, K) prototype scores z^T c of this rank's N samples -> (N, K) float32 codes.
-    Q = exp(scores / eps) normalised to total mass 1, then ``iters`` times: each prototype (column)
-    scaled to mass 1/K, then each sample (row) to mass 1/B, B the number of samples of all ranks;
-    returned x B. The last operation is the row normalisation, so each returned row sums to 1
-    exactly (up to rounding): every sample's code is a distribution over the prototypes. The
-    column (prototype) sums are only approximately B/K (equal partition) after a few iterations.
-    With several processes every rank holds its own rows and the sums over samples (the total and
-    the per-prototype masses, and the count B) are all-reduced: the codes are those of one process
-    on the concatenated rows.
-
-    Why not ``selfsup.sinkhorn.sinkhorn_knopp``: that solver is SeLa's (the whole dataset, P^lambda
-    with log-probabilities, iterated to a tolerance, hard labels out); SwAV runs a fixed 3 iterations on
-    a small batch from exp(scores / eps), starting with the prototype normalisation and ending with
-    the sample normalisation, and uses the soft codes. Three iterations from another starting point
-    or order give other codes, so this is its own small function.
-
-    Numerics: each prototype's column is shifted by its maximum over all samples (all ranks) before
-    the exponential. The first column normalisation removes any per-column factor, so the codes are
-    unchanged in exact arithmetic, and no column can overflow or vanish (the official code
-    exponentiates unshifted; with unit-norm z and c, |scores| <= 1 and exp(1 / 0.05) is still finite).
-    """
-    s = scores.float()  # (N, K)
-    k = s.shape[1]
-    b = dist.all_reduce(torch.tensor(float(s.shape[0]), device=s.device))  # B: samples of all ranks
-    col_max = dist.all_reduce(s.max(dim=0, keepdim=True).values, "max")  # (1, K)
-    q = torch.exp((s - col_max) / eps)  # (N, K)
-    q /= dist.all_reduce(q.sum())
-    for _ in range(iters):
-        q /= dist.all_reduce(q.sum(dim=0, keepdim=True))  # (1, K): each prototype's mass over all samples
-        q /= k
-        q /= q.sum(dim=1, keepdim=True)  # (N, 1): each sample's mass (rows are local)
-        q /= b
-    return q * b
-
-
-def swav_loss(scores: torch.Tensor, codes: torch.Tensor, crops_for_assign: list[int],
-              temperature: float = 0.1) -> torch.Tensor:
-    """The swapped prediction loss (eq. 1, multi-crop eq. 4, averaged as the official code).
-
-    scores: (V, B, K) prototype scores of every crop (with gradient); codes: (A, B, K) the codes
-    of the A crops in ``crops_for_assign`` (constants). For each assigned crop i: the mean over the
-    other crops v != i of the batch mean of -sum_k q_i log softmax(scores_v / temperature); then the
-    mean over the assigned crops."""
-    v = scores.shape[0]
-    logp = F.log_softmax(scores.float() / temperature, dim=2)  # (V, B, K)
-    total = scores.new_zeros((), dtype=torch.float32)
-    for i, crop in enumerate(crops_for_assign):
-        others = [u for u in range(v) if u != crop]
-        ce = -(codes[i].unsqueeze(0) * logp[others]).sum(dim=2)  # (V - 1, B)
-        total = total + ce.mean()
-    return total / len(crops_for_assign)
 
 
 def effective_queue_length(length: int, batch: int, world: int, key: str = "swav.queue_length") -> int:

@@ -2,7 +2,7 @@
 
 ``SELFSUP_KILL_AT="rank,epoch,batch"`` (0-based epoch, batches done): the process of that rank
 dies by SIGKILL right after that batch, as a lost machine would. It wraps
-``selfsup.train.pretrain`` with an ``on_step`` callback, so the production loop carries no fault
+``selfsup.engine.loop.pretrain`` with an ``on_step`` callback, so the production loop carries no fault
 hook (tests/test_distributed.py runs the pretrain stage under torchrun with it)."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 if "SELFSUP_KILL_AT" in os.environ:
     import signal
 
-    import selfsup.train as _train
-    from selfsup import dist as _dist
+    import selfsup.engine.loop as _train
+    from selfsup.core import dist as _dist
 
     _at = tuple(int(v) for v in os.environ["SELFSUP_KILL_AT"].split(","))
     _pretrain = _train.pretrain
