@@ -8,7 +8,7 @@ from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from selfsup.augment.batched import batched as A
+from selfsup.augment import batched as A
 
 TOL = 1e-5
 

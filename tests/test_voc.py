@@ -290,7 +290,7 @@ def test_the_voc_stage_reuses_a_method_result_until_its_model_or_params_change(t
     are unchanged is not fine-tuned again (its stored result comes back, marked reused)."""
     import dataclasses
 
-    from selfsup.detection.detector import detector as detection
+    from selfsup.detection import detector as detection
 
     calls = []
 
