@@ -1,7 +1,8 @@
 """``python -m selfsup.config [params.yaml]``: check a params file without running anything.
 
-The config engine and its sections live in ``selfsup/core/config.py``; this module is the command
-(and keeps ``from selfsup.config import load_config`` working for scripts written against it).
+The config engine lives in ``selfsup/core/config.py`` and each section beside its code (``SECTIONS``);
+this module is the command (and keeps ``from selfsup.config import load_config`` working for
+scripts written against it).
 """
 from __future__ import annotations
 

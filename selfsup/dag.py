@@ -14,7 +14,8 @@
   a method's upstream is its output ``data/tokenizer/tokenizer.pt`` (a preset without BEiT trains no
   tokeniser);
 - every other stage's code deps (the ``stages/`` and ``selfsup/`` entries): the import closure of its
-  script (``selfsup.core.codedeps``); data deps stay as written.
+  script (``selfsup.core.codedeps``) and the schema files of the sections its params name
+  (``section_deps``); data deps stay as written.
 
 Why one stage per kind of work, not per method: each process start imports torch (and
 scikit-learn or torchvision) and opens the MLflow store, about 5 s here (benchmarks/imports.py), and
@@ -43,7 +44,7 @@ from typing import Any
 import yaml
 
 from selfsup.core.codedeps import ROOT, closure
-from selfsup.core.config import load_config, load_yaml, method_names
+from selfsup.core.config import SECTIONS, load_config, load_yaml, method_names, section_file
 from selfsup.core.stage import CHECKED  # the check stage's output, every other stage's dep
 
 TRAINS = {"table1": "instdisc"}  # root stages that train a method (registry lookup)
@@ -55,6 +56,20 @@ NO_UPSTREAM = "data/dataset"
 # key leaves them out for the same reason; the number of processes sets the global batch)
 PRETRAIN_PARAMS = ["seed", "device", "precision", "channels_last", "compile", "model", "extract.batch_size",
                    "dataset.crop_size", "dataset.resize_size", "dist.nproc_per_node", "dist.nnodes"]
+
+
+def section_deps(params: list[Any]) -> list[str]:
+    """The schema files of the sections a stage's params name (``selfsup.core.config.SECTIONS``): a
+    section is typed by name, not by an import, so its schema joins the stage's code deps here (a
+    changed default or check re-runs exactly the stages that read the section). ``params.yaml:``
+    with no list (the check stage) reads every section."""
+    names: set[str] = set()
+    for p in params:
+        keys = [p] if isinstance(p, str) else [k for v in p.values() for k in (v if v is not None else SECTIONS)]
+        names |= {str(k).split(".")[0] for k in keys}
+    return sorted(section_file(s) for s in names & set(SECTIONS))
+
+
 def is_code(dep: str) -> bool:
     """A Python file of the package or a stage script (regenerated); data files such as
     selfsup/report/paper_results.yaml are kept as written."""
@@ -78,13 +93,14 @@ def check_code() -> list[str]:
     (``load_config`` imports each method by name to parse its block)."""
     from selfsup.core.codedeps import REGISTRY_FILE
 
-    return sorted({*closure("stages/check.py"), *(f for m in method_names() for f in closure(REGISTRY_FILE, m))})
+    return sorted({*closure("stages/check.py"), *(f for m in method_names() for f in closure(REGISTRY_FILE, m)),
+                   *section_deps(check_stage()["params"])})
 
 
 def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
     """Every method's training loop (resumable at any step), final encoder, per-epoch history,
     pictures and live MLflow run, in one process (``selfsup.engine.pretrain_all``)."""
-    code = sorted({f for m in methods for f in closure("stages/pretrain.py", m)})
+    code = sorted({*(f for m in methods for f in closure("stages/pretrain.py", m)), *section_deps(PRETRAIN_PARAMS)})
     # the upstream files the stage reads and does not write (a method's own encoder is written by the
     # stage before the method reading it: Config.training_order)
     ups = [u for u in dict.fromkeys(methods.values())
@@ -201,7 +217,9 @@ def generate(text: str, methods: dict[str, str], rows: list[str], voc: bool = Tr
         if name != CHECK and CHECKED not in data:
             data.insert(0, CHECKED)
         deps.clear()
-        deps.extend((check_code() if name == CHECK else closure(script, TRAINS.get(name))) + data)
+        code = check_code() if name == CHECK else sorted({*closure(script, TRAINS.get(name)),
+                                                          *section_deps(list(body.get("params", [])))})
+        deps.extend(code + data)
         if name in PER_METHOD_OUTPUTS:  # every method in one process: its outputs follow the method list
             body.update(PER_METHOD_OUTPUTS[name](methods if voc or name != VOC else {}))
         if name == TABLE1:  # every row in one process: its metrics follow instdisc_table1.rows

@@ -117,12 +117,11 @@ def merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[
 
 
 def typed_defaults() -> dict[str, Any]:
-    """Every key of params.yaml at its typed default: the sections of ``selfsup.core.config.Config`` and
+    """Every key of params.yaml at its typed default: the sections of ``selfsup.core.config.SECTIONS`` and
     every method's config class (what a key left out of params.yaml means)."""
     from selfsup.core.config import Config, method_class, method_names
 
-    d = dataclasses.asdict(Config())
-    d.pop("method_cfgs")
+    d = Config().to_dict()  # every section typed at its defaults
     for m in method_names():
         d[m] = dataclasses.asdict(method_class(m).Config())
     return d
@@ -278,9 +277,10 @@ def template_text() -> str:
 
 HEADER = """# selfsup pipeline parameters, written by `python -m selfsup.presets apply {name}`{sets}.
 # The keys and comments come from presets/{default}.yaml, the values from the preset; a key left out
-# has its typed default (selfsup/core/config.py, selfsup/methods/<name>.py). Every key is validated before
-# any work starts. Edit freely or sweep with `dvc exp run -S key=value`; `apply NAME` rewrites this
-# file from the preset alone, and `apply {default}` restores the default.
+# has its typed default (its section's schema, listed in SECTIONS of selfsup/core/config.py, or its
+# method's file selfsup/methods/<name>.py). Every key is validated before any work starts. Edit freely
+# or sweep with `dvc exp run -S key=value`; `apply NAME` rewrites this file from the preset alone, and
+# `apply {default}` restores the default.
 """
 
 

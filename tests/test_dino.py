@@ -195,7 +195,7 @@ def _official_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=
 
 
 def test_weight_decay_follows_the_official_cosine():
-    from selfsup.core.config import TrainCfg
+    from selfsup.engine.config import TrainCfg
     from selfsup.methods.dino import DINOCfg
     from selfsup.engine.schedules import wd_schedule
 
@@ -211,7 +211,7 @@ def test_weight_decay_follows_the_official_cosine():
 
 
 def test_final_lr_is_not_scaled_with_the_batch():
-    from selfsup.core.config import TrainCfg
+    from selfsup.engine.config import TrainCfg
     from selfsup.methods.dino import DINOCfg
     from selfsup.engine.schedules import lr_schedule
 

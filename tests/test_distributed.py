@@ -272,7 +272,8 @@ def test_a_lost_rank_stops_the_run_and_it_resumes(tmp_path):
 # ----------------------------------------------------------------- VOC under DDP, synchronised BN
 def _voc(voc_dir):
     from selfsup.core import dist
-    from selfsup.core.config import VocCfg, build
+    from selfsup.core.config import build
+    from selfsup.detection.config import VocCfg
     from selfsup.detection.detector import run_voc
     from selfsup.models.backbones import build_backbone
 
@@ -321,7 +322,8 @@ def _global_bn():
 
 
 def test_voc_fine_tunes_under_ddp_with_synchronised_bn(tmp_path):
-    from selfsup.core.config import VocCfg, build
+    from selfsup.core.config import build
+    from selfsup.detection.config import VocCfg
     from selfsup.detection.voc_data import prepare_voc
 
     prepare_voc(build(VocCfg, {"enabled": True, "embedded": {"trainval_images": 12, "test_images": 8}}, "voc"), 0, 0.2,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_resume_is_exact, make_cfg
-from selfsup.core.config import ConfigError, Table1Row
+from selfsup.core.config import ConfigError
+from selfsup.eval.config import Table1Row
 from selfsup.models.features import extract_features
 from selfsup.eval.knn import knn_eval
 from selfsup.methods import Batch

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from selfsup.core.config import ConfigError, ProbeCfg, build
+from selfsup.core.config import ConfigError, build
+from selfsup.eval.config import ProbeCfg
 from selfsup.data.prepared import Split
 from selfsup.models.backbones import build_backbone
 from selfsup.eval.layer_probes import layer_features, pool_side, probe_all

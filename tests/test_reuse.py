@@ -42,7 +42,7 @@ def test_evaluate_all_reuses_a_method_until_its_model_or_the_evaluation_keys_cha
     assert run(cfg) == {"random": (1.0, True), "supervised": (3.0, False)}
     P.features("random", "test").unlink()  # its features gone (not a persist output any more): again
     assert run(cfg) == {"random": (4.0, False), "supervised": (3.0, True)}
-    knn = dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn, temperature=0.1))  # an evaluation key: all
+    knn = cfg.replace(knn=dataclasses.replace(cfg.knn, temperature=0.1))  # an evaluation key: all
     assert run(knn) == {"random": (5.0, False), "supervised": (6.0, False)}
     assert calls == ["random", "supervised", "supervised", "random", "random", "supervised"]
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.core.config import ConfigError, VocCfg, build, load_config
+from selfsup.core.config import ConfigError, build, load_config
+from selfsup.detection.config import VocCfg
 from selfsup.detection.detector import apply_bn, build_detector, lr_at, run_voc
 from selfsup.core.io import InputError
 from selfsup.models.backbones import build_backbone
@@ -316,6 +317,6 @@ def test_the_voc_stage_reuses_a_method_result_until_its_model_or_params_change(t
     assert run(cfg) == {"random": (1.0, True), "supervised": (2.0, True)} and len(calls) == 2
     models["random"].write_bytes(b"retrained")  # a new model of one method: only its detector runs
     assert run(cfg) == {"random": (3.0, False), "supervised": (2.0, True)}
-    longer = dataclasses.replace(cfg, voc=dataclasses.replace(cfg.voc, steps=cfg.voc.steps + 1))
+    longer = cfg.replace(voc=dataclasses.replace(cfg.voc, steps=cfg.voc.steps + 1))
     assert run(longer) == {"random": (4.0, False), "supervised": (5.0, False)}  # a voc key: all of them
     assert calls == ["supervised.pt", "random.pt"][::-1] + ["random.pt", "random.pt", "supervised.pt"]

@@ -1,3 +1,3 @@
 """Batched, seeded augmentation on the training device; patch masks; colour spaces and colour bins.
 
-Layer 1 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""

@@ -1,3 +1,3 @@
 """k-means, PCA-whitening, Sinkhorn-Knopp, cluster samplers and clustering metrics.
 
-Layer 5 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""

@@ -1,3 +1,4 @@
-"""The bottom layer: the config engine, I/O and hashing, torch.distributed helpers, process launch, stage plumbing, MLflow tracking.
+"""The bottom layer: the config engine, I/O and hashing, torch.distributed helpers, process launch,
+stage plumbing, MLflow tracking.
 
-Layer 0 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""

@@ -36,10 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from selfsup.core import dist
+from selfsup.core.config import ConfigError, one_of, positive
 
 GRACE_S = 5.0  # ranks that still run this long after torchrun exited are killed (their watchdog polls every dist.WATCH_POLL_S)
 LOOK_S = 0.2  # how often the launcher looks for new ranks; a rank's end wakes it at once where pidfds exist
@@ -280,3 +282,30 @@ def distributed(cfg: Any) -> None:
     ``cfg.dist`` asks for several processes (the launcher exits there), else join torchrun's group."""
     relaunch_if_needed(cfg.dist)
     dist.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
+
+
+@dataclass
+class DistCfg:
+    """Several processes (``selfsup/core/launch.py``): the training and feature stages re-launch
+    themselves under torchrun when nproc_per_node x nnodes > 1; DVC drives them unchanged."""
+
+    nproc_per_node: int = 1  # processes on this machine (GPUs; on a CPU: gloo processes)
+    nnodes: int = 1  # machines; > 1 needs rdzv_endpoint (every node runs the same command)
+    rdzv_endpoint: str = ""  # host:port of the rendezvous (node 0), e.g. node0:29400
+    rdzv_id: str = "selfsup"  # the job's rendezvous id (SLURM: $SLURM_JOB_ID)
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+    # a rank that dies or hangs makes the others stop with an error after this long (collectives'
+    # timeout; torchrun itself tears the group down as soon as a process exits)
+    timeout_s: float = 300.0
+
+    def check(self, p: str) -> None:
+        positive(p, self, "nproc_per_node", "nnodes", "timeout_s")
+        one_of(p, "backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"{p}.rdzv_endpoint: dist.nnodes={self.nnodes} needs the host:port of node 0")
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            raise ConfigError(f"{p}.rdzv_endpoint: need host:port, got {self.rdzv_endpoint!r}")
+
+    @property
+    def processes(self) -> int:
+        return self.nproc_per_node * self.nnodes

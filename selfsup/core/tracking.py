@@ -37,10 +37,13 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
+
+from selfsup.core.config import ConfigError
 
 log = logging.getLogger("selfsup.core.tracking")
 
@@ -547,3 +550,13 @@ def log_runs(
     log.info("MLflow: logged %d runs to %s (experiment %r) in %.1fs", len(ids), tracking_uri(root), experiment,
              time.perf_counter() - t0)
     return ids
+
+
+@dataclass
+class MlflowCfg:
+    enabled: bool = True
+    experiment: str = "selfsup"
+
+    def check(self, p: str) -> None:
+        if not self.experiment:
+            raise ConfigError(f"{p}.experiment: must not be empty")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from selfsup.core.config import DatasetCfg
+from selfsup.data.config import DatasetCfg
 from selfsup.data.prepared import Split, decode_rgb
 from selfsup.core.io import InputError, atomic_dir, derive_seed, sha256_file, write_json
 

@@ -1,3 +1,3 @@
 """PASCAL VOC detection transfer: the data, the Faster R-CNN on a backbone, the VOC AP.
 
-Layer 8 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""

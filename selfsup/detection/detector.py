@@ -52,7 +52,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from selfsup.core import dist
-from selfsup.core.config import Config, VocCfg, config_hash
+from selfsup.core.config import Config, config_hash
+from selfsup.detection.config import VocCfg
 from selfsup.core.io import ResultCache, derive_seed, folder_digest, sha256_file
 from selfsup.models.backbones import NIN, AlexNetBN, Backbone, SmallCNN, ViT, load_backbone
 from selfsup.detection.voc_data import VocDetection, load_split, read_manifest

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from selfsup.core.config import DatasetCfg, VocCfg
+from selfsup.data.config import DatasetCfg
+from selfsup.detection.config import VocCfg
 from selfsup.data.sources import DatasetUnavailable, digits_source
 from selfsup.core.io import InputError, atomic_dir, derive_seed, read_json, write_json
 

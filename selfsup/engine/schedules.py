@@ -67,7 +67,7 @@ def lr_scale(rule: str, global_batch: int, base_batch: int) -> float:
 
 
 def lr_schedule(c, steps_per_epoch: int, global_batch: int | None = None) -> Schedule:
-    """The learning-rate schedule of a method config (``selfsup.core.config.TrainCfg``) at a global batch
+    """The learning-rate schedule of a method config (``selfsup.engine.config.TrainCfg``) at a global batch
     (default: its ``batch_size``, one process)."""
     f = lr_scale(c.lr_scaling, global_batch or c.batch_size * c.accumulate, c.lr_base_batch)
     # min_lr follows lr_scaling unless the method's config says otherwise (DINO's ``scale_min_lr``

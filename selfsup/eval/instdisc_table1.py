@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from selfsup.core.config import NO_UPSTREAM, Config, Table1Row, config_hash
+from selfsup.core.config import NO_UPSTREAM, Config, config_hash
+from selfsup.eval.config import Table1Row
 from selfsup.core.io import ResultCache, derive_seed, resolve_device
 
 log = logging.getLogger("selfsup.eval.instdisc_table1")

@@ -65,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.data.prepared import Data
 from selfsup.core.io import InputError
 from selfsup.augment.masking import FILLS, block_masks

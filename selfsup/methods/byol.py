@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from selfsup.augment.batched import ViewSpec
-from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.core.config import ConfigError, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.losses.contrastive import byol_loss
 from selfsup.models.heads import projection_head
 from selfsup.methods import register

@@ -56,7 +56,8 @@ from selfsup.augment.batched import ViewSpec
 from selfsup.augment.colour import (BIN_RULES, ab_bins, annealed_mean, empirical_prior, lab_to_rgb, nearest_bin,
                             rebalance_weights, rgb_to_lab, smooth_prior, soft_encode)
 from selfsup.losses.colourisation import colour_loss
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext, view_spec
 from selfsup.models.backbones import probe_points

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from selfsup.core import dist
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.data.prepared import Data
 from selfsup.core.io import derive_seed
 from selfsup.cluster.kmeans import faiss_gpu, kmeans

@@ -62,7 +62,8 @@ from selfsup.core.io import derive_seed
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
 from selfsup.cluster.metrics import nmi
-from selfsup.models.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+from selfsup.models.prototypes import PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+from selfsup.engine.config import MultiCropCfg
 
 
 @dataclass

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment.batched import ViewSpec
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, positive
+from selfsup.core.config import ConfigError, non_negative, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.losses.dino import batch_centre, dino_loss, teacher_temperature, update_centre
 from selfsup.models.heads import DINOHead
 from selfsup.methods import register

@@ -38,13 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.core import dist
-from selfsup.core.config import INSTDISC_SOFTMAX, ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.data.prepared import Data
 from selfsup.models.heads import EvalHead, l2n, projection_head, proj_spec
 from selfsup.losses.nce import estimate_z, full_softmax_loss, nce_loss
 from selfsup.models.memory_bank import MEMORY_INITS, MemoryBank
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, Method, StepOut
+
+INSTDISC_SOFTMAX = ("nonparametric", "parametric")  # InstDisc's softmax (Table 1 rows too: instdisc_table1)
+
 
 @dataclass
 class InstDiscCfg(TrainCfg):

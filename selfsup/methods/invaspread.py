@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from selfsup.core import dist
-from selfsup.core.config import TrainCfg, one_of, positive
+from selfsup.core.config import one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.losses.contrastive import invaspread_loss
 from selfsup.models.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.core.config import ConfigError, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.augment.masking import patchify, random_mask, unpatchify
 from selfsup.losses.mae import mae_loss
 from selfsup.methods import register

@@ -51,7 +51,8 @@ from torch import nn
 
 from selfsup.core import dist
 from selfsup.augment.batched import ViewSpec
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.models.heads import mlp
 from selfsup.methods import register
 from selfsup.engine.contract import (

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfsup.core.config import BACKBONES, one_of
+from selfsup.core.config import one_of
+from selfsup.models.config import BACKBONES
 from selfsup.methods import register
 from selfsup.engine.contract import Method
 

@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 from selfsup.augment.batched import ViewSpec
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, Method, StepOut, view_spec
 from selfsup.methods.jigsaw import GRID, cut_tiles

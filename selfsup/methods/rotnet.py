@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of
+from selfsup.core.config import ConfigError, non_negative, one_of
+from selfsup.engine.config import TrainCfg
 from selfsup.models.heads import HEADS, projection_head
 from selfsup.methods import register
 from selfsup.augment.batched import ViewSpec

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from selfsup.core import dist
-from selfsup.core.config import ConfigError, TrainCfg, one_of, positive
+from selfsup.core.config import ConfigError, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.data.prepared import Data
 from selfsup.models.heads import EvalHead
 from selfsup.core.io import derive_seed

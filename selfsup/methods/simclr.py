@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from selfsup.core import dist
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, one_of, positive
+from selfsup.core.config import ConfigError, non_negative, one_of, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.losses.contrastive import nt_xent
 from selfsup.models.heads import EvalHead, HEADS, l2n, projection_head, proj_spec
 from selfsup.methods import register

@@ -28,7 +28,8 @@ from typing import Any
 
 from torch import nn
 
-from selfsup.core.config import ConfigError, TrainCfg, positive
+from selfsup.core.config import ConfigError, positive
+from selfsup.engine.config import TrainCfg
 from selfsup.losses.contrastive import simsiam_loss
 from selfsup.models.heads import mlp
 from selfsup.methods import register

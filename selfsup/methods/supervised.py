@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from selfsup.core.config import TrainCfg
+from selfsup.engine.config import TrainCfg
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, Method, StepOut
 

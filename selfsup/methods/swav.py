@@ -66,7 +66,8 @@ from selfsup.losses.prototypes import swav_loss
 from selfsup.models.heads import projection_head
 from selfsup.methods import register
 from selfsup.engine.contract import Batch, EpochPlan, Method, StepOut, TrainContext
-from selfsup.models.prototypes import MultiCropCfg, PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+from selfsup.models.prototypes import PrototypeFreeze, embed_crops, multicrop_specs, normalise_rows_, state_int
+from selfsup.engine.config import MultiCropCfg
 
 
 @dataclass

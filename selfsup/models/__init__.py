@@ -1,3 +1,4 @@
-"""Networks and their parts: backbones (CNNs, ViTs), heads, momentum targets, the memory bank, prototypes, visual tokenisers, feature extraction.
+"""Networks and their parts: backbones (CNNs, ViTs), heads, momentum targets, the memory bank,
+prototypes, visual tokenisers, feature extraction.
 
-Layer 3 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""

@@ -25,57 +25,18 @@ multi-crop forward they share with DINO.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment.batched import ViewSpec
-from selfsup.core.config import ConfigError, TrainCfg, non_negative, positive
 from selfsup.augment.batched import view_spec
 
 
-@dataclass
-class MultiCropCfg(TrainCfg):
-    """Keys SwAV and DeepCluster-v2 share; defaults: the official ImageNet scripts."""
-
-    augment: str = "crop_flip"
-    crop_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])  # the large crops (official 0.14-1)
-    jitter: list[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # official get_color_distortion(s=1)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5  # official PILRandomGaussianBlur(p=0.5, radius 0.1-2)
-    n_large: int = 2  # official nmb_crops[0]
-    n_small: int = 6  # official nmb_crops[1]
-    small_size: int = 96  # official size_crops[1] (the large crops: the dataset's size, 224)
-    small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
-    proj_hidden: int = 2048  # official hidden_mlp
-    feat_dim: int = 128  # official feat_dim
-    temperature: float = 0.1
-    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
-    freeze_prototypes_iters: int = 313  # optimiser steps (official freeze_prototypes_niters)
-
-    def check(self, p: str) -> None:
-        super().check(p)
-        positive(p, self, "n_large", "small_size", "proj_hidden", "feat_dim", "temperature")
-        non_negative(p, self, "n_small", "freeze_prototypes_iters")
-        lo_hi = self.small_scale
-        if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
-            raise ConfigError(f"{p}.small_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {lo_hi}")
-        a = self.crops_for_assign
-        if not a or len(set(a)) != len(a) or any(not 0 <= c < self.n_large for c in a):
-            raise ConfigError(f"{p}.crops_for_assign: distinct indices of the large crops (0..{self.n_large - 1}), "
-                              f"got {a}")
-
-    @property
-    def n_crops(self) -> int:
-        return self.n_large + self.n_small
-
-
-def multicrop_specs(c: MultiCropCfg) -> list[ViewSpec]:
-    """``n_large`` views of the dataset's size (``crop_scale``), then ``n_small`` of side
+def multicrop_specs(c: Any) -> list[ViewSpec]:
+    """The views of a ``selfsup.engine.config.MultiCropCfg``: ``n_large`` views of the dataset's size (``crop_scale``), then ``n_small`` of side
     ``small_size`` (``small_scale``); the same colour pipeline for all (official)."""
     large = view_spec(c, c.n_large)
     if not c.n_small:
@@ -142,4 +103,4 @@ def state_int(module: nn.Module, name: str) -> int:
     return int(getattr(module, name).item())
 
 
-__all__ = ["MultiCropCfg", "PrototypeFreeze", "embed_crops", "multicrop_specs", "normalise_rows_", "state_int"]
+__all__ = ["PrototypeFreeze", "embed_crops", "multicrop_specs", "normalise_rows_", "state_int"]

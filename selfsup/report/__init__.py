@@ -1,3 +1,3 @@
 """The results tables, plots and the papers' numbers beside ours.
 
-Layer 9 of ``selfsup`` (see ``selfsup/__init__.py``): it imports only the layers below it."""
+A layer of ``selfsup``: it imports only itself and the layers before it in ``selfsup.LAYERS``."""
