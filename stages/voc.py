@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 from selfsup.detection.detector import transfer_all  # noqa: E402
+from selfsup.detection.voc_ap import CLASS_COLUMNS  # noqa: E402
 from selfsup.core.io import atomic_path, read_json, resolve_device, write_json  # noqa: E402
 from selfsup.core.launch import distributed  # noqa: E402
 from selfsup.core.stage import Paths, setup  # noqa: E402
@@ -29,7 +30,7 @@ for name, out, reused in transfer_all(cfg, models, P.voc, meta["mean"], meta["st
     if out is None:  # not rank 0
         continue
     with atomic_path(P.voc_classes(name)) as tmp:
-        pd.DataFrame(out["per_class"]).to_csv(tmp, index=False, float_format="%.4f")
+        pd.DataFrame(out["per_class"], columns=list(CLASS_COLUMNS)).to_csv(tmp, index=False, float_format="%.4f")
     write_json(P.metrics("voc", name), out["summary"])
     s = out["summary"]
     print(f"voc {name}: mAP50 {s['map50']:.1f} (11-point) / {s['map50_area']:.1f} (area), AP {s['ap']:.1f}, "

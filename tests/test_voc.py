@@ -13,7 +13,7 @@ from selfsup.detection.detector import apply_bn, build_detector, lr_at, run_voc
 from selfsup.core.io import InputError
 from selfsup.models.backbones import build_backbone
 from selfsup.detection.voc_data import compose_embedded, load_split, parse_voc_xml, prepare_voc, read_manifest
-from selfsup.detection.voc_ap import evaluate_detections, voc_ap, voc_eval_class
+from selfsup.detection.voc_ap import CLASS_COLUMNS, evaluate_detections, voc_ap, voc_eval_class
 
 B = [10.0, 10.0, 29.0, 29.0]  # a 20x20 box, 1-based inclusive
 
@@ -57,6 +57,7 @@ def test_perfect_detections_give_ap_one_and_none_give_zero():
     for k in ("map50", "map50_area", "ap", "ap75"):
         assert s[k] == pytest.approx(100.0)
     assert [r["n_gt"] for r in rows] == [1, 2]
+    assert all(tuple(r) == CLASS_COLUMNS for r in rows)  # the per-class CSV's columns, in order
     s0, _ = evaluate_detections([det([], []), det([], [])], g, ["a", "b"])
     assert s0["map50"] == 0.0 and s0["map50_area"] == 0.0 and s0["ap"] == 0.0
 

@@ -103,6 +103,11 @@ def voc_eval_class(
     return rec, prec, npos
 
 
+# the columns of a per-class row, in the order of metrics/voc/<m>_classes.csv (a stored result read back
+# has its keys sorted: the stage writes these columns in this order either way)
+CLASS_COLUMNS = ("class", "ap50", "ap50_area", "ap", "ap75", "n_gt", "n_difficult", "n_det")
+
+
 def evaluate_detections(
     detections: list[dict[str, np.ndarray]],
     ground_truth: list[dict[str, np.ndarray]],
