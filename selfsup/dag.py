@@ -110,9 +110,10 @@ def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
         "deps": [*code, CHECKED, NO_UPSTREAM, *ups],
         "params": [*PRETRAIN_PARAMS, "methods", *methods],
         "outs": [
-            # resumable state (checkpoints, MLCD's assignment table): kept across runs and
-            # experiments, resumed only on a matching key
-            {"data/pretrain": {"persist": True, "cache": False}},
+            # resumable state (checkpoints, MLCD's assignment table): kept across runs and resumed
+            # only on a matching key; in DVC's cache, so that a queued or temporary experiment (DVC
+            # checks the outputs out into its copy) and a clone that pulls reuse the unchanged methods
+            {"data/pretrain": {"persist": True}},
             *[f"data/models/{m}.pt" for m in methods],
         ],
         "metrics": [{f"metrics/pretrain/{m}.json": {"cache": False}} for m in methods],
@@ -129,8 +130,8 @@ def evaluate_outputs(methods) -> dict[str, list[Any]]:
     """The root ``evaluate`` stage's outputs: every method's features and step metrics, and the stored
     metrics it reuses while a method's key holds (selfsup.eval.evaluate_all.evaluate_all). The features persist:
     a reused method's stay as they were written."""
-    return {"outs": [{"data/features": {"persist": True, "cache": False}},
-                     {"data/eval_runs": {"persist": True, "cache": False}}],
+    return {"outs": [{"data/features": {"persist": True}},  # cached: see pretrain_stage's data/pretrain
+                     {"data/eval_runs": {"persist": True}}],
             "metrics": [{f"metrics/{step}/{m}.json": {"cache": False}}
                         for m in methods for step in ("extract", "knn", "cluster", "linear", "finetune")]}
 
@@ -141,7 +142,7 @@ VOC = "voc"
 def voc_outputs(methods) -> dict[str, list[Any]]:
     """The root ``voc`` stage's outputs: every method's detection numbers, and the per-method results it
     reuses while their key holds (selfsup.detection.detector.transfer_all)."""
-    return {"outs": [{"data/voc_runs": {"persist": True, "cache": False}},
+    return {"outs": [{"data/voc_runs": {"persist": True}},  # cached: see pretrain_stage's data/pretrain
                      *[{f"metrics/voc/{m}_classes.csv": {"cache": False}} for m in methods]],
             "metrics": [{f"metrics/voc/{m}.json": {"cache": False}} for m in methods]}
 
