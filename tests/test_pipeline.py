@@ -153,8 +153,27 @@ def test_adding_a_method_leaves_the_others_up_to_date(repo):
     assert json.loads(run([*repo["dvc"], "status", "--json"], d, repo["env"])) == {}
 
 
+def test_a_clone_that_pulls_runs_nothing(repo, tmp_path):
+    """`dvc push` to a local-directory remote, then a fresh `git clone` that `dvc pull`s: its `dvc repro`
+    trains and evaluates nothing (the per-method stores are cached outputs, pulled with the models);
+    only the check stage, whose constant output is not cached, runs."""
+    d, env, dvc = repo["dir"], repo["env"], repo["dvc"]
+    remote = tmp_path / "remote"
+    run([*dvc, "remote", "add", "--local", "-f", "shared", str(remote)], d, env)
+    run([*dvc, "push", "-r", "shared"], d, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(d), str(clone)], tmp_path, env)
+    run([*dvc, "remote", "add", "--local", "shared", str(remote)], clone, env)
+    run([*dvc, "pull", "-r", "shared"], clone, env)
+    out = run([*dvc, "repro"], clone, env)
+    assert stages_run(out) <= {"check"}, out[-3000:]
+    assert json.loads(run([*dvc, "status", "--json"], clone, env)) == {}
+
+
 def test_exp_run_retrains_only_deepcluster_and_mlcd(repo):
-    out = run([*repo["dvc"], "exp", "run", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
+    """In a temporary copy (`--temp`: the executor `dvc exp run --queue` uses too), which DVC fills by
+    checking out the cached outputs, the per-method stores among them."""
+    out = run([*repo["dvc"], "exp", "run", "--temp", "-n", "k12", "-S", "deepcluster.k=12"], repo["dir"], repo["env"])
     assert stages_run(out) == {"check", "pretrain", "evaluate", "voc", "report"}, out
     # DeepCluster retrained, and MLCD, which clusters DeepCluster's encoder; the other two resumed their
     # finished runs, and their model files, rewritten byte for byte, let evaluate and voc reuse them
