@@ -268,8 +268,7 @@ def test_apply_regenerates_the_pretrain_stage(tmp_path):
     assert "selfsup/methods/byol.py" in pre["deps"] and "selfsup/methods/moco.py" not in pre["deps"]
     assert "tokenizer" not in stages and not (tmp_path / "pipelines").exists()
     # BYOL's paper reports no VOC detection: voc.enabled keeps its typed default (off), no per-method outputs
-    assert stages["voc"].get("metrics", []) == [] and stages["voc"]["outs"] == [{"data/voc_runs": {"persist": True,
-                                                                                                  "cache": False}}]
+    assert stages["voc"].get("metrics", []) == [] and stages["voc"]["outs"] == [{"data/voc_runs": {"persist": True}}]
     presets.apply("beit_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
     assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain"]["deps"]

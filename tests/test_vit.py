@@ -183,7 +183,7 @@ def test_a_method_has_its_own_backbone(digits):
     tiny = make_cfg(methods=["simclr"], simclr={"backbone": "vit_small"})
     with pytest.raises(ConfigError, match=r"^simclr\.backbone: vit_small needs images of at least 16 px, got 8"):
         build_method(tiny, "simclr", digits)
-    assert set(VITS) <= set(__import__("selfsup.core.config", fromlist=["BACKBONES"]).BACKBONES)
+    assert set(VITS) <= set(__import__("selfsup.models.config", fromlist=["BACKBONES"]).BACKBONES)
 
 
 def test_vit_feature_map_for_detection():
