@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from selfsup.core.config import ConfigError, one_of, positive  # noqa: F401 (TokenizerCfg: re-exported)
+from selfsup.core.config import ConfigError
 from selfsup.models.config import TokenizerCfg
 from selfsup.core.io import InputError, derive_seed, save_torch
 
