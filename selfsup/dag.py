@@ -6,9 +6,9 @@
   ``selfsup.data.preflight``), whose output every other stage depends on, so a bad key fails before DVC
   removes any stage's outputs;
 
-- ``pretrain``: every method's training in one process (``selfsup.engine.pretrain_all.train_all``), written
-  whole from ``pretrain_stage``: the union of the methods' import closures, their params blocks,
-  their upstream files (those no other method of the stage writes), every method's outputs;
+- ``pretrain-<m>``: one stage per method (``selfsup.engine.pretrain_all.train_all`` of that method),
+  written whole from ``pretrain_stage``: its import closure, its params block, its upstream file,
+  its outputs; ``dvc repro pretrain-<m>`` trains one method and ``dvc status`` names it;
 - the outputs of ``evaluate`` and ``voc`` (every method's frozen evaluations, and its detection
   transfer, each in one process), and the ``tokenizer`` stage (BEiT's visual tokens), present while
   a method's upstream is its output ``data/tokenizer/tokenizer.pt`` (a preset without BEiT trains no
@@ -17,14 +17,14 @@
   script (``selfsup.core.codedeps``) and the schema files of the sections its params name
   (``section_deps``); data deps stay as written.
 
-Why one stage per kind of work, not per method: each process start imports torch (and
-scikit-learn or torchvision) and opens the MLflow store, about 5 s here (benchmarks/imports.py), and
-after every stage DVC re-parses and rewrites the stage file's whole lock (``benchmarks/stage_overhead.py``);
-one stage per method and step was 77 stages for the 22-method default. Each of these stages keeps
-per-method granularity itself: training resumes a method's checkpoint while its key (config, code
-closure, data, upstream encoder) holds (``selfsup.engine.loop.run_key``), and ``evaluate`` and ``voc``
-reuse a method's stored result while its model and keys hold (``selfsup.core.io.ResultCache``). So a
-change to one method's block or file retrains and re-evaluates that method only.
+Why ``evaluate`` and ``voc`` stay one stage per kind of work: each process start imports torch (and
+scikit-learn or torchvision) and opens the MLflow store, about 5 s here (benchmarks/imports.py), more
+than one method's evaluations or detector cost on digits. They keep per-method granularity themselves,
+reusing a method's stored result while its model and keys hold (``selfsup.core.io.ResultCache``; the
+stores are cached outputs, so queued experiments and pulled clones have them). Training resumes a
+method's checkpoint while its key (config, code closure, data, upstream encoder) holds
+(``selfsup.engine.loop.run_key``). So a change to one method's block or file retrains and
+re-evaluates that method only.
 
 An earlier layout put each method's training in ``pipelines/<m>/dvc.yaml``; this command deletes
 such files (and their locks).
@@ -97,29 +97,34 @@ def check_code() -> list[str]:
                    *section_deps(check_stage()["params"])})
 
 
-def pretrain_stage(methods: dict[str, str]) -> dict[str, Any]:
-    """Every method's training loop (resumable at any step), final encoder, per-epoch history,
-    pictures and live MLflow run, in one process (``selfsup.engine.pretrain_all``)."""
-    code = sorted({*(f for m in methods for f in closure("stages/pretrain.py", m)), *section_deps(PRETRAIN_PARAMS)})
-    # the upstream files the stage reads and does not write (a method's own encoder is written by the
-    # stage before the method reading it: Config.training_order)
-    ups = [u for u in dict.fromkeys(methods.values())
-           if u != NO_UPSTREAM and u not in {f"data/models/{m}.pt" for m in methods}]
+def pretrain_name(method: str) -> str:
+    """The DVC stage that trains ``method``: ``dvc repro pretrain-moco`` trains MoCo alone, and ``dvc status``
+    names the method whose key changed (DVC reserves ``@`` for ``foreach`` stages, whose deps cannot
+    differ per item; each method's code closure does)."""
+    return f"{PRETRAIN}-{method}"
+
+
+def pretrain_stage(method: str, upstream: str) -> dict[str, Any]:
+    """One method's training loop (resumable at any step), final encoder, per-epoch history, pictures
+    and live MLflow run (``selfsup.engine.pretrain_all``): its own code closure, its params block,
+    its upstream file (MLCD: DeepCluster's encoder, so DVC trains DeepCluster first)."""
+    code = sorted({*closure("stages/pretrain.py", method), *section_deps(PRETRAIN_PARAMS)})
+    ups = [] if upstream == NO_UPSTREAM else [upstream]
     return {
-        "cmd": "python stages/pretrain.py",
+        "cmd": f"python stages/pretrain.py {method}",
         "deps": [*code, CHECKED, NO_UPSTREAM, *ups],
-        "params": [*PRETRAIN_PARAMS, "methods", *methods],
+        "params": [*PRETRAIN_PARAMS, f"methods.{method}", method],
         "outs": [
-            # resumable state (checkpoints, MLCD's assignment table): kept across runs and resumed
+            # resumable state (checkpoint, MLCD's assignment table): kept across runs and resumed
             # only on a matching key; in DVC's cache, so that a queued or temporary experiment (DVC
-            # checks the outputs out into its copy) and a clone that pulls reuse the unchanged methods
-            {"data/pretrain": {"persist": True}},
-            *[f"data/models/{m}.pt" for m in methods],
+            # checks the outputs out into its copy) and a clone that pulls reuse it
+            {f"data/pretrain/{method}": {"persist": True}},
+            f"data/models/{method}.pt",
         ],
-        "metrics": [{f"metrics/pretrain/{m}.json": {"cache": False}} for m in methods],
-        "plots": [*[{f"plots/pretrain/{m}.csv": {"cache": False, "x": "epoch", "y": "loss"}} for m in methods],
+        "metrics": [{f"metrics/pretrain/{method}.json": {"cache": False}}],
+        "plots": [{f"plots/pretrain/{method}.csv": {"cache": False, "x": "epoch", "y": "loss"}},
                   # what a method draws (Method.pictures: the colouriser's outputs), under reports/
-                  *[{f"reports/{p}": {"cache": False}} for m in methods for p in pictures(m)]],
+                  *[{f"reports/{p}": {"cache": False}} for p in pictures(method)]],
     }
 
 
@@ -201,18 +206,19 @@ def generate(text: str, methods: dict[str, str], rows: list[str], voc: bool = Tr
         stages.insert(at, TOKENIZER, tokenizer_stage())
     elif TOKENS not in methods.values() and TOKENIZER in stages:
         del stages[TOKENIZER]
-    if PRETRAIN in stages:  # written whole, after download and the tokenizer
-        del stages[PRETRAIN]
+    for name in [n for n in stages if n == PRETRAIN or n.startswith(f"{PRETRAIN}-")]:
+        del stages[name]  # written whole, one per method, after download and the tokenizer
     names = list(stages)
     at = max([names.index(s) + 1 for s in ("download", TOKENIZER) if s in names], default=0)
-    stages.insert(at, PRETRAIN, pretrain_stage(methods))
+    for i, (m, up) in enumerate(methods.items()):
+        stages.insert(at + i, pretrain_name(m), pretrain_stage(m, up))
     for name, stage in stages.items():
+        if name.startswith(f"{PRETRAIN}-"):
+            continue  # written whole above
         body = stage["do"] if "foreach" in stage else stage
         script = f"stages/{name}.py"
         if not (ROOT / script).is_file():
             raise SystemExit(f"dvc.yaml: stage {name} has no script {script}")
-        if name == PRETRAIN:
-            continue  # written whole above
         deps = body.setdefault("deps", [])
         data = [d for d in deps if not is_code(str(d))]
         if name != CHECK and CHECKED not in data:

@@ -1,4 +1,5 @@
-"""pretrain: every method's training loop in one process (``selfsup.engine.pretrain_all.train_all``; resumable at
+"""pretrain: the training loop of the methods named (DVC: one per stage, ``pretrain-<m>``; none named: every
+method) in one process (``selfsup.engine.pretrain_all.train_all``; resumable at
 any step): its final encoder, per-epoch history, pictures, metrics and live MLflow run. A method whose
 checkpoint key is unchanged resumes its finished run and trains nothing.
 
@@ -28,6 +29,7 @@ data = load_prepared(P.dataset)
 t0 = time.perf_counter()
 for name, metrics, steps in train_all(cfg, names, data, P, repo_root()):
     if is_main():
+        P.ckpt(name).parent.mkdir(parents=True, exist_ok=True)  # the stage's (persist) output, also for a baseline
         what = (f"skipped: {metrics['skipped']}" if "skipped" in metrics
                 else f"trained {steps} batches now" if steps
                 else "reused (its finished run resumed)" if metrics["epochs"] else "no training (a baseline)")

@@ -262,7 +262,8 @@ def test_apply_regenerates_the_pretrain_stage(tmp_path):
     assert "tokenizer" in stages_of(tmp_path)  # the default runs BEiT
     presets.apply("byol_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
-    pre = stages["pretrain"]
+    assert [n for n in stages if n.startswith("pretrain")] == ["pretrain-byol"]
+    pre = stages["pretrain-byol"]
     assert [o for o in pre["outs"] if isinstance(o, str)] == ["data/models/byol.pt"]
     assert "byol" in pre["params"] and "moco" not in pre["params"]
     assert "selfsup/methods/byol.py" in pre["deps"] and "selfsup/methods/moco.py" not in pre["deps"]
@@ -271,4 +272,4 @@ def test_apply_regenerates_the_pretrain_stage(tmp_path):
     assert stages["voc"].get("metrics", []) == [] and stages["voc"]["outs"] == [{"data/voc_runs": {"persist": True}}]
     presets.apply("beit_cifar10", tmp_path / "params.yaml")
     stages = stages_of(tmp_path)
-    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain"]["deps"]
+    assert "tokenizer" in stages and "data/tokenizer/tokenizer.pt" in stages["pretrain-beit"]["deps"]

@@ -39,12 +39,19 @@ def test_dvc_stages_match_scripts_and_params():
                                            if n != "check")
     for m in cfg.methods:
         assert m in REGISTRY and (ROOT / "selfsup" / "methods" / f"{m}.py").is_file()
-    # the pretrain stage trains every method: each one's params block, model and metrics
-    pre = dvc["pretrain"]
-    assert set(cfg.methods) <= set(pre["params"]) and "methods" in pre["params"]
-    outs = [next(iter(o)) if isinstance(o, dict) else o for o in pre["outs"]]
-    assert {f"data/models/{m}.pt" for m in cfg.methods} <= set(outs)
-    assert {next(iter(o)) for o in pre["metrics"]} == {f"metrics/pretrain/{m}.json" for m in cfg.methods}
+    # one pretrain stage per method: its params block and upstream key, its own method file only, its
+    # checkpoint folder, model and metrics
+    assert [n for n in dvc if n.startswith("pretrain")] == [f"pretrain-{m}" for m in cfg.methods]
+    for m in cfg.methods:
+        pre = dvc[f"pretrain-{m}"]
+        assert pre["cmd"] == f"python stages/pretrain.py {m}"
+        assert {m, f"methods.{m}"} <= set(pre["params"]) and not set(cfg.methods) - {m} & set(pre["params"])
+        assert [d for d in pre["deps"] if d.startswith("selfsup/methods/") and d != "selfsup/methods/__init__.py"] \
+            == [f"selfsup/methods/{m}.py"] or m == "random_vit"  # random_vit builds on random's class
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in pre["outs"]]
+        assert outs == [f"data/pretrain/{m}", f"data/models/{m}.pt"]
+        assert [next(iter(o)) for o in pre["metrics"]] == [f"metrics/pretrain/{m}.json"]
+    assert "data/models/deepcluster.pt" in dvc["pretrain-mlcd"]["deps"]  # DVC trains DeepCluster first
     assert not (ROOT / "pipelines").exists()
 
 
@@ -64,7 +71,7 @@ def test_the_lock_holds_no_stale_stage():
 
     lock = ROOT / "dvc.lock"
     assert set(yaml.safe_load(lock.read_text())["stages"]) == set(stages_of(ROOT)), lock
-    assert "pretrain" in stages_of(ROOT)
+    assert "pretrain-moco" in stages_of(ROOT)
 
 
 def test_a_training_depends_only_on_its_own_method():

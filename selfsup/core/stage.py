@@ -100,7 +100,7 @@ def _config_errors_in_one_line() -> None:
 
 def check_stage_upstream(root: Path, cfg: Config) -> None:
     """Each upstream file a pretraining reads (params.yaml ``methods.<m>``) must be a DVC dependency of
-    the ``pretrain`` stage, unless that stage writes it before (another method's encoder), else DVC
+    its ``pretrain-<m>`` stage (another method's encoder too: DVC then trains that method first), else DVC
     would not re-run it when that file changes (``dvc exp run -S methods.mlcd=...`` changes the param
     but not the generated stage: fail and say how to fix)."""
     dvc_yaml = root / "dvc.yaml"
@@ -108,11 +108,10 @@ def check_stage_upstream(root: Path, cfg: Config) -> None:
         return
     import yaml
 
-    stage = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get("pretrain")
-    if stage is None:
-        return
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
     for m in cfg.methods:
+        stage = stages.get(f"pretrain-{m}")
         up = cfg.upstream(m)
-        if up is not None and cfg.trained_upstream(m) is None and up not in stage.get("deps", []):
-            raise SystemExit(f"dvc.yaml: stage pretrain does not depend on {up} (params.yaml methods.{m}); "
+        if stage is not None and up is not None and up not in stage.get("deps", []):
+            raise SystemExit(f"dvc.yaml: stage pretrain-{m} does not depend on {up} (params.yaml methods.{m}); "
                              "run `python -m selfsup.dag` to regenerate it")
