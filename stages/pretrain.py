@@ -18,7 +18,9 @@ from selfsup.core.launch import distributed  # noqa: E402
 from selfsup.engine.pretrain_all import train_all  # noqa: E402
 from selfsup.core.stage import Paths, check_stage_upstream, setup  # noqa: E402
 
-cfg = setup()
+# the blocks of the methods named only (a DVC stage trains one): importing every method's file would
+# cost each stage the imports of all the others
+cfg = setup(parse_methods=sys.argv[1:] or True)
 names = sys.argv[1:] or list(cfg.methods)
 if unknown := [m for m in names if m not in cfg.methods]:
     raise ConfigError(f"stages/pretrain.py: {', '.join(unknown)} not in params.yaml methods ({', '.join(cfg.methods)})")

@@ -41,7 +41,12 @@ class ConfigError(ValueError):
     """A bad key or value in params.yaml (the message names the key)."""
 
 
-class ParamsLoader(yaml.SafeLoader):
+# LibYAML's parser when PyYAML has it: parsing params.yaml and dvc.yaml in pure Python is a visible
+# part of each stage's start (benchmarks/stage_overhead.py); the same documents, the same safe constructors
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class ParamsLoader(SAFE_LOADER):  # type: ignore[misc,valid-type]
     """PyYAML's safe loader, reading numbers in YAML 1.2 spellings too.
 
     PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-6``), so ``1e-6``, ``1e-06``
@@ -56,7 +61,7 @@ ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-
 
 def load_yaml(text: str) -> Any:
     """Parse params-like YAML (params.yaml, a preset, a ``--set`` value) with ``ParamsLoader``."""
-    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a safe loader's subclass)
 
 
 def unknown_key(key: str, name: str, known: typing.Iterable[str], extra: str = "",

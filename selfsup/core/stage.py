@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfsup.core.config import Config, ConfigError, load_config
+from selfsup.core.config import SAFE_LOADER, Config, ConfigError, load_config
 
 # the check stage's output, a dependency of every other stage (stages/check.py; its content is constant)
 CHECKED = "data/params.checked"
@@ -108,7 +108,7 @@ def check_stage_upstream(root: Path, cfg: Config) -> None:
         return
     import yaml
 
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    stages = (yaml.load(dvc_yaml.read_text(), Loader=SAFE_LOADER) or {}).get("stages", {})  # noqa: S506
     for m in cfg.methods:
         stage = stages.get(f"pretrain-{m}")
         up = cfg.upstream(m)
