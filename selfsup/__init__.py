@@ -14,7 +14,7 @@ it in ``LAYERS``. That holds for every import, also one inside a function.
   feature extraction.
 - ``losses``: one file per family.
 - ``cluster``: k-means, PCA, Sinkhorn, samplers, clustering metrics.
-- ``engine``: the method contract, optimisers, schedules, the loop, the pretrain stage's run.
+- ``engine``: the method contract, optimisers, schedules, the loop, the training stage's run.
 - ``methods``: one file per method, found by name.
 - ``eval``: kNN, the linear probes, fine-tuning, the evaluate stage's loop.
 - ``detection``: VOC transfer.

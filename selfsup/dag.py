@@ -193,7 +193,7 @@ def _yaml():
 
 
 def generate(text: str, methods: dict[str, str], rows: list[str], voc: bool = True) -> str:
-    """The root dvc.yaml ``text`` with its code deps regenerated, the ``pretrain`` stage written from
+    """The root dvc.yaml ``text`` with its code deps regenerated, the ``pretrain-<m>`` stages written from
     the method list, and the tokenizer stage present exactly while a method reads its output."""
     ry = _yaml()
     doc = ry.load(text)

@@ -128,6 +128,25 @@ def test_second_repro_runs_nothing(repo):
     assert json.loads(status) == {}
 
 
+def test_status_names_the_changed_method_and_a_target_runs_one(repo):
+    """`dvc status` after a change to one method's block names that method's training stage (and the
+    check of params.yaml) only; `dvc repro -s pretrain-<m>` runs that method's training alone."""
+    d, env, dvc = repo["dir"], repo["env"], repo["dvc"]
+    params_before = (d / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(params_before)
+        params["deepcluster"]["k"] = params["deepcluster"].get("k", 10) + 1
+        (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(run([*dvc, "status", "--json"], d, env))
+        assert set(status) == {"check", "pretrain-deepcluster"}, status
+    finally:
+        (d / "params.yaml").write_text(params_before)
+    out = run([*dvc, "repro", "-f", "-s", "pretrain-supervised"], d, env)
+    assert stages_run(out) == {"pretrain-supervised"}, out
+    assert re.search(r"pretrain supervised: .*reused", out) and "pretrain random" not in out, out
+    assert json.loads(run([*dvc, "status", "--json"], d, env)) == {}  # its outputs rewritten byte for byte
+
+
 def test_adding_a_method_leaves_the_others_up_to_date(repo):
     """A new method = its file + a params block + a methods entry (+ `python -m selfsup.dag`):
     `dvc status` then lists the stages that loop over the methods (each reuses the other methods'

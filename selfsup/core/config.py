@@ -167,7 +167,7 @@ class Config:
 
     def trained_upstream(self, name: str) -> str | None:
         """The method whose final encoder method ``name`` reads (``data/models/<u>.pt`` with ``u`` in
-        ``methods``: trained earlier in the same ``pretrain`` stage), or None."""
+        ``methods``: its ``pretrain-<u>`` stage, a DVC dependency, runs first), or None."""
         up = self.upstream(name)
         for u in self.methods:
             if up is not None and Path(up) == Path("data/models") / f"{u}.pt":
@@ -175,7 +175,7 @@ class Config:
         return None
 
     def training_order(self) -> list[str]:
-        """The methods in the order the ``pretrain`` stage trains them: ``methods``' order, except that a
+        """The methods in the order ``stages/pretrain.py`` trains those it is given (DVC: one per stage): ``methods``' order, except that a
         method comes after the method whose encoder it reads (MLCD after DeepCluster)."""
         order: list[str] = []
         visiting: list[str] = []

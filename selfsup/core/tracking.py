@@ -1,6 +1,6 @@
 """MLflow: one run per (DVC experiment, method), live while the method trains.
 
-``pretrain`` opens the run (``LiveRun.start``), logs its curves while it trains (``log``) and
+``pretrain-<m>`` opens the run (``LiveRun.start``), logs its curves while it trains (``log``) and
 closes it (``end``); the later stages (extract, knn, linear, cluster, voc, report) add their
 numbers, params and files to the same run (``LiveRun.attach``). The run of a method is the
 latest one with its tags ``method`` and ``dvc_experiment`` (``DVC_EXP_NAME``, set by
@@ -9,7 +9,7 @@ latest one with its tags ``method`` and ``dvc_experiment`` (``DVC_EXP_NAME``, se
 DVC's metric files are the source of truth; MLflow is a view. Every MLflow call of the process
 runs on one worker thread; a caller waits for it (``start``, ``attach``, ``end``, params,
 artifacts) at most for what is left of a time budget (``BUDGET_S``, shared by all the calls and
-runs of the process, i.e. of a stage, plus ``BUDGET_S`` more per method the ``pretrain`` stage
+runs of the process, i.e. of a stage, plus ``BUDGET_S`` more per method ``stages/pretrain.py``
 trains: ``grant``), and ``log`` does not wait at all (the worker batches the
 metrics in the background). The one-time local set-up (importing MLflow, creating or upgrading
 the SQLite database: ~4 s here, benchmarks/imports.py) is waited for apart, up to ``SETUP_S``, so a

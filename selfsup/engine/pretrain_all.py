@@ -1,17 +1,16 @@
-"""The ``pretrain`` stage: every method's training in one process (``train_all``).
+"""The training of the methods a ``pretrain-<m>`` stage (``stages/pretrain.py <m>``) names, in one
+process (``train_all``): DVC runs one stage per method, and the script run by hand with several
+methods (or none: every method) trains them in turn.
 
-Why one stage: each process start imports torch and torchvision and opens the MLflow store, about
-5 s here (benchmarks/imports.py), once per method before; 22 of them were a sixth of the default
-``dvc repro``. One stage loses nothing DVC gave per method, because the training loop already keys
-its checkpoint (``selfsup.engine.loop.run_key``: the method's config, the shared keys, the dataset, the
-code the loop runs for this method, the upstream encoder's content): a method whose key is unchanged
-resumes its finished checkpoint and trains zero steps, and its model file is rewritten byte for byte
-(``selfsup.core.io.save_torch``), so the ``evaluate`` and ``voc`` stages reuse its results too. A change to
-one method's block or file retrains that method (and the methods reading its encoder) only.
+The training loop keys its checkpoint (``selfsup.engine.loop.run_key``: the method's config, the shared
+keys, the dataset, the code the loop runs for this method, the upstream encoder's content): a method
+whose key is unchanged resumes its finished checkpoint and trains zero steps, and its model file is
+rewritten byte for byte (``selfsup.core.io.save_torch``), so a stage DVC re-runs for a change that
+does not reach the training (a comment) leaves everything downstream as it was.
 
 The methods run in ``Config.training_order``: ``methods``' order, a method after the method whose
 encoder it reads (MLCD clusters DeepCluster's ``data/models/deepcluster.pt``, written earlier in
-the same stage). Under torchrun every rank runs the same loop; rank 0 writes the outputs and the
+the same run; under DVC, by the ``pretrain-deepcluster`` stage, a dependency of ``pretrain-mlcd``). Under torchrun every rank runs the same loop; rank 0 writes the outputs and the
 ranks meet at a barrier after each method, so a later method never reads an encoder still being
 written.
 """

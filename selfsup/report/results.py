@@ -93,7 +93,7 @@ def load_histories(plots_dir: Path, methods: list[str]) -> dict[str, pd.DataFram
     for m in methods:
         f = plots_dir / f"{m}.csv"
         if not f.is_file():
-            raise InputError(f"{f}: missing (run `dvc repro pretrain`)")
+            raise InputError(f"{f}: missing (run `dvc repro pretrain-<m>`)")
         out[m] = pd.read_csv(f)
     return out
 
