@@ -383,7 +383,9 @@ def smoke_params(name: str) -> dict[str, Any]:
     p = merged_params(name)
     # fp32: a preset's fp16 is for GPUs; on a CPU its half-precision matmuls are emulated, and DINO's
     # 65536-way head took 150 s a step (tests/test_engine.py runs the fp16 and bf16 paths on a CPU)
-    p.update(device="cpu", workers=0, log_every=1, checkpoint_minutes=0.0, precision="fp32")
+    # checkpoint_minutes: the epoch-end checkpoint only (the mid-epoch one of a ViT-B with its AdamW state
+    # is a gigabyte written; tests/test_contrastive.py and the other resume tests kill runs mid-epoch)
+    p.update(device="cpu", workers=0, log_every=1, checkpoint_minutes=1.0e6, precision="fp32")
     p["mlflow"] = {**p.get("mlflow", {}), "enabled": False}
     p["dist"] = {**p.get("dist", {}), "nproc_per_node": 1, "nnodes": 1}
     p["extract"] = {"batch_size": 16}
