@@ -61,7 +61,7 @@ ROW_KEYS = ("key", "official", "source", "declared")
 MIN_ROWS = 10  # a preset's ledger compares at least this many settings
 ABSENT = "(no such setting)"  # ours, for an official setting this project has no key for
 # smoke: sizes capped so that 16 training images and batches of 8 can hold them
-SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "queue_size": 16,
+SMOKE_CAPS = {"k": 4, "clusters": 4, "heads": 2, "centres": 8, "positives": 2, "nce_m": 8, "nce_k": 8, "queue_size": 16,
               "pca_dim": 8, "relabel_times": 1, "bn_splits": 2, "warmup_epochs": 0, "permutations": 24, "hidden": 256,
               "prototypes": 4, "queue_length": 16, "accumulate": 1,
               "warmup_teacher_temp_epochs": 0,

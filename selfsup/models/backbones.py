@@ -87,7 +87,64 @@ class LabL(nn.Module):
         return (rgb_to_lab(rgb)[:, :1] - 50.0).to(x.dtype)
 
 
-ADAPTERS = {"lab_l": (LabL, 1)}  # kind -> (module class, channels it hands the trunk)
+class LabViews(nn.Module):
+    """CMC's input (Tian et al. 2020, sec. 4; official ``RGB2Lab`` + ``Normalize``): normalised RGB ->
+    CIE Lab, each channel scaled to about [-1, 1] with the official constants (L: mean 50, std 50;
+    a: (-86.183 + 98.233) / 2 and (86.183 + 98.233) / 2; b: (-107.857 + 94.478) / 2 and
+    (107.857 + 94.478) / 2, the channels' ranges over sRGB). The trunk after it is a ``SplitTrunk``:
+    channel 0 (L) to one encoder, channels 1-2 (ab) to the other."""
+
+    in_channels = 3
+    LAB_MEAN = (50.0, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
+    LAB_STD = (50.0, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("lab_mean", torch.tensor(self.LAB_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("lab_std", torch.tensor(self.LAB_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) normalised RGB -> (B, 3, H, W) Lab
+        from selfsup.augment.colour import rgb_to_lab
+
+        rgb = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
+        return ((rgb_to_lab(rgb) - self.lab_mean) / self.lab_std).to(x.dtype)
+
+
+class SplitTrunk(nn.Module):
+    """Two encoders over disjoint channel groups of one input (CMC's L and ab encoders): features
+    ``cat(f_0(x[:, g_0]), f_1(x[:, g_1]))``, (B, d_0 + d_1); ``dims`` holds (d_0, d_1) for the
+    method to split them again. The per-layer probes read both encoders at the same stage,
+    concatenated along the channels (the paper's Table 2 probes both halves of AlexNet): ``joint``
+    holds one identity module per stage, called on that concatenation when something hooks it."""
+
+    def __init__(self, trunks: list[nn.Module], groups: list[list[int]], dims: list[int]):
+        super().__init__()
+        self.views = nn.ModuleList(trunks)
+        self.groups = [list(g) for g in groups]
+        self.dims = list(dims)
+        points = [_plain_probe_points(t) for t in trunks]
+        self.joint = nn.ModuleDict({name: nn.Identity() for name in points[0]})
+        self._points = points
+        self._grabbed: list[dict[str, torch.Tensor]] = [{} for _ in trunks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, sum(dims))
+        wanted = [n for n, m in self.joint.items() if m._forward_hooks]
+        hooks = [pts[n].register_forward_hook(lambda _m, _i, o, n=n, g=g: g.__setitem__(n, o))
+                 for pts, g in zip(self._points, self._grabbed) for n in wanted]
+        try:
+            out = torch.cat([t(x[:, g]) for t, g in zip(self.views, self.groups)], dim=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in wanted:  # the stage's activations of both encoders, side by side: (B, C_0 + C_1, h, w)
+            self.joint[n](torch.cat([g.pop(n) for g in self._grabbed], dim=1))
+        return out
+
+
+# kind -> (module class, channels it hands the trunk, the channel groups of a SplitTrunk or None)
+ADAPTERS = {"lab_l": (LabL, 1, None), "lab_views": (LabViews, 3, [[0], [1, 2]])}
 
 
 def build_adapter(spec: dict[str, Any] | None, in_channels: int) -> tuple[nn.Module | None, int]:
@@ -97,7 +154,7 @@ def build_adapter(spec: dict[str, Any] | None, in_channels: int) -> tuple[nn.Mod
     kind = spec.get("kind")
     if kind not in ADAPTERS:
         raise ValueError(f"unknown input adapter {kind!r}; known: {', '.join(ADAPTERS)}")
-    cls, out = ADAPTERS[kind]
+    cls, out, _ = ADAPTERS[kind]
     if in_channels != cls.in_channels:
         raise ValueError(f"input adapter {kind} takes {cls.in_channels} channels, the data has {in_channels}")
     return cls(**{k: v for k, v in spec.items() if k != "kind"}), out
@@ -775,6 +832,14 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
     if image_size is not None and image_size < MIN_SIZE[name]:
         raise ValueError(f"{key}: {name} needs images of at least {MIN_SIZE[name]} px, got {image_size}")
     adapt, in_channels = build_adapter(adapter, in_channels)
+    groups = ADAPTERS[adapter["kind"]][2] if adapter is not None else None
+    if groups is not None:  # one encoder per channel group (CMC's L and ab), each a ``name`` of its own
+        if sobel:
+            raise ValueError(f"{key}: the Sobel front end takes RGB, not the {adapter['kind']} views")
+        views = [build_backbone(name, len(g), image_size=image_size, key=key, vit=vit) for g in groups]
+        trunk = SplitTrunk([v.trunk for v in views], groups, [v.out_dim for v in views])
+        return Backbone(trunk, sum(trunk.dims), None, views[0].relu_head, adapt, adapter, name=name,
+                        image_size=views[0].image_size)
     front = Sobel(in_channels) if sobel else None
     c = 2 if sobel else in_channels
     relu_head = False
@@ -854,8 +919,14 @@ def load_eval_head(path: str | Path, device: torch.device) -> tuple[torch.nn.Mod
 def probe_points(backbone: nn.Module) -> dict[str, nn.Module]:
     """name -> the module whose output is that stage's activation, in forward order:
     AlexNet conv1-conv5 (the ReLU after each conv + BN), ResNet conv1 (stem) and layer1-layer4,
-    smallcnn block1-block3 (the ReLU of each conv block), NIN block1-block4 (each block's output)."""
-    trunk = backbone.trunk
+    smallcnn block1-block3 (the ReLU of each conv block), NIN block1-block4 (each block's output);
+    a ``SplitTrunk`` (CMC): each stage of both encoders, concatenated."""
+    if isinstance(backbone.trunk, SplitTrunk):
+        return dict(backbone.trunk.joint.items())
+    return _plain_probe_points(backbone.trunk)
+
+
+def _plain_probe_points(trunk: nn.Module) -> dict[str, nn.Module]:
     if hasattr(trunk, "blocks"):  # RotNet's NIN: each block's output (after its pooling), as the paper evaluates
         return {f"block{i + 1}": b for i, b in enumerate(trunk.blocks)}
     if hasattr(trunk, "layer4"):  # torchvision ResNet
