@@ -111,7 +111,7 @@ def test_loss_matches_a_per_sample_reference(loss):
         expect = ref_nce(s_l, z_l, 32, 5) + ref_nce(s_ab, z_ab, 32, 5)
     else:
         expect = ref_softmax(s_l) + ref_softmax(s_ab)
-    assert float(out.loss) == pytest.approx(expect, rel=1e-4)
+    assert out.loss.item() == pytest.approx(expect, rel=1e-4)
 
 
 def test_each_bank_takes_its_own_views_embeddings_after_the_step():
