@@ -124,7 +124,10 @@ class SplitTrunk(nn.Module):
         self.views = nn.ModuleList(trunks)
         self.groups = [list(g) for g in groups]
         self.dims = list(dims)
-        points = [_plain_probe_points(t) for t in trunks]
+        try:
+            points = [_plain_probe_points(t) for t in trunks]
+        except AttributeError:  # a trunk without conv stages (a ViT): no per-layer probe points
+            points = [{} for _ in trunks]
         self.joint = nn.ModuleDict({name: nn.Identity() for name in points[0]})
         self._points = points
         self._grabbed: list[dict[str, torch.Tensor]] = [{} for _ in trunks]
