@@ -23,6 +23,9 @@ for name, out, reused in evaluate_all(cfg, list(cfg.methods), P, resolve_device(
     for step, metrics in out.items():
         write_json(P.metrics(step, name), metrics)
     knn, lin = out["knn"], out["linear"]
+    if "skipped" in out["extract"]:  # the method did not train on this data
+        print(f"evaluate {name}: {out['extract']['skipped']}")
+        continue
     print(f"evaluate {name}: kNN top-1 {knn.get('top1', float('nan')):.1f}, linear top-1 "
           f"{lin.get('top1', float('nan')):.1f}, NMI {out['cluster'].get('nmi', float('nan')):.3f}; "
           + ("reused" if reused else f"{sum(m.get('seconds', 0.0) for m in out.values()):.1f}s"))

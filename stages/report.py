@@ -43,8 +43,8 @@ notes = [
     f"{cfg.cluster.k or 'number of classes'}) on PCA-{cfg.whiten.pca_dim}-whitened training features vs labels.",
 ]
 if any(allm[m]["pretrain"].get("skipped") for m in cfg.methods):
-    notes.append("skipped: the method cannot run on this dataset (the reason); its evaluations ran on the "
-                 "untrained init and are left blank.")
+    notes.append("skipped: the method cannot run on this dataset (the reason); its encoder stays at its init, "
+                 "so the evaluate and voc stages skip it and its numbers are left blank.")
 if "colorization" in cfg.methods:
     notes.append("Colourisation's pictures (originals, grayscale inputs, colourised outputs with the annealed mean): "
                  "reports/colorization.png.")

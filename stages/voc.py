@@ -33,6 +33,9 @@ for name, out, reused in transfer_all(cfg, models, P.voc, meta["mean"], meta["st
         pd.DataFrame(out["per_class"], columns=list(CLASS_COLUMNS)).to_csv(tmp, index=False, float_format="%.4f")
     write_json(P.metrics("voc", name), out["summary"])
     s = out["summary"]
+    if "skipped" in s:
+        print(f"voc {name}: {s['skipped']}")
+        continue
     print(f"voc {name}: mAP50 {s['map50']:.1f} (11-point) / {s['map50_area']:.1f} (area), AP {s['ap']:.1f}, "
           f"AP75 {s['ap75']:.1f}; " + ("reused" if reused else f"{s['seconds']:.1f}s"))
 print(f"voc: {len(models)} methods in {time.perf_counter() - t0:.1f}s" if cfg.voc.enabled else "voc: off (voc.enabled: false)")

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import ROOT, make_cfg
 from distributed import run_ranks
 
-METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "byol", "simsiam", "swav",
+METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "cpc", "moco", "simclr", "byol", "simsiam", "swav",
            "deepclusterv2", "supervised",
            "random"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())  # the digits defaults of each method
@@ -102,6 +102,8 @@ def _method_for_grads(name, folder, shard=False):
         over["shard_centres"] = True
     if name == "moco":
         over["bn_splits"] = 1
+    if name == "cpc":  # a 7 x 7 grid on the 8 px test views; no per-patch draws (the ranks draw their own)
+        over.update(patch=2, stride=1, patch_flip=False, colour_drop=False, patch_crop=1.0)
     cfg = small_cfg(name, **over)
     data = small_data(folder)
     m = _frozen(build_method(cfg, name, data).train())
@@ -144,7 +146,7 @@ def _grads_ddp(name, folder, shard=False):
     return out
 
 
-GRAD_METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "moco", "simclr", "supervised"]
+GRAD_METHODS = ["deepcluster", "sela", "mlcd", "instdisc", "invaspread", "cpc", "moco", "simclr", "supervised"]
 
 
 def _grads_all(folder):

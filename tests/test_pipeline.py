@@ -354,6 +354,12 @@ def test_unlabelled_folder_runs_the_whole_dag(unlabelled):
         for stage in ("knn", "linear", "cluster", "finetune"):
             out = json.loads((d / "metrics" / stage / f"{m}.json").read_text())
             assert "no labels" in out["skipped"], (stage, m, out)
+        if m == "supervised":  # it did not train (no labels): no evaluation and no detector, each says why
+            assert "training split has no labels" in out["skipped"]
+            voc = json.loads((d / "metrics" / "voc" / f"{m}.json").read_text())
+            assert "training split has no labels" in voc["skipped"] and "map50" not in voc
+            assert re.search(r"voc supervised: supervised: skipped", unlabelled["first"])
+            continue
         cluster = json.loads((d / "metrics" / "cluster" / f"{m}.json").read_text())
         assert cluster["k"] == 10 and cluster["objective"] > 0  # cluster.k 0 without classes: 10
         assert "probes" not in json.loads((d / "metrics" / "linear" / f"{m}.json").read_text())  # no work

@@ -12,10 +12,10 @@ from selfsup.core.config import ConfigError, load_config
 from selfsup.methods import REGISTRY
 from selfsup.report.results import OURS_FOR, load_paper_results, paper_columns
 
-METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "cmc", "moco", "simclr", "rotnet", "jigsaw", "relloc",
+METHODS = ("deepcluster", "sela", "mlcd", "instdisc", "invaspread", "cpc", "cmc", "moco", "simclr", "rotnet", "jigsaw", "relloc",
            "colorization", "byol", "simsiam", "swav", "deepclusterv2", "dino", "mocov3", "mae", "beit", "random",
            "supervised")
-IMAGENET = ("cmc_imagenet", "deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
+IMAGENET = ("cmc_imagenet", "cpc_imagenet", "deepcluster_imagenet", "sela_imagenet_alexnet", "sela_imagenet_resnet50", "instdisc_imagenet",
             "moco_v2_imagenet", "simclr_imagenet", "supervised_imagenet")
 
 

@@ -55,7 +55,7 @@ from selfsup.core import dist
 from selfsup.core.config import Config, config_hash
 from selfsup.detection.config import VocCfg
 from selfsup.core.io import ResultCache, derive_seed, folder_digest, sha256_file
-from selfsup.models.backbones import NIN, AlexNetBN, Backbone, SmallCNN, ViT, load_backbone
+from selfsup.models.backbones import NIN, AlexNetBN, Backbone, SmallCNN, ViT, load_backbone, skipped_reason
 from selfsup.detection.voc_data import VocDetection, load_split, read_manifest
 from selfsup.detection.voc_ap import evaluate_detections
 
@@ -375,6 +375,9 @@ def transfer_all(cfg: Config, models: dict[str, Path], voc_dir: str | Path, imag
             "procs": cfg.dist.nproc_per_node * cfg.dist.nnodes, "code": code_hash(closure("stages/voc.py")),
             "data": folder_digest(voc_dir), "norm": [image_mean, image_std]}
     for name, path in models.items():
+        if reason := skipped_reason(path):  # the method did not train on this data: no detector, the row says why
+            yield name, {"summary": {"steps": 0, "seconds": 0.0, "skipped": reason}, "per_class": []}, False
+            continue
         key = config_hash({**base, "method": name, "model": sha256_file(path)})
         hit = cache.get(name, key)
         if hit is not None:

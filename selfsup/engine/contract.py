@@ -117,6 +117,12 @@ class Method(nn.Module):
         return None
 
     @classmethod
+    def backbone_options(cls, cfg: Any, meta: dict[str, Any], image_size: int) -> dict[str, Any]:
+        """Architecture options of the encoder (``build_backbone``'s ``norm`` and ``grid``, e.g. CPC's
+        layer norms and patch grid), recorded in the saved model; {}: the backbone as named."""
+        return {}
+
+    @classmethod
     def skip_reason(cls, data: Data) -> str:
         """Why the method cannot run on ``data`` ("" if it can): the loop then saves the backbone at
         its init and the report shows the reason instead of numbers."""

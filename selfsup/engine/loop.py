@@ -83,11 +83,13 @@ def build_method(cfg: Config, name: str, data: Data) -> Method:
         raise InputError(f"{up}: upstream encoder of {name} (methods.{name}) not found")
     torch.manual_seed(derive_seed(cfg.seed, "backbone-init"))
     own = getattr(mcfg, "backbone", "")  # the method's own backbone (<m>.backbone), else model.backbone
+    side = train_image_size(cfg, data)
     try:
         backbone = build_backbone(own or cfg.model.backbone, data.meta["channels"],
-                                  bool(getattr(mcfg, "sobel", False)), train_image_size(cfg, data),
+                                  bool(getattr(mcfg, "sobel", False)), side,
                                   adapter=cls.input_adapter(mcfg, data.meta),
-                                  key=f"{name}.backbone" if own else "model.backbone")
+                                  key=f"{name}.backbone" if own else "model.backbone",
+                                  **cls.backbone_options(mcfg, data.meta, side))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cls.validate(mcfg, data, backbone.out_dim)

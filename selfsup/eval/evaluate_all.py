@@ -218,6 +218,14 @@ def evaluate_all(cfg: Config, methods: list[str], P: Paths, device: torch.device
     several processes every rank first extracts the features of the methods to evaluate (sharded),
     then rank 0 evaluates them, so no rank waits in a collective while rank 0
     fine-tunes."""
+    from selfsup.models.backbones import skipped_reason
+
+    # a method that did not train on this data (its model file says why): no evaluation, its row says why
+    skipped = {m: r for m in methods if (r := skipped_reason(P.model(m)))}
+    if dist.is_main():
+        for m, reason in skipped.items():
+            yield m, {step: {"skipped": reason} for step in ("extract", "knn", "cluster", "linear", "finetune")}, False
+    methods = [m for m in methods if m not in skipped]
     cache = ResultCache(P.eval_runs)
     base = eval_base(cfg, P, device)
     keys = {m: config_hash({**base, "method": m, "model": sha256_file(P.model(m))}) for m in methods}

@@ -48,7 +48,7 @@ from selfsup.core import dist
 from selfsup.data.prepared import FileSplit, Split
 from selfsup.models.features import normalize
 from selfsup.data.loader import eval_batches, resolve_workers
-from selfsup.models.backbones import probe_points
+from selfsup.models.backbones import per_image, probe_points
 
 
 def pool_side(channels: int, side: int, target_dim: int) -> int:
@@ -143,7 +143,8 @@ def layer_features(backbone: nn.Module, split: Split | FileSplit, meta: dict[str
                        leave=False, mininterval=2, total=-(-n // batch_size), disable=not dist.is_main()):
             backbone(normalize(xb.to(device, non_blocking=True), meta["mean"], meta["std"]))
             for name in layers:
-                f = torch.flatten(pool(grabbed[name].float(), target_dim, pooling), 1)  # (B, C * s * s)
+                act = per_image(grabbed[name].float(), len(xb))  # a patch-grid encoder's: averaged per image
+                f = torch.flatten(pool(act, target_dim, pooling), 1)  # (B, C * s * s)
                 if name not in out:
                     out[name] = np.empty((n, f.shape[1]), np.float32)
                 out[name][s:s + len(f)] = f.cpu().numpy()
@@ -260,7 +261,7 @@ class _Grab:
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.got.clear()
         self.backbone(x)
-        return dict(self.got)
+        return {n: per_image(a, len(x)) for n, a in self.got.items()}  # a patch-grid encoder's: per image
 
     def close(self) -> None:
         for h in self.hooks:

@@ -769,13 +769,55 @@ def require_vit(net: nn.Module, key: str, why: str) -> ViT:
     return vit
 
 
+def patch_grid(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, G, G, C, patch, patch): the overlapping patches of a square image, row by
+    row, G = (S - patch) / stride + 1 (CPC's grid: van den Oord et al. 2018 sec. 3.3, 64 px patches
+    on a 32 px pitch over 256 px, 7 x 7). ``stride`` must tile the side exactly."""
+    s = x.shape[-1]
+    if x.shape[-2] != s:
+        raise ValueError(f"patch grid: the image must be square, got {tuple(x.shape[-2:])}")
+    if not 0 < patch <= s or stride <= 0 or (s - patch) % stride:
+        raise ValueError(f"patch grid: {patch} px patches on a {stride} px pitch do not tile {s} px")
+    return x.unfold(2, patch, stride).unfold(3, patch, stride).permute(0, 2, 3, 1, 4, 5)
+
+
+def grid_side(side: int, patch: int, stride: int) -> int:
+    """Patches per row of ``patch_grid`` on a ``side`` px image."""
+    return (side - patch) // stride + 1
+
+
+def layer_norm_trunk(trunk: nn.Module) -> nn.Module:
+    """Every batch norm of ``trunk`` replaced in place by a per-sample layer norm (CPC v2, Hénaff et al.
+    2020 sec. 4.1: batch statistics tie the patches of a batch together, which the contrastive task can
+    exploit): BatchNorm2d(C) -> GroupNorm(1, C) (mean and variance over C, H, W of each sample, an affine
+    per channel), BatchNorm1d(C) -> LayerNorm(C). Weights 1, biases 0, as a fresh batch norm."""
+    for name, m in list(trunk.named_children()):
+        if isinstance(m, nn.BatchNorm2d):
+            setattr(trunk, name, nn.GroupNorm(1, m.num_features, eps=m.eps))
+        elif isinstance(m, nn.BatchNorm1d):
+            setattr(trunk, name, nn.LayerNorm(m.num_features, eps=m.eps))
+        else:
+            layer_norm_trunk(m)
+    return trunk
+
+
+NORMS = ("batch", "layer")
+
+
 class Backbone(nn.Module):
     """Optional input adapter (colourisation's L channel) + optional Sobel front end + trunk;
-    ``out_dim`` and ``relu_head`` describe the output, ``in_channels`` the input it takes."""
+    ``out_dim`` and ``relu_head`` describe the output, ``in_channels`` the input it takes.
+
+    ``grid`` ({"view", "patch", "stride"}, CPC's encoders): the image (after the front end) is resized
+    to ``view`` px, cut into ``patch_grid`` patches, each encoded by the trunk, and the patch features
+    are averaged: (B, D), the spatially mean-pooled patch features CPC's linear protocol reads (van
+    den Oord et al. 2018 sec. 3.3). Hooks on the trunk see (B G G, ...) per-patch activations
+    (``per_image`` averages them). Detection reads the trunk alone, on the whole image."""
 
     def __init__(self, trunk: nn.Module, out_dim: int, sobel: nn.Module | None, relu_head: bool,
                  adapter: nn.Module | None = None, adapter_spec: dict[str, Any] | None = None,
-                 name: str = "", image_size: int | None = None):
+                 name: str = "", image_size: int | None = None, norm: str = "batch",
+                 grid: dict[str, int] | None = None):
         super().__init__()
         self.adapter = adapter
         self.adapter_spec = adapter_spec
@@ -784,9 +826,12 @@ class Backbone(nn.Module):
         self.out_dim = out_dim
         self.relu_head = relu_head
         # what save_backbone records to rebuild it: the backbone name, and for a ViT the image side its
-        # position embedding was built for (None for the conv nets, which take any size)
+        # position embedding was built for (None for the conv nets, which take any size); the norm
+        # layers and the patch grid (CPC)
         self.arch_name = name
         self.image_size = image_size
+        self.norm = norm
+        self.grid = dict(grid) if grid else None
 
     def front(self) -> list[nn.Module]:
         """The fixed modules before the trunk, in order (adapter, Sobel)."""
@@ -803,7 +848,23 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.front():
             x = m(x)
-        return self.trunk(x)
+        if self.grid is None:
+            return self.trunk(x)
+        g = self.grid
+        if x.shape[-2:] != (g["view"], g["view"]):
+            x = F.interpolate(x, size=(g["view"], g["view"]), mode="bilinear", align_corners=False,
+                              antialias=True)
+        b = len(x)
+        f = self.trunk(patch_grid(x, g["patch"], g["stride"]).flatten(0, 2))  # (B G G, D)
+        return f.view(b, -1, f.shape[-1]).mean(1)  # (B, D)
+
+
+def per_image(act: torch.Tensor, b: int) -> torch.Tensor:
+    """A hooked activation of a ``b``-image batch -> per image: a grid encoder's (b G G, ...) patch
+    activations averaged over the patches; anything else as it is."""
+    if act.shape[0] == b:
+        return act
+    return act.view(b, -1, *act.shape[1:]).mean(1)
 
 
 def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
@@ -824,12 +885,16 @@ def _resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, i
 
 def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size: int | None = None,
                    adapter: dict[str, Any] | None = None, key: str = "model.backbone",
-                   vit: dict[str, Any] | None = None) -> Backbone:
+                   vit: dict[str, Any] | None = None, norm: str = "batch",
+                   grid: dict[str, int] | None = None) -> Backbone:
     """Build a backbone by name; ``image_size`` (min side) is checked against what it accepts (a ViT's
     position embedding is built for it; None: the ViT's default side, ``VITS``); ``adapter``: an input
     adapter spec (``ADAPTERS``), e.g. colourisation's L channel; ``key``: the params key errors name
     (``<method>.backbone`` for a method's own backbone); ``vit``: a ViT's ``options`` (BEiT's blocks),
-    as ``save_backbone`` records them."""
+    as ``save_backbone`` records them; ``norm``: ``layer`` swaps every batch norm for a per-sample layer
+    norm (``layer_norm_trunk``); ``grid``: encode the image as CPC's mean-pooled patch grid (``Backbone``)."""
+    if norm not in NORMS:
+        raise ValueError(f"{key}: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if name not in MIN_SIZE:
         raise ValueError(f"{key}: unknown backbone {name!r}; choose one of {', '.join(MIN_SIZE)}")
     if image_size is not None and image_size < MIN_SIZE[name]:
@@ -839,6 +904,8 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
     if groups is not None:  # one encoder per channel group (CMC's L and ab), each a ``name`` of its own
         if sobel:
             raise ValueError(f"{key}: the Sobel front end takes RGB, not the {adapter['kind']} views")
+        if norm != "batch" or grid is not None:
+            raise ValueError(f"{key}: the {adapter['kind']} views take neither a norm choice nor a patch grid")
         views = [build_backbone(name, len(g), image_size=image_size, key=key, vit=vit) for g in groups]
         trunk = SplitTrunk([v.trunk for v in views], groups, [v.out_dim for v in views])
         return Backbone(trunk, sum(trunk.dims), None, views[0].relu_head, adapt, adapter, name=name,
@@ -864,7 +931,14 @@ def build_backbone(name: str, in_channels: int, sobel: bool = False, image_size:
         dim, vit_side = trunk.out_dim, trunk.image_size
     else:
         trunk, dim = _resnet(name.replace("_cifar", ""), c, cifar_stem=name.endswith("_cifar"))
-    return Backbone(trunk, dim, front, relu_head, adapt, adapter, name=name, image_size=vit_side)
+    if norm == "layer":
+        if name in VITS:
+            raise ValueError(f"{key}: {name} has layer norms already (norm: layer is for the conv nets)")
+        layer_norm_trunk(trunk)
+    if grid is not None and name in VITS:
+        raise ValueError(f"{key}: a patch-grid encoder needs a conv net, not {name}")
+    return Backbone(trunk, dim, front, relu_head, adapt, adapter, name=name, image_size=vit_side, norm=norm,
+                    grid=grid)
 
 
 def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any]) -> None:
@@ -881,6 +955,10 @@ def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any])
     trunk = vit_trunk(enc)
     if trunk is not None and trunk.options:  # BEiT's blocks: load_backbone rebuilds them
         arch["vit"] = dict(trunk.options)
+    if getattr(enc, "norm", "batch") != "batch":
+        arch["norm"] = enc.norm
+    if getattr(enc, "grid", None):
+        arch["grid"] = dict(enc.grid)
     save_torch(path, {
         "backbone": {k: v.cpu() for k, v in enc.state_dict().items()},
         "arch": arch,
@@ -889,7 +967,15 @@ def save_backbone(path: str | Path, method: Any, cfg: Any, meta: dict[str, Any])
         "eval_head": None if head is None else {"spec": head.spec,
                                                 "state": {k: v.cpu() for k, v in head.state_dict().items()}},
         "temperature": None if t is None else float(t),
+        # why the method did not train on this data ("" if it did): the evaluations skip it too
+        "skipped": getattr(method, "skipped", "") or "",
     })
+
+
+def skipped_reason(path: str | Path) -> str:
+    """Why the method of a saved model file did not train ("" if it did): its evaluations would only
+    repeat the untrained init's, so the evaluate and voc stages skip it and say why."""
+    return str(load_torch(path).get("skipped") or "")
 
 
 def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
@@ -898,7 +984,8 @@ def load_backbone(path: str | Path, device: torch.device) -> torch.nn.Module:
     try:
         a = ck["arch"]
         net = build_backbone(a["name"], a["in_channels"], a["sobel"], image_size=a.get("image_size"),
-                             adapter=a.get("adapter"), vit=a.get("vit"))
+                             adapter=a.get("adapter"), vit=a.get("vit"), norm=a.get("norm", "batch"),
+                             grid=a.get("grid"))
         net.load_state_dict(ck["backbone"])
     except (KeyError, RuntimeError, TypeError, IndexError) as e:  # TypeError / IndexError: not a dict at all
         raise InputError(f"{path}: not a backbone file of this version ({e})") from e

@@ -52,7 +52,7 @@ def results_table(all_metrics: dict[str, dict[str, dict[str, Any]]], knn_ks: lis
         row["pretext_acc"] = 100.0 * pre.get("final_pretext_acc", math.nan)
         row["pretrain_epochs"] = pre.get("epochs", 0)
         row["pretrain_seconds"] = pre.get("seconds", math.nan)
-        if pre.get("skipped"):  # the evaluations ran on the untrained init: blank them, say why
+        if pre.get("skipped"):  # not trained, not evaluated: every number blank, the reason instead
             row = {k: (math.nan if isinstance(v, float) and k != "pretrain_seconds" else v) for k, v in row.items()}
         row["skipped"] = pre.get("skipped", "")
         rows.append(row)
@@ -129,7 +129,7 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
         if not f.is_file():
             raise InputError(f"{f}: missing (run `dvc repro voc`)")
         tables[m] = pd.read_csv(f)
-    classes = list(next(iter(tables.values()))["class"]) if tables else []
+    classes = next((list(t["class"]) for t in tables.values() if len(t)), [])  # a skipped method's table is empty
 
     def cell(v: Any) -> str:
         return "–" if v != v else f"{v:.1f}"  # NaN: no non-difficult object of the class
@@ -139,12 +139,13 @@ def voc_markdown(metrics_dir: Path, methods: list[str], notes: list[str]) -> str
     for m, t in tables.items():
         ap = dict(zip(t["class"], t["ap50"]))
         summ = read_json(metrics_dir / "voc" / f"{m}.json")
-        out.append(f"| {m} | " + " | ".join(cell(ap.get(c, math.nan)) for c in classes) + f" | {cell(summ['map50'])} |")
+        out.append(f"| {m} | " + " | ".join(cell(ap.get(c, math.nan)) for c in classes)
+                   + f" | {cell(summ.get('map50', math.nan))} |")
     keys = [("map50", "AP50 (11-point)"), ("map50_area", "AP50 (area)"), ("ap", "AP (0.5:0.95)"), ("ap75", "AP75")]
     out += ["", "| method | " + " | ".join(k[1] for k in keys) + " | steps | seconds |", "|---|" + "---|" * (len(keys) + 2)]
     for m in methods:
         summ = read_json(metrics_dir / "voc" / f"{m}.json")
-        out.append(f"| {m} | " + " | ".join(cell(summ[k]) for k, _ in keys)
+        out.append(f"| {m} | " + " | ".join(cell(summ.get(k, math.nan)) for k, _ in keys)
                    + f" | {summ.get('steps', 0)} | {summ.get('seconds', math.nan):.1f} |")
     return "\n".join([*out, "", *[f"- {n}" for n in notes], ""])
 
