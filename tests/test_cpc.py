@@ -48,6 +48,10 @@ def test_the_grid_geometry_is_checked_before_training(digits):
         cpc(digits, patch=8, stride=4)  # a 3 x 3 grid cannot predict 3 rows down
     _, m = cpc(digits, patch=0, stride=0)  # 0: the paper's ratios, a quarter of the view on half its pitch
     assert m.backbone.grid == {"view": 16, "patch": 4, "stride": 2}
+    _, m = cpc(digits, eval_stride=4)  # a coarser evaluated grid of the same patches: 4 x 4
+    assert m.backbone.grid == {"view": 16, "patch": 4, "stride": 4}
+    with pytest.raises(ConfigError, match="cpc.eval_stride"):
+        cpc(digits, eval_stride=5)
 
 
 # ----------------------------------------------------------------- the context network's mask

@@ -29,8 +29,9 @@ context network and the loss as pseudocode, which this file follows.
   (``gather_negatives``).
 - Evaluation (``eval_on: grid``, v1 sec. 3.3): the saved encoder resizes an image to ``view_size``,
   encodes its grid of patches and averages the patch features (``Backbone.grid``), which the kNN,
-  linear and per-layer protocols read; ``image``: the trunk on the whole image. Detection transfer
-  runs the trunk on whole images, as the paper's Faster R-CNN does.
+  linear and per-layer protocols read; ``image``: the trunk on the whole image. ``eval_stride``
+  evaluates a coarser grid of the same patches (0: the training pitch, the paper's). Detection
+  transfer runs the trunk on whole images, as the paper's Faster R-CNN does.
 
 Defaults: the settings the papers state (v1 sec. 3.3: Adam, lr 2e-4, batch 16 per GPU on 32 GPUs; a
 random 256 px crop of the 300 px image, i.e. 73 % of its area, with flips). The epochs are not
@@ -87,10 +88,11 @@ class CPCCfg(TrainCfg):
     directions: list[str] = field(default_factory=lambda: ["down", "up"])
     gather_negatives: bool = True  # several processes: every rank's targets are candidates
     eval_on: str = "grid"  # grid: mean-pooled patch features (v1 sec. 3.3) | image: the trunk on the image
+    eval_stride: int = 0  # the evaluated grid's pitch in px (0: ``stride``, the paper's; larger: fewer patches)
 
     def check(self, p: str) -> None:
         super().check(p)
-        non_negative(p, self, "view_size", "patch", "stride", "steps_to_ignore")
+        non_negative(p, self, "view_size", "patch", "stride", "steps_to_ignore", "eval_stride")
         positive(p, self, "context_width", "context_blocks", "target_dim", "emb_scale", "steps_to_predict")
         one_of(p, "norm", self.norm, NORMS)
         one_of(p, "eval_on", self.eval_on, ("grid", "image"))
@@ -156,7 +158,10 @@ class CPC(Method):
     def backbone_options(cls, cfg: CPCCfg, meta: dict[str, Any], image_size: int) -> dict[str, Any]:
         side = cfg.view_size or image_size
         patch, stride, _ = grid_geometry(cfg, side)
-        grid = {"view": side, "patch": patch, "stride": stride} if cfg.eval_on == "grid" else None
+        pitch = cfg.eval_stride or stride
+        if (side - patch) % pitch:
+            raise ConfigError(f"cpc.eval_stride: {pitch} px does not tile a {side} px view with {patch} px patches")
+        grid = {"view": side, "patch": patch, "stride": pitch} if cfg.eval_on == "grid" else None
         return {"norm": cfg.norm, "grid": grid}
 
     def view_specs(self) -> list[ViewSpec]:
