@@ -2,7 +2,6 @@
 losses against per-sample references written from the official code, the memory-bank updates and
 an exact resume of a two-view run on colour images."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,21 +140,4 @@ def test_resume_is_exact(tmp_path):
     assert np.isfinite([h["loss"] for h in hist]).all()
 
 
-def _train_two_ranks(tmp):
-    from selfsup.core import dist
-
-    data = colour_data(n=48)  # the same images on both ranks (a fixed seed)
-    cfg = make_cfg(methods=["cmc"], cmc={**SMALL, "epochs": 1}, log_every=1)
-    m, hist = pretrain(cfg, "cmc", data, Path(tmp) / f"cmc-{dist.rank()}" / "ck.pt")
-    return {"state": {k: float(v.double().sum()) for k, v in m.state_dict().items()},
-            "loss": [h["loss"] for h in hist]}
-
-
-def test_two_ranks_keep_both_banks_and_both_encoders_in_step(tmp_path):
-    """Under torchrun (2 gloo processes): every rank's banks take all ranks' embeddings and the Zs are
-    one estimate for all, so the whole state, the banks included, is the same on both ranks."""
-    from distributed import run_ranks
-
-    r0, r1 = run_ranks(_train_two_ranks, 2, (str(tmp_path),))
-    assert r0["state"] == r1["state"] and r0["loss"] == r1["loss"]
-    assert {"banks.0.memory", "banks.1.memory", "z"} <= set(r0["state"]) and len(r0["loss"]) == 1
+# the two-process run (both banks, both encoders and the Zs equal on the ranks): tests/test_distributed.py

@@ -1,5 +1,5 @@
 """Several processes (torch.distributed, gloo on the CPU): every method trains under DDP with the
-ranks in step, the maths of 2 ranks x B/2 equals 1 rank x B where it is defined, the shared state
+ranks in step (CMC on a colour stand-in), the maths of 2 ranks x B/2 equals 1 rank x B where it is defined, the shared state
 (MoCo's queue, InstDisc's bank) stays identical, extraction shards exactly, and a run that loses a
 rank stops with an error naming it and resumes."""
 import json
@@ -57,6 +57,14 @@ def _train_all(folder, tmp):
     for name in METHODS:
         m, hist = pretrain(small_cfg(name), name, data, Path(tmp) / f"{name}-{dist.rank()}" / "ck.pt")
         out[name] = {"state": state_digest(m), "loss": [h["loss"] for h in hist]}
+    # CMC needs colour (skipped on the digits): its two views on a colour stand-in, the same images on
+    # both ranks; every rank's banks take all ranks' embeddings and the Zs are one estimate for all
+    from test_cmc import SMALL as CMC_SMALL
+    from test_colorization import colour_data
+
+    m, hist = pretrain(make_cfg(methods=["cmc"], cmc={**CMC_SMALL, "epochs": 1}, log_every=1), "cmc",
+                       colour_data(n=48), Path(tmp) / f"cmc-{dist.rank()}" / "ck.pt")
+    out["cmc"] = {"state": state_digest(m), "loss": [h["loss"] for h in hist]}
     # MLCD with its centres sharded over the ranks: the rest of the state in step, the checkpoint
     # holds all the centres (written by rank 0, gathered from both)
     ck = Path(tmp) / "mlcd-sharded" / "ck.pt"
@@ -71,7 +79,7 @@ def _train_all(folder, tmp):
 
 def test_every_method_keeps_the_ranks_in_step(digits_folder, tmp_path):
     r0, r1 = run_ranks(_train_all, 2, (str(digits_folder), str(tmp_path)))
-    for name in METHODS:
+    for name in [*METHODS, "cmc"]:
         assert r0[name]["state"] == r1[name]["state"], name  # parameters and buffers: queue, bank, labels
         assert r0[name]["loss"] == r1[name]["loss"], name  # the logged means are all-reduced
         if name != "random":
@@ -82,6 +90,7 @@ def test_every_method_keeps_the_ranks_in_step(digits_folder, tmp_path):
     # the state that only the methods' own gathers keep equal (DDP does not broadcast buffers)
     assert any(k.startswith("queue.") for k in r0["moco"]["state"])
     assert "bank.memory" in r0["instdisc"]["state"] and "labels" in r0["sela"]["state"]
+    assert {"banks.0.memory", "banks.1.memory", "z"} <= set(r0["cmc"]["state"])
 
 
 # ----------------------------------------------------------------- 2 x B/2 == 1 x B
