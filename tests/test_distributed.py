@@ -112,7 +112,7 @@ def _method_for_grads(name, folder, shard=False):
     if name == "moco":
         over["bn_splits"] = 1
     if name == "cpc":  # a 7 x 7 grid on the 8 px test views; no per-patch draws (the ranks draw their own)
-        over.update(patch=2, stride=1, patch_flip=False, colour_drop=False, patch_crop=1.0)
+        over.update(patch=2, stride=1, eval_stride=0, patch_flip=False, colour_drop=False, patch_crop=1.0)
     cfg = small_cfg(name, **over)
     data = small_data(folder)
     m = _frozen(build_method(cfg, name, data).train())
