@@ -22,6 +22,9 @@ def test_evaluate_all_reuses_a_method_until_its_model_or_the_evaluation_keys_cha
         return {"n": len(calls)}
 
     monkeypatch.setattr(frozen, "extract_all", fake_extract)
+    import selfsup.models.backbones as backbones
+
+    monkeypatch.setattr(backbones, "skipped_reason", lambda path: "")  # the stand-in model files are not torch files
     monkeypatch.setattr(frozen, "evaluate_features", lambda cfg, name, P, device, ext: {
         "extract": ext, "knn": {"top1": float(ext["n"]), "k": cfg.knn.k}})
     cfg = load_config({"methods": ["random", "supervised"], "device": "cpu"})

@@ -301,6 +301,7 @@ def test_the_voc_stage_reuses_a_method_result_until_its_model_or_params_change(t
         return {"summary": {"map50": float(len(calls)), "steps": cfg.steps}, "per_class": [], "history": []}
 
     monkeypatch.setattr(detection, "load_backbone", lambda path, device: path.name)
+    monkeypatch.setattr(detection, "skipped_reason", lambda path: "")  # the stand-in model files are not torch files
     monkeypatch.setattr(detection, "run_voc", fake_run)
     cfg = load_config({"methods": ["random", "supervised"], "device": "cpu"})
     voc = tmp_path / "voc"
